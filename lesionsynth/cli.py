@@ -1,0 +1,128 @@
+"""Command line: parses options and calls the library. Errors become one line on stderr."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from . import __version__
+from .errors import InputError, LesionsynthError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Lesion-level synthesis of training data for lesion segmentation (LesionMix).")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lesionsynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command("build-bank")
+def build_bank_cmd(
+    dataset: Path = typer.Argument(..., help="nnU-Net v2 raw folder, MSD folder, or CSV case list."),
+    out: Path = typer.Option(..., "--out", help="New folder for the lesion bank."),
+    lesion_label: List[int] = typer.Option([1], "--lesion-label", help="Label value(s) that mark lesions."),
+    region_label: List[int] = typer.Option([], "--region-label",
+                                           help="Label value(s) where lesions may live (default: body foreground)."),
+    connectivity: int = typer.Option(26, "--connectivity", help="6, 18 or 26."),
+    min_volume: float = typer.Option(0.0, "--min-volume", help="Smallest lesion kept in the bank (mm³)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+) -> None:
+    """Cut every lesion out of DATASET into a bank and build the lesion likelihood map."""
+    from .bank import BankConfig, build_bank
+
+    if connectivity not in (6, 18, 26):
+        raise InputError(f"--connectivity {connectivity}: must be 6, 18 or 26")
+    overlap = set(lesion_label) & set(region_label)
+    if overlap:
+        raise InputError(f"label(s) {sorted(overlap)} cannot be both --lesion-label and --region-label")
+    config = BankConfig(lesion_labels=tuple(lesion_label), region_labels=tuple(region_label),
+                        connectivity=connectivity, min_volume_mm3=min_volume)
+    path = build_bank(dataset, out, config, jobs=_jobs(jobs))
+    from .bank import Bank
+
+    bank = Bank(path)
+    typer.echo(f"bank: {path} ({len(bank.lesions)} lesions from {len(bank.cases)} cases)")
+
+
+@app.command()
+def generate(
+    bank: Path = typer.Argument(..., help="Lesion bank folder made by build-bank."),
+    out: Path = typer.Option(..., "--out", help="Output folder (nnU-Net v2 raw dataset)."),
+    n: int = typer.Option(..., "--n", help="Number of synthetic cases."),
+    load: str = typer.Option(..., "--load", help="low, medium, high, uniform, gaussian or real."),
+    mode: str = typer.Option("both", "--mode", help="both, populate or inpaint."),
+    seed: int = typer.Option(0, "--seed"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+    load_range: Optional[Tuple[float, float]] = typer.Option(None, "--load-range", help="LO HI: load range in mm³ "
+                                                             "instead of the bank's observed range."),
+    tolerance: float = typer.Option(0.1, "--tolerance", help="Relative load tolerance."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds for splits_final.json."),
+    include_originals: bool = typer.Option(True, "--include-originals/--no-include-originals"),
+    compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
+    uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
+    resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+) -> None:
+    """Generate N synthetic cases whose lesion load follows the chosen distribution."""
+    from .pipeline import GenerateConfig
+    from .pipeline import generate as run_generate
+
+    lr = (float(load_range[0]), float(load_range[1])) if load_range else None
+    cfg = GenerateConfig(n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
+                         include_originals=include_originals, compression_level=compression_level,
+                         file_ending=".nii" if uncompressed else ".nii.gz")
+    result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume)
+    reached = sum(r["reached"] for r in result.records)
+    typer.echo(f"output: {result.out} ({len(result.records)} synthetic cases, {reached} within ±{tolerance:.0%} "
+               f"of their target load)")
+
+
+def _jobs(jobs: int) -> int:
+    if jobs == 0 or jobs < -1:
+        raise InputError(f"--jobs {jobs}: use a positive number, or -1 for all cores")
+    return jobs
+
+
+def main() -> None:
+    """Entry point: run the app, turning known errors into one line and an exit status."""
+    try:
+        app(standalone_mode=False)
+    except LesionsynthError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and internal errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if _state["debug"]:
+            raise
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

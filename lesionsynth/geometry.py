@@ -1,0 +1,58 @@
+"""Small pure helpers for voxel/world geometry. Affines map voxel indices to world millimetres."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each stored axis."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_volume(affine: np.ndarray) -> float:
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+
+def crop_affine(affine: np.ndarray, start) -> np.ndarray:
+    """Affine of a sub-volume that starts at voxel `start` of the volume with `affine`."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start, dtype=np.float64)
+    return np.asarray(affine, dtype=np.float64) @ shift
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map (..., 3) points through a 4x4 affine."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def bbox_slices(mask: np.ndarray, margin_vox, shape=None) -> tuple[slice, ...]:
+    """Bounding box of a boolean mask, grown by `margin_vox` per axis and clipped to `shape`."""
+    shape = mask.shape if shape is None else shape
+    idx = np.nonzero(mask)
+    margin = np.broadcast_to(np.asarray(margin_vox, dtype=int), (3,))
+    return tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
+                 for i, m, n in zip(idx, margin, shape))
+
+
+def structure_for(connectivity: int) -> np.ndarray:
+    """3-D neighbourhood for 6-, 18- or 26-connectivity."""
+    rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity))
+    if rank is None:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    return ndimage.generate_binary_structure(3, rank)
+
+
+def ball(radius_mm: float, spacing) -> np.ndarray:
+    """Ellipsoidal structuring element of `radius_mm` on a grid with `spacing`."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    half = np.maximum(np.floor(radius_mm / spacing).astype(int), 0)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
+    return sum(g ** 2 for g in grids) <= radius_mm ** 2 + 1e-9
+
+
+def coarse_stride(spacing, target_mm: float = 2.0) -> tuple[int, int, int]:
+    """Per-axis stride that brings voxels to about `target_mm` (never below 1)."""
+    return tuple(max(1, int(round(target_mm / s))) for s in np.asarray(spacing, dtype=np.float64))

@@ -1,0 +1,295 @@
+"""Find the cases of a dataset (nnU-Net v2 raw, Medical Segmentation Decathlon, CSV/JSON list) and load them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import InputError
+from .nifti import load_nifti, read_array
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """Where one case lives on disk. `image_paths` holds one file per channel, or one 4-D file (MSD)."""
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path
+    four_d: bool = False
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset: its format, channel names, label names and cases."""
+
+    root: Path
+    kind: str  # "nnunet", "msd" or "list"
+    channel_names: list[str]
+    labels: dict[str, int]
+    cases: list[CaseRef]
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One loaded case: channels (C, X, Y, Z) float32 in stored voxel order, integer label, shared affine."""
+
+    case_id: str
+    channels: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    channel_headers: list
+    label_header: nib.Nifti1Header
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+
+def _strip_ending(name: str) -> str:
+    for end in NIFTI_ENDINGS:
+        if name.endswith(end):
+            return name[: -len(end)]
+    return name
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _labels_from_json(meta: dict, path: Path) -> dict[str, int]:
+    raw = meta.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: 'labels' must be a non-empty mapping")
+    labels: dict[str, int] = {}
+    for key, value in raw.items():
+        # nnU-Net v2: {"name": int}; MSD: {"int": "name"}
+        if isinstance(value, int) and not isinstance(value, bool):
+            labels[str(key)] = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"\d+", str(key)):
+            labels[value] = int(key)
+        elif isinstance(value, list):  # nnU-Net region-based labels are not supported
+            raise InputError(f"{path}: region-based label '{key}' is not supported; use plain integer labels")
+        else:
+            raise InputError(f"{path}: label '{key}' has a non-integer value {value!r}")
+    return labels
+
+
+def _channel_names(meta: dict, path: Path) -> list[str]:
+    raw = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: 'channel_names' (or MSD 'modality') must be a non-empty mapping")
+    try:
+        order = sorted(raw, key=lambda k: int(k))
+    except ValueError:
+        raise InputError(f"{path}: channel keys must be integers, got {sorted(raw)}") from None
+    return [str(raw[k]) for k in order]
+
+
+def open_dataset(path: str | Path) -> DatasetSpec:
+    """Discover the cases of a dataset folder or list file; raise InputError on a malformed layout."""
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"{root}: no such file or folder")
+    if root.is_file():
+        return _open_list(root)
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        lists = sorted(root.glob("*.csv"))
+        if len(lists) == 1:
+            return _open_list(lists[0])
+        raise InputError(f"{meta_path}: missing (need an nnU-Net v2 or MSD dataset.json, or a CSV case list)")
+    meta = _read_json(meta_path)
+    if "training" in meta:
+        return _open_msd(root, meta, meta_path)
+    return _open_nnunet(root, meta, meta_path)
+
+
+def _open_nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
+    channels = _channel_names(meta, meta_path)
+    labels = _labels_from_json(meta, meta_path)
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in NIFTI_ENDINGS:
+        raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (use .nii.gz or .nii)")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: missing folder")
+    pattern = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})" + re.escape(ending) + "$")
+    found: dict[str, dict[int, Path]] = {}
+    problems: list[str] = []
+    for f in sorted(images_dir.iterdir()):
+        if f.name.startswith("."):
+            continue
+        m = pattern.match(f.name)
+        if not m:
+            problems.append(f"{f}: file name does not match {{case}}_{{XXXX}}{ending}")
+            continue
+        found.setdefault(m["case"], {})[int(m["ch"])] = f
+    cases = []
+    for case_id in sorted(found):
+        chans = found[case_id]
+        missing = [i for i in range(len(channels)) if i not in chans]
+        extra = [i for i in chans if i >= len(channels)]
+        for i in missing:
+            problems.append(f"{images_dir / f'{case_id}_{i:04d}{ending}'}: missing channel {i} ({channels[i]})")
+        for i in extra:
+            problems.append(f"{chans[i]}: channel {i} is not declared in dataset.json channel_names")
+        label = labels_dir / f"{case_id}{ending}"
+        if not label.is_file():
+            problems.append(f"{label}: missing label for case {case_id}")
+        if missing or extra or not label.is_file():
+            continue
+        cases.append(CaseRef(case_id, tuple(chans[i] for i in range(len(channels))), label))
+    for f in sorted(labels_dir.iterdir()):
+        if not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in found:
+            problems.append(f"{f}: label without images")
+    n_declared = meta.get("numTraining")
+    if isinstance(n_declared, int) and n_declared != len(found):
+        problems.append(f"{meta_path}: numTraining is {n_declared} but imagesTr holds {len(found)} cases")
+    return DatasetSpec(root, "nnunet", channels, labels, cases, problems)
+
+
+def _open_msd(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
+    channels = _channel_names(meta, meta_path)
+    labels = _labels_from_json(meta, meta_path)
+    training = meta["training"]
+    if not isinstance(training, list):
+        raise InputError(f"{meta_path}: 'training' must be a list of {{image, label}} entries")
+    cases, problems = [], []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            problems.append(f"{meta_path}: training entry {i} needs 'image' and 'label'")
+            continue
+        image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
+        case_id = _strip_ending(image.name)
+        for p in (image, label):
+            if not p.is_file():
+                problems.append(f"{p}: file not found (training entry {i})")
+        if image.is_file() and label.is_file():
+            cases.append(CaseRef(case_id, (image,), label, four_d=len(channels) > 1))
+    return DatasetSpec(root, "msd", channels, labels, cases, problems)
+
+
+def _open_list(path: Path) -> DatasetSpec:
+    """A CSV with columns case_id, image_0[, image_1 ...], label (paths relative to the CSV)."""
+    if path.suffix.lower() == ".json":
+        meta = _read_json(path)
+        rows = meta.get("cases")
+        if not isinstance(rows, list):
+            raise InputError(f"{path}: a JSON case list needs a 'cases' list")
+        header = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    else:
+        try:
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                header = reader.fieldnames or []
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise InputError(f"{path}: unreadable CSV ({exc})") from None
+        meta = {}
+    image_cols = sorted((c for c in header if re.fullmatch(r"image(_\d+)?", c)),
+                        key=lambda c: int(c.split("_")[1]) if "_" in c else 0)
+    if not image_cols or "label" not in header:
+        raise InputError(f"{path}: needs columns 'image_0' (and image_1, ...) and 'label'; found {header}")
+    names = meta.get("channel_names")
+    channels = _channel_names(meta, path) if names else [c.replace("image_", "channel") for c in image_cols]
+    base = path.parent
+    cases, problems, seen = [], [], set()
+    for n, row in enumerate(rows, start=2):
+        paths = [row.get(c) or "" for c in image_cols]
+        label = row.get("label") or ""
+        if not all(paths) or not label:
+            problems.append(f"{path}: line {n}: empty image or label path")
+            continue
+        images = tuple((base / p) for p in paths)
+        case_id = row.get("case_id") or _strip_ending(Path(label).name)
+        if case_id in seen:
+            problems.append(f"{path}: line {n}: duplicate case_id {case_id!r}")
+            continue
+        seen.add(case_id)
+        missing = [p for p in (*images, base / label) if not p.is_file()]
+        for p in missing:
+            problems.append(f"{p}: file not found (listed in {path.name} line {n})")
+        if not missing:
+            cases.append(CaseRef(case_id, images, base / label))
+    labels = _labels_from_json(meta, path) if meta.get("labels") else {}
+    return DatasetSpec(path, "list", channels, labels, cases, problems)
+
+
+def _label_array(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    data = read_array(img, path, dtype=np.float64 if img.get_data_dtype().kind == "f" or
+                      img.dataobj.slope not in (1.0, None) else img.get_data_dtype())
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise InputError(f"{path}: label holds NaN or infinite values")
+        rounded = np.rint(data)
+        if np.abs(data - rounded).max(initial=0) > 1e-3:
+            raise InputError(f"{path}: label values are not integers")
+        data = rounded
+    if data.min(initial=0) < 0 or data.max(initial=0) > 255:
+        raise InputError(f"{path}: label values must lie in 0..255, found {data.min()}..{data.max()}")
+    return data.astype(np.uint8)
+
+
+def load_case(ref: CaseRef, n_channels: int) -> Case:
+    """Read one case (all channels + label) and check that their grids agree."""
+    label_img = load_nifti(ref.label_path)
+    if len(label_img.shape) != 3 and not (len(label_img.shape) == 4 and label_img.shape[3] == 1):
+        raise InputError(f"{ref.label_path}: label must be 3-D, has shape {label_img.shape}")
+    label = _label_array(label_img, ref.label_path).reshape(label_img.shape[:3])
+    affine = label_img.affine
+    channels, headers = [], []
+    if ref.four_d:
+        img = load_nifti(ref.image_paths[0])
+        data = read_array(img, ref.image_paths[0])
+        if data.ndim != 4 or data.shape[3] != n_channels:
+            raise InputError(f"{ref.image_paths[0]}: expected a 4-D image with {n_channels} channels, "
+                             f"got shape {data.shape}")
+        _check_grid(ref.image_paths[0], img.shape[:3], img.affine, label.shape, affine, ref.label_path)
+        channels = [data[..., c] for c in range(n_channels)]
+        hdr = img.header.copy()
+        hdr.set_data_shape(img.shape[:3])
+        headers = [hdr] * n_channels
+    else:
+        if len(ref.image_paths) != n_channels:
+            raise InputError(f"{ref.case_id}: expected {n_channels} channel files, got {len(ref.image_paths)}")
+        for p in ref.image_paths:
+            img = load_nifti(p)
+            shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
+            _check_grid(p, shape, img.affine, label.shape, affine, ref.label_path)
+            channels.append(read_array(img, p).reshape(label.shape))
+            headers.append(img.header)
+    stack = np.stack(channels).astype(np.float32, copy=False)
+    if not np.isfinite(stack).all():
+        bad = next(p for p, c in zip(ref.image_paths * n_channels, channels) if not np.isfinite(c).all())
+        raise InputError(f"{bad}: image holds NaN or infinite values")
+    return Case(ref.case_id, stack, label, np.asarray(affine, dtype=np.float64), headers, label_img.header)
+
+
+def _check_grid(path, shape, affine, label_shape, label_affine, label_path) -> None:
+    if tuple(shape) != tuple(label_shape):
+        raise InputError(f"{path}: shape {tuple(shape)} differs from its label {label_path.name} {tuple(label_shape)}")
+    if not np.allclose(affine, label_affine, atol=1e-3):
+        raise InputError(f"{path}: affine differs from its label {label_path.name}")

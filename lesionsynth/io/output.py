@@ -1,0 +1,60 @@
+"""Writing cases and metadata of an nnU-Net v2 raw output dataset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import Case
+from .nifti import save_nifti, write_bytes_atomic
+
+
+def image_dtype(header) -> np.dtype:
+    """On-disk dtype for an output channel: the base channel's integer dtype when it is unscaled, else float32."""
+    dtype = np.dtype(header.get_data_dtype())
+    slope, inter = header.get_slope_inter()
+    unscaled = slope in (None, 1.0) and inter in (None, 0.0)
+    if dtype.kind in "iu" and unscaled:
+        return dtype
+    return np.dtype(np.float32)
+
+
+def case_paths(out: Path, case_id: str, n_channels: int, ending: str) -> tuple[list[Path], Path]:
+    images = [out / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(n_channels)]
+    return images, out / "labelsTr" / f"{case_id}{ending}"
+
+
+def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray, base: Case,
+               ending: str = ".nii.gz", compression_level: int = 1) -> None:
+    """Write all channels then the label, each atomically, with the base case's affine and headers."""
+    images, label_path = case_paths(out, case_id, channels.shape[0], ending)
+    for c, path in enumerate(images):
+        dtype = image_dtype(base.channel_headers[c])
+        data = channels[c]
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            data = np.clip(np.rint(data), info.min, info.max)
+        save_nifti(path, data, base.affine, base.channel_headers[c], dtype, compression_level)
+    save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
+
+
+def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1) -> None:
+    """Put an original case into the output: copy 3-D image files as they are, rewrite the label as uint8."""
+    images, label_path = case_paths(out, case.case_id, case.channels.shape[0], ending)
+    same_files = len(image_paths) == len(images) and all(str(p).endswith(ending) for p in image_paths)
+    for c, dst in enumerate(images):
+        if same_files and len(case.channel_headers[c].get_data_shape()) == 3:
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(image_paths[c], tmp)
+            tmp.replace(dst)
+        else:
+            dtype = image_dtype(case.channel_headers[c])
+            save_nifti(dst, case.channels[c], case.affine, case.channel_headers[c], dtype, compression_level)
+    save_nifti(label_path, case.label, case.affine, case.label_header, np.uint8, compression_level)
+
+
+def write_json(path: Path, data) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())

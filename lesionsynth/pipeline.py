@@ -1,0 +1,282 @@
+"""Run `generate`: synthesise cases in parallel, write the nnU-Net dataset, manifest, splits and run record."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .bank import Bank, lesion_mask
+from .errors import InputError
+from .geometry import voxel_volume
+from .io import load_case
+from .io.output import case_paths, copy_original, write_case, write_json
+from .loads import FAMILIES, draw_target_load
+from .plan import MODES, AugmentConfig, case_rng, plan_and_render_case
+from .prior import allowed_region, is_ct, placement_density
+from .render import PasteSettings, RenderContext
+
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything that decides the output bytes of a run (recorded in run.json)."""
+
+    n: int
+    load: str
+    mode: str = "both"
+    seed: int = 0
+    tolerance: float = 0.1
+    load_range: tuple[float, float] | None = None
+    folds: int = 5
+    include_originals: bool = True
+    compression_level: int = 1
+    file_ending: str = ".nii.gz"
+    case_prefix: str = "syn"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if self.n < 0:
+            raise InputError(f"--n {self.n}: must be ≥ 0")
+        if self.load not in FAMILIES:
+            raise InputError(f"--load {self.load!r}: choose one of {', '.join(FAMILIES)}")
+        if self.mode not in MODES:
+            raise InputError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if not 0 <= self.tolerance < 1:
+            raise InputError(f"--tolerance {self.tolerance}: must lie in [0, 1)")
+        if self.folds < 1:
+            raise InputError(f"--folds {self.folds}: must be ≥ 1")
+        if self.file_ending not in (".nii.gz", ".nii"):
+            raise InputError(f"file ending {self.file_ending!r}: use .nii.gz or .nii")
+        if not 0 <= self.compression_level <= 9:
+            raise InputError(f"--compression-level {self.compression_level}: must lie in 0..9")
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    records: list[dict]
+    timings: list[dict]
+
+
+def fold_assignment(case_ids: list[str], folds: int, seed: int) -> list[list[str]]:
+    """Split original cases into `folds` validation sets (at most one fold per case), seeded."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng([int(seed), 2**31 - 1]).permutation(len(ids))
+    k = max(1, min(folds, len(ids)))
+    return [sorted(ids[j] for j in order[f::k]) for f in range(k)]
+
+
+def training_cases(val_folds: list[list[str]], fold: int, all_ids: list[str]) -> list[str]:
+    if len(val_folds) == 1:
+        return sorted(all_ids)
+    return sorted(set(all_ids) - set(val_folds[fold]))
+
+
+def _open_bank(folder: str) -> Bank:
+    """One Bank per worker process (its memory maps stay open), renewed when bank.json changes."""
+    return _cached_bank(folder, (Path(folder) / "bank.json").stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _cached_bank(folder: str, _stamp: int) -> Bank:
+    return Bank(folder)
+
+
+def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, val_folds: list[list[str]]
+                    ) -> tuple[dict, dict]:
+    """Make output case `index`: draw its plan, render it, write it. Returns (manifest record, timings)."""
+    t0 = time.perf_counter()
+    bank = _open_bank(bank_dir)
+    rng = case_rng(cfg.seed, index)
+    all_ids = [c["case_id"] for c in bank.cases]
+    home_fold = index % len(val_folds)
+    train = training_cases(val_folds, home_fold, all_ids)
+    base_id = train[(index // len(val_folds)) % len(train)]
+    ref = next(r for r in bank.case_refs() if r.case_id == base_id)
+    target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
+    case = load_case(ref, len(bank.channel_names))
+    t_read = time.perf_counter()
+
+    lesion_labels = bank.lesion_labels
+    region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
+    likelihood, lk_affine = bank.likelihood()
+    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood, lk_affine)
+    train_set = set(train)
+    donors = [les for les in bank.lesions if les["source_case"] in train_set
+              and les["label_value"] in lesion_labels]
+    ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
+                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names)), region.mask_in)
+    channels, label = case.channels, case.label
+    plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
+                                cfg.tolerance, cfg.mode, cfg.augment, region)
+    achieved_vox = int(np.count_nonzero(lesion_mask(label, lesion_labels)))
+    t_lesion = time.perf_counter()
+
+    case_id = f"{cfg.case_prefix}{index:05d}"
+    write_case(Path(out), case_id, channels, label, case, cfg.file_ending, cfg.compression_level)
+    t_write = time.perf_counter()
+
+    achieved = achieved_vox * voxel_volume(case.affine)
+    donor_cases = sorted({op["source_case"] for op in plan.ops if op["op"] == "paste"})
+    record = {
+        "case_id": case_id,
+        "case_index": index,
+        "base_case": base_id,
+        "seed": cfg.seed,
+        "home_fold": home_fold,
+        "load_family": cfg.load,
+        "mode": cfg.mode,
+        "target_load_mm3": plan.target_load_mm3,
+        "initial_load_mm3": round(plan.initial_load_mm3, 3),
+        "achieved_load_mm3": round(achieved, 3),
+        "achieved_load_voxels": achieved_vox,
+        "tolerance": cfg.tolerance,
+        "reached": abs(achieved - target) <= cfg.tolerance * target + 1e-9,
+        "stop_reason": plan.stop_reason,
+        "lesions_added": sum(op["op"] == "paste" for op in plan.ops),
+        "lesions_removed": sum(op["op"] == "inpaint" for op in plan.ops),
+        "failed_placements": plan.failed_tries,
+        "placement_fallback": density.fallback,
+        "donor_cases": donor_cases,
+        "ops": plan.ops,
+    }
+    timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
+    return record, timings
+
+
+def _copy_original_task(ref, n_channels: int, out: str, cfg: GenerateConfig) -> str:
+    case = load_case(ref, n_channels)
+    copy_original(Path(out), case, ref.image_paths, cfg.file_ending, cfg.compression_level)
+    return ref.case_id
+
+
+def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
+    conf = asdict(cfg)
+    conf["load_range"] = list(cfg.load_range) if cfg.load_range else None
+    return {
+        "lesionsynth_version": __version__,
+        "bank": str(Path(bank_dir).resolve()),
+        "bank_lesions": len(bank.lesions),
+        "bank_cases": len(bank.cases),
+        "config": json.loads(json.dumps(conf)),
+    }
+
+
+def _read_manifest(out: Path) -> dict[int, dict]:
+    path = out / MANIFEST
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that case is redone
+            done[int(rec["case_index"])] = rec
+    return done
+
+
+def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
+             resume: bool = False) -> GenerateResult:
+    """Generate `cfg.n` synthetic cases from the bank into the nnU-Net v2 raw folder `out`.
+
+    Writes imagesTr/, labelsTr/, manifest.jsonl (a line per case once its files are in place),
+    run.json, and at the end dataset.json and splits_final.json.
+    """
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
+    from .parallel import worker_threads_limited
+
+    cfg.validate()
+    bank_dir = Path(bank_dir)
+    bank = Bank(bank_dir)
+    out = Path(out)
+    record = run_record(bank, bank_dir, cfg)
+    _prepare_output(out, record, resume)
+
+    val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
+    done = _read_manifest(out) if resume else {}
+    todo = [i for i in range(cfg.n) if i not in done]
+    refs = bank.case_refs()
+    n_channels = len(bank.channel_names)
+    timings: list[dict] = []
+    with worker_threads_limited(jobs):
+        parallel = Parallel(n_jobs=jobs, return_as="generator")
+        if cfg.include_originals:
+            missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, n_channels, cfg))]
+            tasks = (delayed(_copy_original_task)(r, n_channels, str(out), cfg) for r in missing)
+            for _ in tqdm(parallel(tasks), total=len(missing), desc="originals", unit="case", disable=not progress):
+                pass
+        tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds) for i in todo)
+        with open(out / MANIFEST, "a") as manifest:
+            for rec, timing in tqdm(parallel(tasks), total=len(todo), desc="generate", unit="case",
+                                    disable=not progress):
+                manifest.write(json.dumps(rec) + "\n")
+                manifest.flush()
+                done[rec["case_index"]] = rec
+                timings.append(timing)
+    records = [done[i] for i in range(cfg.n)]
+    finalize(out, bank, cfg, records, val_folds)
+    return GenerateResult(out, records, timings)
+
+
+def _case_files(out: Path, case_id: str, n_channels: int, cfg: GenerateConfig) -> list[Path]:
+    images, label = case_paths(out, case_id, n_channels, cfg.file_ending)
+    return images + [label]
+
+
+def _prepare_output(out: Path, record: dict, resume: bool) -> None:
+    """Create the output folder; refuse a non-empty one unless it is an unfinished run of the same config."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        previous = out / RUN_FILE
+        if not previous.is_file():
+            raise InputError(f"{out}: folder is not empty and is not a lesionsynth run; choose a new folder")
+        try:
+            same = json.loads(previous.read_text()) == record
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            raise InputError(f"{out}: holds a run with a different configuration; choose a new folder")
+        if not resume:
+            raise InputError(f"{out}: holds an earlier run of this configuration; add --resume to complete it")
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, record)
+
+
+def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], val_folds: list[list[str]]) -> None:
+    """Write the sorted manifest, dataset.json and splits_final.json once every case is in place."""
+    from .io.nifti import write_bytes_atomic
+
+    write_bytes_atomic(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in records).encode())
+    originals = [c["case_id"] for c in bank.cases] if cfg.include_originals else []
+    labels = dict(sorted(bank.index["labels"].items(), key=lambda kv: kv[1]))
+    dataset = {
+        "channel_names": {str(i): name for i, name in enumerate(bank.channel_names)},
+        "labels": labels,
+        "numTraining": len(originals) + len(records),
+        "file_ending": cfg.file_ending,
+        "name": out.name,
+        "description": f"lesionsynth {__version__}: {len(records)} synthetic cases (load '{cfg.load}', "
+                       f"mode '{cfg.mode}', seed {cfg.seed})" + (f" + {len(originals)} originals" if originals else ""),
+    }
+    write_json(out / "dataset.json", dataset)
+    if originals and len(val_folds) > 1:
+        splits = []
+        for f, val in enumerate(val_folds):
+            val_set = set(val)
+            train = [c for c in originals if c not in val_set]
+            train += [r["case_id"] for r in records
+                      if r["base_case"] not in val_set and not val_set.intersection(r["donor_cases"])]
+            splits.append({"train": train, "val": list(val)})
+        write_json(out / "splits_final.json", splits)

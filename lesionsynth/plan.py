@@ -1,0 +1,202 @@
+"""Per-case decisions: target load, which lesions to remove or add, and every augmentation parameter.
+
+Each random choice is drawn from the case's own generator and recorded as plain JSON data (rounded
+before use, so the record replays exactly); rendering the record gives the same case again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .bank import lesion_mask
+from .geometry import structure_for, voxel_volume
+from .prior import PlacementDensity
+from .render import RenderContext, render_op
+
+MODES = ("both", "populate", "inpaint")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the per-lesion augmentation and the bounds of the per-case loop."""
+
+    flip: bool = True
+    rotation_deg: float = 45.0               # each Euler angle uniform in ±this
+    scale_range: tuple[float, float] = (0.5, 1.8)    # size-aware scaling stays inside this
+    natural_scale: tuple[float, float] = (0.8, 1.25)  # scale when one lesion cannot fill the deficit
+    elastic_fraction: float = 0.08           # control-point displacement sd, × equivalent radius
+    elastic_max_mm: float = 4.0
+    elastic_grid: int = 4                    # control points per axis
+    brightness: tuple[float, float] = (0.9, 1.1)     # × the lesion's contrast to its surroundings
+    noise_gain: tuple[float, float] = (0.2, 0.6)     # × local tissue noise sd
+    min_region_fraction: float = 0.9
+    max_overlap_fraction: float = 0.2
+    rim_mm: float = 1.0                      # partial-volume rim removed with an inpainted lesion
+    texture_gain: tuple[float, float] = (0.8, 1.0)
+    max_ops: int = 300
+    max_failed_tries: int = 60
+
+
+def case_rng(seed: int, case_index: int) -> np.random.Generator:
+    """The generator of one output case: independent of job count, shards and order."""
+    return np.random.default_rng([int(seed), int(case_index)])
+
+
+def _r(x, nd=4):
+    return [round(float(v), nd) for v in x] if np.ndim(x) else round(float(x), nd)
+
+
+@dataclass
+class Component:
+    seed_voxel: list[int]
+    bbox: list[list[int]]
+    voxels: int
+
+
+def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> list[Component]:
+    """The connected lesion components of a label volume."""
+    comps, n = ndimage.label(lesion_mask(label, lesion_labels), structure=structure_for(connectivity))
+    if n == 0:
+        return []
+    sizes = np.bincount(comps.ravel())
+    out = []
+    for k, box in enumerate(ndimage.find_objects(comps), start=1):
+        local = np.argwhere(comps[box] == k)[0]
+        out.append(Component([int(v + s.start) for v, s in zip(local, box)],
+                             [[int(s.start), int(s.stop)] for s in box], int(sizes[k])))
+    return out
+
+
+@dataclass
+class CasePlan:
+    """The record of one generated case (what goes into manifest.jsonl)."""
+
+    target_load_mm3: float
+    initial_load_mm3: float
+    ops: list[dict] = field(default_factory=list)
+    load_mm3: float = 0.0
+    stop_reason: str = ""
+    failed_tries: int = 0
+
+
+def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
+               density: PlacementDensity, n_channels: int, cfg: AugmentConfig) -> dict:
+    """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity."""
+    smallest = cfg.scale_range[0] ** 3
+    fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
+    pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
+    lesion = pool[int(rng.integers(len(pool)))]
+    s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
+    if s_fit > cfg.scale_range[1]:
+        scale = rng.uniform(*cfg.natural_scale)  # more lesions will be needed: natural sizes
+    else:
+        scale = float(np.clip(s_fit, *cfg.scale_range))
+    centre = density.draw(rng)
+    flip = [bool(rng.random() < 0.5) if cfg.flip else False for _ in range(3)]
+    angles = rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, size=3)
+    radius = np.cbrt(3 * lesion["volume_mm3"] / (4 * np.pi)) * scale
+    sd = min(cfg.elastic_fraction * radius, cfg.elastic_max_mm / 2)
+    k = cfg.elastic_grid
+    elastic = np.clip(rng.normal(0.0, sd, size=(k, k, k, 3)), -cfg.elastic_max_mm, cfg.elastic_max_mm)
+    return {
+        "op": "paste",
+        "lesion_id": lesion["id"],
+        "source_case": lesion["source_case"],
+        "label_value": int(lesion["label_value"]),
+        "centre_mm": _r(centre, 3),
+        "flip": flip,
+        "rotation_deg": _r(angles, 3),
+        "scale": round(float(scale), 5),
+        "elastic_mm": np.round(elastic, 3).tolist(),
+        "brightness": _r(rng.uniform(*cfg.brightness, size=n_channels)),
+        "noise_gain": _r(rng.uniform(*cfg.noise_gain)),
+        "noise_seed": int(rng.integers(2**31)),
+    }
+
+
+def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank, donors: list[dict],
+                         density: PlacementDensity, ctx: RenderContext, rng: np.random.Generator,
+                         target_mm3: float, tolerance: float, mode: str, cfg: AugmentConfig,
+                         region) -> CasePlan:
+    """Run the per-case loop in place on `channels`/`label`: inpaint while above target, populate while below.
+
+    Every accepted operation is recorded with all its parameters; the achieved load is counted on the
+    label array itself.
+    """
+    vv = voxel_volume(affine)
+    lesion_labels = ctx.lesion_labels
+    load_vox = int(np.count_nonzero(lesion_mask(label, lesion_labels)))
+    plan = CasePlan(round(target_mm3, 3), load_vox * vv)
+    hi, lo = target_mm3 * (1 + tolerance), target_mm3 * (1 - tolerance)
+
+    if mode in ("both", "inpaint") and load_vox * vv > hi:
+        comps = lesion_components(label, lesion_labels, ctx.connectivity)
+        while load_vox * vv > hi and comps and len(plan.ops) < cfg.max_ops:
+            best = min(comps, key=lambda c: abs((load_vox - c.voxels) * vv - target_mm3))
+            if mode == "inpaint" and abs((load_vox - best.voxels) * vv - target_mm3) >= abs(load_vox * vv - target_mm3):
+                break
+            comps.remove(best)
+            op = {"op": "inpaint", "seed_voxel": best.seed_voxel, "bbox": best.bbox, "rim_mm": cfg.rim_mm,
+                  "texture_gain": _r(rng.uniform(*cfg.texture_gain)), "texture_seed": int(rng.integers(2**31))}
+            patch = render_op(channels, label, affine, op, bank, ctx)
+            before = int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
+            patch.apply(channels, label)
+            removed = before - int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
+            load_vox -= removed
+            op["removed_mm3"] = round(removed * vv, 3)
+            plan.ops.append(op)
+
+    if mode in ("both", "populate") and donors:
+        while load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries:
+            load = load_vox * vv
+            op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg)
+            accepted = False
+            for _refine in range(3):
+                patch = render_op(channels, label, affine, op, bank, ctx)
+                if patch is None:
+                    break
+                start = [s.start for s in patch.box]
+                old_lesion = lesion_mask(label[patch.box], lesion_labels)
+                core = patch.core
+                n_core = int(core.sum())
+                in_region = float(region.mask_in(label[patch.box], start)[core].mean())
+                overlap = float(old_lesion[core].mean())
+                added = int(np.count_nonzero(core & ~old_lesion))
+                if in_region < cfg.min_region_fraction or overlap > cfg.max_overlap_fraction or n_core == 0:
+                    break
+                if load + added * vv > hi:
+                    # shrink to fit the remaining room, then try again at the same place
+                    new_scale = op["scale"] * float(np.cbrt(max(target_mm3 - load, 0.0) / (added * vv)))
+                    if new_scale < cfg.scale_range[0] * 0.999:
+                        break
+                    op["scale"] = round(new_scale, 5)
+                    continue
+                accepted = True
+                break
+            if not accepted:
+                plan.failed_tries += 1
+                continue
+            patch.apply(channels, label)
+            load_vox += added
+            op.update(added_mm3=round(added * vv, 3), region_fraction=round(in_region, 4),
+                      overlap_fraction=round(overlap, 4))
+            plan.ops.append(op)
+
+    plan.load_mm3 = load_vox * vv
+    if lo <= plan.load_mm3 <= hi:
+        plan.stop_reason = "reached"
+    elif plan.load_mm3 > hi:
+        plan.stop_reason = ("populate-only mode cannot lower the load" if mode == "populate"
+                            else "no lesion left whose removal gets closer to the target")
+    elif mode == "inpaint":
+        plan.stop_reason = "inpaint-only mode cannot raise the load"
+    elif not donors:
+        plan.stop_reason = "no donor lesion available for this case's fold"
+    elif len(plan.ops) >= cfg.max_ops:
+        plan.stop_reason = f"stopped after {cfg.max_ops} operations"
+    else:
+        plan.stop_reason = f"stopped after {plan.failed_tries} failed placement tries"
+    return plan

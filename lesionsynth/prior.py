@@ -1,0 +1,205 @@
+"""Where lesions may go: allowed region, lesion likelihood map, placement density and sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import apply_affine, coarse_stride, crop_affine, spacing_of, voxel_volume
+
+#: Default physical size of the coarse grid used for regions and placement (mm).
+COARSE_MM = 2.0
+
+
+def is_ct(channel_name: str) -> bool:
+    """CT channels keep Hounsfield units; nnU-Net calls them "CT"."""
+    return channel_name.strip().upper() == "CT"
+
+
+def coarse_affine(affine: np.ndarray, stride) -> np.ndarray:
+    """Affine of the grid obtained by taking every `stride`-th voxel."""
+    scaled = np.asarray(affine, dtype=np.float64).copy()
+    scaled[:3, :3] = scaled[:3, :3] * np.asarray(stride, dtype=np.float64)
+    return scaled
+
+
+def body_foreground(channel: np.ndarray, channel_name: str) -> np.ndarray:
+    """Body mask of a (coarse) channel: threshold, close, fill holes, keep the largest component.
+
+    CT: above -500 HU (holes filling puts lungs and bowel gas back in). MR: above 10 % of the
+    robust intensity range, which keeps dark tissue such as CSF once holes are filled.
+    """
+    if is_ct(channel_name):
+        mask = channel > -500
+    else:
+        lo, hi = np.percentile(channel, [1, 99])
+        mask = channel > lo + 0.1 * (hi - lo)
+    mask = ndimage.binary_closing(mask, iterations=2, border_value=0)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == sizes.argmax()
+    return mask
+
+
+@dataclass
+class Region:
+    """The allowed region of one case: exact from region labels, else a coarse body mask."""
+
+    stride: tuple[int, int, int]
+    coarse: np.ndarray  # bool mask on the coarse grid
+    region_labels: tuple[int, ...]
+
+    def contains(self, label: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Whether full-resolution voxel indices (N, 3) lie in the region."""
+        index = np.asarray(index)
+        if self.region_labels:
+            return np.isin(label[tuple(index.T)], self.region_labels)
+        c = np.minimum(index // np.asarray(self.stride), np.asarray(self.coarse.shape) - 1)
+        return self.coarse[tuple(c.T)]
+
+    def mask_in(self, label_crop: np.ndarray, start) -> np.ndarray:
+        """Region mask over a full-resolution crop that starts at voxel `start`."""
+        if self.region_labels:
+            return np.isin(label_crop, self.region_labels)
+        grids = [(np.arange(n) + s) // st for n, s, st in zip(label_crop.shape, start, self.stride)]
+        grids = [np.minimum(g, m - 1) for g, m in zip(grids, self.coarse.shape)]
+        return self.coarse[np.ix_(*grids)]
+
+
+def allowed_region(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, channel_names,
+                   region_labels=()) -> Region:
+    """Region label(s) if given and present, else the body foreground of the first channel."""
+    stride = coarse_stride(spacing_of(affine), COARSE_MM)
+    sl = tuple(slice(None, None, s) for s in stride)
+    region_labels = tuple(int(v) for v in region_labels)
+    if region_labels:
+        coarse = np.isin(label[sl], region_labels)
+        if coarse.any():
+            return Region(stride, coarse, region_labels)
+    return Region(stride, body_foreground(channels[0][sl], channel_names[0]), ())
+
+
+# --- likelihood map -----------------------------------------------------------------------------------
+
+@dataclass
+class Grid:
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
+def reference_grid(grids: list[Grid], spacing_mm: float = 2.0) -> tuple[Grid, bool]:
+    """The likelihood map's grid: the shared grid when all cases agree, else an RAS grid over their union."""
+    first = grids[0]
+    if all(g.shape == first.shape and np.allclose(g.affine, first.affine, atol=1e-3) for g in grids):
+        return first, True
+    corners = []
+    for g in grids:
+        ext = np.array(g.shape) - 1
+        box = np.array([[i, j, k] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])])
+        corners.append(apply_affine(g.affine, box))
+    corners = np.concatenate(corners)
+    lo, hi = corners.min(axis=0) - spacing_mm, corners.max(axis=0) + spacing_mm
+    shape = tuple(int(np.ceil(v)) + 1 for v in (hi - lo) / spacing_mm)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    affine[:3, 3] = lo
+    return Grid(shape, affine), False
+
+
+def splat(accumulator: np.ndarray, ref_affine: np.ndarray, world: np.ndarray, weight: float) -> None:
+    """Add `weight` at the reference voxel nearest to each world point (points outside are dropped)."""
+    idx = np.rint(apply_affine(np.linalg.inv(ref_affine), world)).astype(np.int64)
+    ok = np.all((idx >= 0) & (idx < np.array(accumulator.shape)), axis=1)
+    np.add.at(accumulator, tuple(idx[ok].T), weight)
+
+
+def finish_likelihood(lesion_sum: np.ndarray, region_hits: np.ndarray, ref_affine: np.ndarray,
+                      sigma_mm: float, floor: float) -> np.ndarray:
+    """Gaussian-smooth the lesion sum, add a floor inside the allowed region, normalise to a max of 1."""
+    spacing = spacing_of(ref_affine)
+    smooth = ndimage.gaussian_filter(lesion_sum.astype(np.float32), sigma=sigma_mm / spacing, mode="constant")
+    region = region_hits > 0
+    peak = float(smooth.max())
+    out = np.where(region, smooth, 0.0) if region.any() else smooth
+    if peak > 0:
+        out = out / peak
+    out = np.where(region, np.maximum(out, floor), out)
+    return out.astype(np.float32)
+
+
+def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
+    """World coordinates of the coarse region voxels (for the likelihood map's floor)."""
+    idx = np.argwhere(region.coarse)
+    return apply_affine(coarse_affine(affine, region.stride), idx)
+
+
+# --- placement ----------------------------------------------------------------------------------------
+
+@dataclass
+class PlacementDensity:
+    """A sampling distribution over coarse voxels of one target case."""
+
+    affine: np.ndarray          # coarse grid affine
+    cdf: np.ndarray             # cumulative weights over flat coarse indices (last = 1)
+    shape: tuple[int, int, int]
+    fallback: str | None        # why the likelihood map was not used, if it was not
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """A world point: a coarse voxel by weight, then uniform within that voxel."""
+        flat = int(np.searchsorted(self.cdf, rng.random(), side="right"))
+        flat = min(flat, self.cdf.size - 1)
+        idx = np.array(np.unravel_index(flat, self.shape), dtype=np.float64)
+        idx += rng.uniform(-0.5, 0.5, size=3)
+        return apply_affine(self.affine, idx)
+
+
+def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarray,
+                  ref_affine: np.ndarray) -> np.ndarray:
+    """Resample the likelihood map (linear) onto a target grid."""
+    if tuple(target_shape) == likelihood.shape and np.allclose(target_affine, ref_affine, atol=1e-3):
+        return likelihood
+    to_ref = np.linalg.inv(ref_affine) @ target_affine
+    return ndimage.affine_transform(likelihood, to_ref[:3, :3], offset=to_ref[:3, 3], output_shape=tuple(target_shape),
+                                    order=1, mode="constant", cval=0.0, prefilter=False)
+
+
+def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, lesion_labels,
+                      likelihood: np.ndarray | None, likelihood_affine: np.ndarray | None) -> PlacementDensity:
+    """Likelihood map on the target's coarse grid × allowed region × not on an existing lesion."""
+    stride = region.stride
+    c_aff = coarse_affine(affine, stride)
+    sl = tuple(slice(None, None, s) for s in stride)
+    free = ~ndimage.binary_dilation(np.isin(label[sl], lesion_labels))
+    allowed = region.coarse & free[tuple(slice(0, n) for n in region.coarse.shape)]
+    fallback = None
+    weights = None
+    if likelihood is not None:
+        if likelihood.shape == label.shape and np.allclose(likelihood_affine, affine, atol=1e-3):
+            lk = likelihood[sl]
+        else:
+            lk = likelihood_on(c_aff, region.coarse.shape, likelihood, likelihood_affine)
+        weights = np.where(allowed, lk, 0.0)
+        if not (weights > 0).any():
+            weights, fallback = None, "likelihood map is zero in the allowed region; sampled the region uniformly"
+    else:
+        fallback = "no likelihood map; sampled the region uniformly"
+    if weights is None:
+        weights = allowed.astype(np.float64)
+        if not weights.any():
+            weights = region.coarse.astype(np.float64)
+            fallback = "allowed region fully covered by lesions; sampled the whole region"
+    cdf = np.cumsum(weights.ravel(), dtype=np.float64)
+    if cdf[-1] <= 0:
+        cdf = np.linspace(1.0 / cdf.size, 1.0, cdf.size)
+        fallback = "empty allowed region; sampled the whole volume"
+    cdf /= cdf[-1]
+    return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback)
+
+
+__all__ = ["Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
+           "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density", "reference_grid",
+           "region_world_points", "splat", "voxel_volume"]

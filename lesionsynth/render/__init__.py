@@ -1,0 +1,47 @@
+"""Apply a plan: paste and inpaint operations, deterministic functions of (case, bank, parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .inpaint import inpaint_patch
+from .paste import PasteSettings, Patch, paste_patch
+
+
+@dataclass
+class RenderContext:
+    """What rendering needs besides the case and the operation: fixed per run and base case."""
+
+    lesion_labels: tuple[int, ...]
+    connectivity: int
+    paste: PasteSettings
+    region_fn: object  # callable(label_crop, start) -> bool mask
+
+
+def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: dict, bank, ctx: RenderContext
+              ) -> Patch | None:
+    """The Patch one recorded operation produces on the current case arrays (not applied)."""
+    if op["op"] == "paste":
+        image, mask = bank.lesion_arrays(op["lesion_id"])
+        return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
+                           ctx.lesion_labels, ctx.region_fn, ctx.paste)
+    if op["op"] == "inpaint":
+        return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
+    raise ValueError(f"unknown operation {op['op']!r}")
+
+
+def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
+                ctx: RenderContext) -> tuple[np.ndarray, np.ndarray]:
+    """Replay recorded operations on copies of a base case's arrays."""
+    channels, label = channels.copy(), label.copy()
+    for op in ops:
+        patch = render_op(channels, label, affine, op, bank, ctx)
+        if patch is None:
+            raise RuntimeError(f"recorded operation no longer applies: {op}")
+        patch.apply(channels, label)
+    return channels, label
+
+
+__all__ = ["PasteSettings", "Patch", "RenderContext", "render_op", "render_plan"]

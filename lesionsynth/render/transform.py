@@ -1,0 +1,99 @@
+"""The one physical transform of a pasted lesion: flip, rotation, scale about its centre, elastic field.
+
+All maps go from the *target* grid to the *source* (bank crop) grid so each output voxel is
+interpolated once from the source data.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+from ..geometry import spacing_of
+
+
+def rotation_matrix(angles_deg) -> np.ndarray:
+    """Rotation about the world x, then y, then z axis (degrees)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def forward_linear(flip, angles_deg, scale: float) -> np.ndarray:
+    """3x3 linear part of the source→target world map: scale · R · F."""
+    f = np.diag([-1.0 if v else 1.0 for v in flip])
+    return float(scale) * rotation_matrix(angles_deg) @ f
+
+
+def source_from_target(src_affine, src_centre, tgt_affine, tgt_centre, flip, angles_deg, scale) -> np.ndarray:
+    """4x4 map from target voxel indices to source voxel indices (no elastic part)."""
+    lin = forward_linear(flip, angles_deg, scale)
+    world_inv = np.eye(4)
+    world_inv[:3, :3] = np.linalg.inv(lin)
+    world_inv[:3, 3] = np.asarray(src_centre) - world_inv[:3, :3] @ np.asarray(tgt_centre)
+    return np.linalg.inv(np.asarray(src_affine)) @ world_inv @ np.asarray(tgt_affine)
+
+
+def target_box(src_shape, src_affine, src_centre, tgt_affine, tgt_centre, flip, angles_deg, scale,
+               pad_mm: float, tgt_shape) -> tuple[slice, ...] | None:
+    """Target voxel box covered by the transformed source crop, padded by `pad_mm`; None if outside."""
+    lin = forward_linear(flip, angles_deg, scale)
+    ext = np.array(src_shape) - 1
+    corners = np.array([[i, j, k] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])], dtype=float)
+    src_aff = np.asarray(src_affine)
+    world = corners @ src_aff[:3, :3].T + src_aff[:3, 3]
+    world_t = (world - np.asarray(src_centre)) @ lin.T + np.asarray(tgt_centre)
+    inv_t = np.linalg.inv(np.asarray(tgt_affine))
+    vox = world_t @ inv_t[:3, :3].T + inv_t[:3, 3]
+    pad = np.ceil(pad_mm / spacing_of(tgt_affine)).astype(int) + 1
+    lo = np.floor(vox.min(axis=0)).astype(int) - pad
+    hi = np.ceil(vox.max(axis=0)).astype(int) + pad + 1
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, np.asarray(tgt_shape))
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+@lru_cache(maxsize=256)
+def _spline_weights(n: int, k: int) -> np.ndarray:
+    """(n, k) weights that interpolate k control values smoothly onto n evenly spaced points."""
+    if n == 1:
+        w = np.zeros((1, k))
+        w[0, k // 2] = 1.0
+        return w
+    pos = np.linspace(0.0, k - 1.0, n)
+    return CubicSpline(np.arange(k), np.eye(k), bc_type="natural")(pos).astype(np.float32)
+
+
+def elastic_field(control_mm: np.ndarray, shape) -> np.ndarray:
+    """Smooth displacement field (3, X, Y, Z) in mm from control-point displacements (K, K, K, 3)."""
+    control = np.asarray(control_mm, dtype=np.float32)
+    k = control.shape[0]
+    wx, wy, wz = (_spline_weights(int(n), k) for n in shape)
+    # separable tensor-product interpolation: cost grows with the box, not with k³ · box
+    field = np.einsum("xi,ijkc->cxjk", wx, control, optimize=True)
+    field = np.einsum("yj,cxjk->cxyk", wy, field, optimize=True)
+    field = np.einsum("zk,cxyk->cxyz", wz, field, optimize=True)
+    return field
+
+
+def source_coordinates(box, src_from_tgt: np.ndarray, field_mm: np.ndarray | None = None,
+                       tgt_affine=None) -> np.ndarray:
+    """Source voxel coordinates (3, X, Y, Z), float32, of every voxel in the target box."""
+    m = np.asarray(src_from_tgt, dtype=np.float64)
+    axes = [np.arange(s.start, s.stop, dtype=np.float32) for s in box]
+    shape = tuple(len(a) for a in axes)
+    coords = np.empty((3,) + shape, dtype=np.float32)
+    for r in range(3):
+        coords[r] = (m[r, 3] + m[r, 0] * axes[0][:, None, None] + m[r, 1] * axes[1][None, :, None]
+                     + m[r, 2] * axes[2][None, None, :])
+    if field_mm is not None:
+        # a displacement d (world mm) of the target point moves the source point by L·d
+        lin = (m[:3, :3] @ np.linalg.inv(np.asarray(tgt_affine)[:3, :3])).astype(np.float32)
+        coords += np.einsum("rc,cxyz->rxyz", lin, field_mm, optimize=True)
+    return coords
