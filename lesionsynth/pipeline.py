@@ -266,7 +266,6 @@ def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], va
         "labels": labels,
         "numTraining": len(originals) + len(records),
         "file_ending": cfg.file_ending,
-        "name": out.name,
         "description": f"lesionsynth {__version__}: {len(records)} synthetic cases (load '{cfg.load}', "
                        f"mode '{cfg.mode}', seed {cfg.seed})" + (f" + {len(originals)} originals" if originals else ""),
     }

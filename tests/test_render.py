@@ -1,0 +1,170 @@
+"""Paste and inpaint on small arrays: geometry, labels, intensity behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lesionsynth.bank import BankConfig, extract_lesions
+from lesionsynth.geometry import apply_affine
+from lesionsynth.io.dataset import Case
+from lesionsynth.render.inpaint import inpaint_patch
+from lesionsynth.render.paste import PasteSettings, paste_patch
+from lesionsynth.render.transform import elastic_field, rotation_matrix
+
+
+def _case(shape=(40, 40, 30), spacing=(1.0, 1.0, 2.0), seed=0, lesion_centre=(20, 20, 15), radius=5.0,
+          lesion_value=160.0, body_value=100.0, organ=False):
+    rng = np.random.default_rng(seed)
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = [5.0, -7.0, 3.0]
+    g = np.indices(shape).astype(float)
+    dist = np.sqrt(sum(((g[i] - lesion_centre[i]) * spacing[i]) ** 2 for i in range(3)))
+    label = np.zeros(shape, np.uint8)
+    if organ:
+        label[:] = 1
+    label[dist < radius] = 2 if organ else 1
+    image = np.where(dist < radius, lesion_value, body_value) + rng.normal(0, 2.0, shape)
+    channels = np.stack([image, 0.5 * image + 10]).astype(np.float32)
+    return Case("c", channels, label, affine, [None, None], None)
+
+
+def _identity_op(lesion, **kw):
+    op = {"op": "paste", "lesion_id": lesion["id"], "label_value": lesion["label_value"],
+          "centre_mm": lesion["centroid_mm"], "flip": [False] * 3, "rotation_deg": [0.0] * 3, "scale": 1.0,
+          "elastic_mm": np.zeros((4, 4, 4, 3)).tolist(), "brightness": [1.0, 1.0], "noise_gain": 0.0,
+          "noise_seed": 1}
+    op.update(kw)
+    return op
+
+
+def _all_region(label_crop, start):
+    return np.ones(label_crop.shape, bool)
+
+
+def test_identity_paste_reproduces_the_lesion():
+    case = _case()
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(seed=1, radius=0.1)  # same grid, no lesion
+    patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, _identity_op(lesion),
+                        (1,), _all_region, PasteSettings((False, False)))
+    new_label = target.label.copy()
+    new_label[patch.box] = patch.label
+    assert (new_label == case.label).all()
+    inside = case.label == 1
+    new = target.channels.copy()
+    patch.apply(new, target.label.copy())
+    # lesion intensity rescaled to the destination tissue (which matches the source): ~160 inside
+    assert abs(np.median(new[0][inside]) - 160) < 6
+    assert abs(np.median(new[1][inside]) - 90) < 4
+
+
+def test_paste_moves_scales_and_flips_in_world_space():
+    case = _case(spacing=(0.8, 0.8, 2.5))
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(shape=(60, 50, 40), spacing=(1.0, 1.0, 1.0), seed=2, radius=0.1)
+    centre = apply_affine(target.affine, [30, 25, 20])
+    op = _identity_op(lesion, centre_mm=centre.tolist(), scale=1.5, flip=[True, False, True],
+                      rotation_deg=[10.0, 20.0, 30.0])
+    patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, op, (1,), _all_region,
+                        PasteSettings((False, False)))
+    label = target.label.copy()
+    patch.apply(target.channels.copy(), label)
+    pasted = label == 1
+    com = apply_affine(target.affine, np.argwhere(pasted).mean(axis=0))
+    assert np.linalg.norm(com - centre) < 1.0
+    expected = lesion["volume_mm3"] * 1.5 ** 3
+    assert abs(pasted.sum() * 1.0 - expected) / expected < 0.2
+
+
+def test_paste_keeps_everything_outside_its_box():
+    case = _case()
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(seed=3, radius=0.1)
+    op = _identity_op(lesion, noise_gain=0.5, brightness=[1.1, 0.9],
+                      elastic_mm=np.random.default_rng(0).normal(0, 1, (4, 4, 4, 3)).tolist())
+    patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, op, (1,), _all_region,
+                        PasteSettings((False, False)))
+    channels, label = target.channels.copy(), target.label.copy()
+    patch.apply(channels, label)
+    outside = np.ones(label.shape, bool)
+    outside[patch.box] = False
+    assert (channels[:, outside] == target.channels[:, outside]).all()
+    assert (label[outside] == 0).all()
+    core = label == 1
+    for c in range(2):  # every channel changes where the lesion was added
+        assert np.abs(channels[c][core] - target.channels[c][core]).mean() > 10
+
+
+def test_ct_paste_keeps_hounsfield_units():
+    case = _case(lesion_value=40.0, body_value=-800.0)  # a nodule in lung
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(seed=4, radius=0.1, body_value=30.0)  # soft tissue target
+    patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, _identity_op(lesion),
+                        (1,), _all_region, PasteSettings((True, True)))
+    channels = target.channels.copy()
+    patch.apply(channels, target.label.copy())
+    inside = case.label == 1
+    core = ndimage.binary_erosion(inside, iterations=2)
+    assert abs(np.median(channels[0][core]) - 40.0) < 5  # HU kept, not rescaled to the 30 HU target
+
+
+def test_inpaint_removes_component_and_takes_surrounding_label():
+    case = _case(organ=True)
+    lesion_labels = (2,)
+    vox = np.argwhere(case.label == 2)
+    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
+          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
+          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
+    patch = inpaint_patch(case.channels, case.label, case.affine, op, lesion_labels, 26)
+    channels, label = case.channels.copy(), case.label.copy()
+    patch.apply(channels, label)
+    assert not (label == 2).any()
+    assert (label[case.label == 2] == 1).all()  # removed voxels take the organ label, not 0
+    hole = case.label == 2
+    assert abs(np.median(channels[0][hole]) - 100) < 3  # filled with surrounding tissue
+    assert 0.5 < channels[0][hole].std() / 2.0 < 2.0  # with texture like the local noise
+
+
+def test_inpaint_only_touches_its_component():
+    case = _case()
+    g = np.indices(case.label.shape)
+    second = (g[0] - 8) ** 2 + (g[1] - 8) ** 2 + (g[2] - 8) ** 2 < 9
+    case.label[second] = 1
+    vox = np.argwhere((case.label == 1) & ~second)
+    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
+          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
+          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
+    patch = inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
+    label = case.label.copy()
+    patch.apply(case.channels.copy(), label)
+    assert (label[second] == 1).all()
+    assert (label[~second] == 0).all()
+
+
+def test_inpaint_rejects_seed_off_lesion():
+    case = _case()
+    op = {"op": "inpaint", "seed_voxel": [0, 0, 0], "bbox": [[0, 5], [0, 5], [0, 5]], "rim_mm": 1.0,
+          "texture_gain": 1.0, "texture_seed": 1}
+    with pytest.raises(ValueError):
+        inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
+
+
+def test_rotation_matrix_is_orthonormal():
+    r = rotation_matrix([30, -50, 170])
+    assert np.allclose(r @ r.T, np.eye(3))
+    assert np.isclose(np.linalg.det(r), 1.0)
+
+
+def test_elastic_field_interpolates_control_points():
+    control = np.random.default_rng(0).normal(size=(4, 4, 4, 3))
+    field = elastic_field(control, (4, 4, 4))
+    assert np.allclose(field, np.moveaxis(control, -1, 0), atol=1e-5)
+    big = elastic_field(control, (31, 17, 9))
+    assert big.shape == (3, 31, 17, 9)
+    assert np.abs(np.diff(big, axis=1)).max() < np.abs(control).max()  # smooth between control points
