@@ -17,6 +17,7 @@ from .errors import InputError
 from .geometry import apply_affine, ball, bbox_slices, crop_affine, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
+from .stats import noise_sd
 from .prior import Grid, allowed_region, finish_likelihood, reference_grid, region_world_points, splat
 
 BANK_FORMAT = 1
@@ -59,16 +60,6 @@ def _robust_stats(values: np.ndarray) -> dict:
             "p5": float(p5), "p95": float(p95)}
 
 
-def noise_sd(channel: np.ndarray, where: np.ndarray) -> float:
-    """Robust estimate of voxel noise: MAD of the image minus its 3x3x3 mean, within `where`."""
-    if where.sum() < 10:
-        return 0.0
-    high = channel - ndimage.uniform_filter(channel, size=3, mode="nearest")
-    resid = high[where].astype(np.float64)
-    # the 27-voxel mean removes 1/27 of the noise variance from each voxel
-    return float(1.4826 * np.median(np.abs(resid - np.median(resid))) / np.sqrt(1 - 1 / 27))
-
-
 def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
     """Cut every lesion (connected component ≥ min volume) out of a case: crops plus metadata."""
     spacing = spacing_of(case.affine)
@@ -100,6 +91,7 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
         for c in range(crop.shape[0]):
             stats.append({"lesion": _robust_stats(crop[c][mask]), "shell": _robust_stats(crop[c][shell]),
                           "noise_sd": noise_sd(crop[c], shell)})
+        core_box = [[int(b.start - s.start), int(b.stop - s.start)] for b, s in zip(box, sl)]
         lesions.append({
             "id": f"{case.case_id}_L{k:03d}",
             "source_case": case.case_id,
@@ -109,6 +101,7 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
             "centroid_mm": apply_affine(case.affine, centroid_vox).tolist(),
             "spacing_mm": spacing.tolist(),
             "shape": list(mask.shape),
+            "mask_box": core_box,  # the lesion's bounding box inside the crop (voxels, half-open)
             "affine": crop_affine(case.affine, start).tolist(),
             "stats": stats,
             "_image": np.ascontiguousarray(crop, dtype=np.float32),

@@ -91,6 +91,22 @@ def generate(
                f"of their target load)")
 
 
+@app.command()
+def check(
+    dataset: Path = typer.Argument(..., help="Dataset to check (nnU-Net v2, MSD or CSV list)."),
+    lesion_label: List[int] = typer.Option([1], "--lesion-label", help="Label value(s) that mark lesions."),
+    region_label: List[int] = typer.Option([], "--region-label", help="Label value(s) of the allowed region."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+) -> None:
+    """Check every case of DATASET and print every problem found (exit status 2 if there is any)."""
+    from .io.validate import format_report, validate_dataset
+
+    spec, problems = validate_dataset(dataset, tuple(lesion_label), tuple(region_label), jobs=_jobs(jobs))
+    typer.echo(format_report(spec, problems))
+    if problems:
+        raise typer.Exit(InputError.exit_code)
+
+
 def _jobs(jobs: int) -> int:
     if jobs == 0 or jobs < -1:
         raise InputError(f"--jobs {jobs}: use a positive number, or -1 for all cores")
@@ -100,7 +116,9 @@ def _jobs(jobs: int) -> int:
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit status."""
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns the exit code of typer.Exit instead of raising it
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except LesionsynthError as exc:
         if _state["debug"]:
             raise
@@ -112,11 +130,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and internal errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except Exception as exc:  # usage errors and internal errors
+        if isinstance(exc, typer.exceptions.TyperException) and hasattr(exc, "show"):
+            exc.show()  # usage errors: click's own message
             sys.exit(2)
         if _state["debug"]:
             raise

@@ -70,6 +70,33 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
     return out
 
 
+def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, lesion_labels,
+              cfg: AugmentConfig, max_points: int = 4000) -> bool:
+    """Cheap pre-check of a drawn paste before rendering it: map a sample of the lesion's voxels with the
+    rigid part of the transform and test the region and overlap limits (with some slack for the elastic
+    part and interpolation). Rejecting here saves resampling lesions that cannot be accepted."""
+    from .render.transform import forward_linear
+
+    meta = bank.by_id[op["lesion_id"]]
+    _, mask = bank.lesion_arrays(op["lesion_id"])
+    pts = np.argwhere(mask)
+    if len(pts) > max_points:
+        pts = pts[:: len(pts) // max_points + 1]
+    src_affine = np.asarray(meta["affine"])
+    world = pts @ src_affine[:3, :3].T + src_affine[:3, 3]
+    lin = forward_linear(op["flip"], op["rotation_deg"], op["scale"])
+    world_t = (world - np.asarray(meta["centroid_mm"])) @ lin.T + np.asarray(op["centre_mm"])
+    inv = np.linalg.inv(affine)
+    idx = np.rint(world_t @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.array(label.shape)), axis=1)
+    if inside.mean() < cfg.min_region_fraction - 0.05:
+        return False
+    idx = idx[inside]
+    in_region = region.contains(label, idx).sum() / len(pts)
+    overlap = np.isin(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
+    return in_region >= cfg.min_region_fraction - 0.05 and overlap <= cfg.max_overlap_fraction + 0.05
+
+
 @dataclass
 class CasePlan:
     """The record of one generated case (what goes into manifest.jsonl)."""
@@ -85,10 +112,13 @@ class CasePlan:
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
                density: PlacementDensity, n_channels: int, cfg: AugmentConfig) -> dict:
     """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity."""
-    smallest = cfg.scale_range[0] ** 3
+    smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
     fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
     pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
-    lesion = pool[int(rng.integers(len(pool)))]
+    # size-aware: a lesion's chance grows with how much of the deficit it can fill, so large deficits
+    # are filled by large lesions rather than by hundreds of small ones
+    weights = np.array([min(les["volume_mm3"] * largest, max(deficit_mm3, 0.0)) for les in pool]) + 1e-9
+    lesion = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
     s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
     if s_fit > cfg.scale_range[1]:
         scale = rng.uniform(*cfg.natural_scale)  # more lesions will be needed: natural sizes
@@ -154,15 +184,17 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             load = load_vox * vv
             op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg)
             accepted = False
+            if not quick_fit(bank, op, affine, label, region, lesion_labels, cfg):
+                plan.failed_tries += 1
+                continue
             for _refine in range(3):
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
                     break
-                start = [s.start for s in patch.box]
                 old_lesion = lesion_mask(label[patch.box], lesion_labels)
                 core = patch.core
                 n_core = int(core.sum())
-                in_region = float(region.mask_in(label[patch.box], start)[core].mean())
+                in_region = patch.region_fraction
                 overlap = float(old_lesion[core].mean())
                 added = int(np.count_nonzero(core & ~old_lesion))
                 if in_region < cfg.min_region_fraction or overlap > cfg.max_overlap_fraction or n_core == 0:

@@ -100,9 +100,12 @@ class FetchError(RuntimeError):
     """A download, extraction or consistency check failed."""
 
 
+_STARTED = time.monotonic()
+
+
 def step(message: str) -> None:
-    """Print one progress line."""
-    print(f"[fetch_data] {message}", flush=True)
+    """Print one progress line, prefixed with the seconds elapsed since start."""
+    print(f"[fetch_data {time.monotonic() - _STARTED:5.0f}s] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -227,13 +230,15 @@ def ball(radius_mm: float, spacing) -> np.ndarray:
     return dist <= 1.0
 
 
-def largest_components(mask: np.ndarray, keep: int) -> np.ndarray:
-    """Keep the ``keep`` largest 26-connected components of a binary mask."""
+def largest_components(mask: np.ndarray, keep: int, min_fraction: float = 0.0) -> np.ndarray:
+    """Keep the ``keep`` largest 26-connected components of a binary mask, dropping any
+    smaller than ``min_fraction`` of the largest one."""
     labels, n = ndimage.label(mask, structure=CONNECTIVITY_26)
     if n == 0:
         return mask.astype(bool)
     sizes = np.bincount(labels.ravel())[1:]
-    kept = np.argsort(sizes)[::-1][:keep] + 1
+    kept = np.argsort(sizes)[::-1][:keep]
+    kept = kept[sizes[kept] >= min_fraction * sizes[kept[0]]] + 1
     return np.isin(labels, kept)
 
 
@@ -434,15 +439,17 @@ def build_lung_ct(cache: Path, nii_dir: Path) -> None:
 def lung_mask(hu: np.ndarray, affine: np.ndarray, close_mm: float = 3.0) -> np.ndarray:
     """Both lungs: air (HU < -400) inside the body, not touching the in-plane border.
 
-    Keeps the two largest remaining components, closes them by ``close_mm`` and fills
-    holes (vessels) slice by slice.
+    Keeps the two largest remaining components (the second only if it is at least 10 % of
+    the first: the lungs are often joined through the trachea, and the next component is
+    then stomach gas or an axilla air pocket), closes them by ``close_mm`` and fills holes
+    (vessels) slice by slice.
     """
     candidates = (hu < -400) & body_mask(hu)
     labels, _ = ndimage.label(candidates, structure=CONNECTIVITY_26)
     border = np.unique(np.concatenate([labels[0].ravel(), labels[-1].ravel(),
                                        labels[:, 0].ravel(), labels[:, -1].ravel()]))
     candidates &= ~np.isin(labels, border[border > 0])
-    lungs = largest_components(candidates, keep=2)
+    lungs = largest_components(candidates, keep=2, min_fraction=0.1)
     lungs = ndimage.binary_closing(lungs, structure=ball(close_mm, voxel_sizes(affine)))
     return fill_holes_per_slice(lungs)
 
@@ -802,7 +809,6 @@ def main(argv: list[str] | None = None) -> int:
     if stamp.exists():
         print(cache)
         return 0
-    started = time.monotonic()
     step(f"building into {cache}")
     try:
         build_all(cache)
@@ -811,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stamp.write_text(json.dumps({"pyradiomics": PYRADIOMICS_VERSION,
                                  "nilearn": NILEARN_VERSION}) + "\n")
-    step(f"done in {time.monotonic() - started:.0f} s; stamp {stamp}")
+    step(f"done; stamp {stamp}")
     return 0
 
 

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
-from .nifti import load_nifti, read_array
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
@@ -25,6 +24,8 @@ class CaseRef:
     image_paths: tuple[Path, ...]
     label_path: Path
     four_d: bool = False
+    #: label values declared in dataset.json; load_case rejects others (empty: not checked)
+    declared_labels: tuple[int, ...] = ()
 
 
 @dataclass
@@ -161,14 +162,24 @@ def _open_nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
             problems.append(f"{label}: missing label for case {case_id}")
         if missing or extra or not label.is_file():
             continue
-        cases.append(CaseRef(case_id, tuple(chans[i] for i in range(len(channels))), label))
+        cases.append(CaseRef(case_id, tuple(chans[i] for i in range(len(channels))), label,
+                             declared_labels=_declared(labels)))
     for f in sorted(labels_dir.iterdir()):
-        if not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in found:
-            problems.append(f"{f}: label without images")
+        if f.name.startswith("."):
+            continue
+        if f.name.endswith(ending):
+            if f.name[: -len(ending)] not in found:
+                problems.append(f"{f}: label without images")
+        elif f.name.endswith(NIFTI_ENDINGS):
+            problems.append(f"{f}: file name does not end in {ending} (dataset.json file_ending)")
     n_declared = meta.get("numTraining")
     if isinstance(n_declared, int) and n_declared != len(found):
         problems.append(f"{meta_path}: numTraining is {n_declared} but imagesTr holds {len(found)} cases")
     return DatasetSpec(root, "nnunet", channels, labels, cases, problems)
+
+
+def _declared(labels: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sorted(set(int(v) for v in labels.values())))
 
 
 def _open_msd(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
@@ -177,18 +188,28 @@ def _open_msd(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
     training = meta["training"]
     if not isinstance(training, list):
         raise InputError(f"{meta_path}: 'training' must be a list of {{image, label}} entries")
-    cases, problems = [], []
+    cases, problems, seen = [], [], {}
     for i, entry in enumerate(training):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            problems.append(f"{meta_path}: training entry {i} needs 'image' and 'label'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("label"), str):
+            problems.append(f"{meta_path}: training entry {i} needs 'image' and 'label' paths")
             continue
         image, label = (root / entry["image"]).resolve(), (root / entry["label"]).resolve()
         case_id = _strip_ending(image.name)
+        if case_id in seen:
+            problems.append(f"{meta_path}: training entries {seen[case_id]} and {i} have the same case id "
+                            f"{case_id!r}")
+            continue
+        seen[case_id] = i
         for p in (image, label):
             if not p.is_file():
                 problems.append(f"{p}: file not found (training entry {i})")
         if image.is_file() and label.is_file():
-            cases.append(CaseRef(case_id, (image,), label, four_d=len(channels) > 1))
+            cases.append(CaseRef(case_id, (image,), label, four_d=len(channels) > 1,
+                                 declared_labels=_declared(labels)))
+    n_declared = meta.get("numTraining")
+    if isinstance(n_declared, int) and n_declared != len(training):
+        problems.append(f"{meta_path}: numTraining is {n_declared} but 'training' lists {len(training)} cases")
     return DatasetSpec(root, "msd", channels, labels, cases, problems)
 
 
@@ -216,6 +237,7 @@ def _open_list(path: Path) -> DatasetSpec:
     names = meta.get("channel_names")
     channels = _channel_names(meta, path) if names else [c.replace("image_", "channel") for c in image_cols]
     base = path.parent
+    labels = _labels_from_json(meta, path) if meta.get("labels") else {}
     cases, problems, seen = [], [], set()
     for n, row in enumerate(rows, start=2):
         paths = [row.get(c) or "" for c in image_cols]
@@ -233,63 +255,21 @@ def _open_list(path: Path) -> DatasetSpec:
         for p in missing:
             problems.append(f"{p}: file not found (listed in {path.name} line {n})")
         if not missing:
-            cases.append(CaseRef(case_id, images, base / label))
-    labels = _labels_from_json(meta, path) if meta.get("labels") else {}
+            cases.append(CaseRef(case_id, images, base / label, declared_labels=_declared(labels)))
     return DatasetSpec(path, "list", channels, labels, cases, problems)
 
 
-def _label_array(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    data = read_array(img, path, dtype=np.float64 if img.get_data_dtype().kind == "f" or
-                      img.dataobj.slope not in (1.0, None) else img.get_data_dtype())
-    if data.dtype.kind == "f":
-        if not np.isfinite(data).all():
-            raise InputError(f"{path}: label holds NaN or infinite values")
-        rounded = np.rint(data)
-        if np.abs(data - rounded).max(initial=0) > 1e-3:
-            raise InputError(f"{path}: label values are not integers")
-        data = rounded
-    if data.min(initial=0) < 0 or data.max(initial=0) > 255:
-        raise InputError(f"{path}: label values must lie in 0..255, found {data.min()}..{data.max()}")
-    return data.astype(np.uint8)
-
-
 def load_case(ref: CaseRef, n_channels: int) -> Case:
-    """Read one case (all channels + label) and check that their grids agree."""
-    label_img = load_nifti(ref.label_path)
-    if len(label_img.shape) != 3 and not (len(label_img.shape) == 4 and label_img.shape[3] == 1):
-        raise InputError(f"{ref.label_path}: label must be 3-D, has shape {label_img.shape}")
-    label = _label_array(label_img, ref.label_path).reshape(label_img.shape[:3])
-    affine = label_img.affine
-    channels, headers = [], []
-    if ref.four_d:
-        img = load_nifti(ref.image_paths[0])
-        data = read_array(img, ref.image_paths[0])
-        if data.ndim != 4 or data.shape[3] != n_channels:
-            raise InputError(f"{ref.image_paths[0]}: expected a 4-D image with {n_channels} channels, "
-                             f"got shape {data.shape}")
-        _check_grid(ref.image_paths[0], img.shape[:3], img.affine, label.shape, affine, ref.label_path)
-        channels = [data[..., c] for c in range(n_channels)]
-        hdr = img.header.copy()
-        hdr.set_data_shape(img.shape[:3])
-        headers = [hdr] * n_channels
-    else:
-        if len(ref.image_paths) != n_channels:
-            raise InputError(f"{ref.case_id}: expected {n_channels} channel files, got {len(ref.image_paths)}")
-        for p in ref.image_paths:
-            img = load_nifti(p)
-            shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
-            _check_grid(p, shape, img.affine, label.shape, affine, ref.label_path)
-            channels.append(read_array(img, p).reshape(label.shape))
-            headers.append(img.header)
-    stack = np.stack(channels).astype(np.float32, copy=False)
-    if not np.isfinite(stack).all():
-        bad = next(p for p, c in zip(ref.image_paths * n_channels, channels) if not np.isfinite(c).all())
-        raise InputError(f"{bad}: image holds NaN or infinite values")
-    return Case(ref.case_id, stack, label, np.asarray(affine, dtype=np.float64), headers, label_img.header)
+    """Read one case (all channels + label); InputError with a one-line message if anything is wrong.
 
+    The checks are those of `lesionsynth check` (io/validate.py): unreadable or truncated files, shapes,
+    affines, 4-D images, NaN/inf voxels, empty channels, non-integer/negative/undeclared label values.
+    """
+    from .validate import inspect_case
 
-def _check_grid(path, shape, affine, label_shape, label_affine, label_path) -> None:
-    if tuple(shape) != tuple(label_shape):
-        raise InputError(f"{path}: shape {tuple(shape)} differs from its label {label_path.name} {tuple(label_shape)}")
-    if not np.allclose(affine, label_affine, atol=1e-3):
-        raise InputError(f"{path}: affine differs from its label {label_path.name}")
+    check = inspect_case(ref, n_channels, ref.declared_labels or None, keep_data=True)
+    if check.problems:
+        more = len(check.problems) - 1
+        raise InputError(str(check.problems[0]) + (f" (and {more} more problem{'s' if more > 1 else ''} in case "
+                                                   f"{ref.case_id})" if more else ""))
+    return check.case

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -34,33 +33,72 @@ def _decompress(raw: bytes) -> bytes:
 
 
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
-    """Read a .nii or .nii.gz fully into memory; raise InputError naming the file if it is unreadable."""
+    """Read a .nii or .nii.gz fully into memory; raise InputError naming the file if it is unreadable.
+
+    The whole file is read and decompressed here and the data block's length is checked against the
+    header, so a truncated file fails now, not later when nibabel reads the voxels lazily.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = _decompress(raw)
-        img = nib.Nifti1Image.from_bytes(raw)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a NIfTI file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({_short(exc)})") from None
+    if not raw:
+        raise InputError(f"{path}: file is empty")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = _decompress(raw)
+        except Exception as exc:  # gzip/isal raise EOFError, zlib.error, OSError or their own types
+            raise InputError(f"{path}: corrupt or truncated gzip data ({_short(exc)})") from None
+    elif str(path).endswith(".gz"):
+        raise InputError(f"{path}: not gzip-compressed although the name ends in .gz")
+    if len(raw) < 348:
+        raise InputError(f"{path}: truncated header ({len(raw)} bytes; a NIfTI-1 header has 348)")
+    sizeof_hdr = int.from_bytes(raw[:4], "little")
+    if 540 in (sizeof_hdr, int.from_bytes(raw[:4], "big")):
+        raise InputError(f"{path}: NIfTI-2 files are not supported; convert it to NIfTI-1")
+    if raw[344:348] == b"ni1\x00":
+        raise InputError(f"{path}: header of a .hdr/.img pair; use a single-file .nii or .nii.gz")
+    if raw[344:348] != b"n+1\x00":
+        raise InputError(f"{path}: not a NIfTI-1 file (wrong magic {raw[344:348]!r})")
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = nib.Nifti1Image.from_bytes(raw)
+    except Exception as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({_short(exc)})") from None
-    except Exception as exc:  # isal raises its own error types on truncated data
-        raise InputError(f"{path}: not a readable NIfTI file ({_short(exc)})") from None
+    try:
+        hdr = img.header
+        n_bytes = int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * hdr.get_data_dtype().itemsize
+        offset = max(int(hdr.get_data_offset()), 352)
+    except Exception as exc:
+        raise InputError(f"{path}: invalid NIfTI header ({_short(exc)})") from None
+    if len(raw) < offset + n_bytes:
+        have = max(len(raw) - offset, 0)
+        what = "holds only a header, no voxel data" if have == 0 else "data block is truncated"
+        raise InputError(f"{path}: {what} (header says {n_bytes} bytes of voxel data, file has {have})")
     return img
 
 
 def read_array(img: nib.Nifti1Image, path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
     """The image's data (scaling applied) as `dtype`; InputError if the data block is truncated."""
     try:
-        return np.asarray(img.dataobj, dtype=dtype)
+        with nib.imageglobals.LoggingOutputSuppressor():
+            return np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:
-        raise InputError(f"{path}: cannot read voxel data ({_short(exc)})") from None
+        text = _short(exc)
+        if text.startswith("Expected ") and " bytes, got " in text:
+            raise InputError(f"{path}: data block is truncated ({text})") from None
+        raise InputError(f"{path}: cannot read voxel data ({text})") from None
 
 
 def _short(exc: BaseException) -> str:
+    """The first line of an exception's message (never a traceback), at most 200 characters."""
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0].strip()[:200] if text and text[0].strip() else type(exc).__name__
 
 
 def nifti_bytes(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,

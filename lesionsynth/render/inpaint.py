@@ -12,7 +12,7 @@ import numpy as np
 import skfmm
 from scipy import ndimage
 
-from ..bank import noise_sd
+from ..stats import noise_sd
 from ..geometry import ball, spacing_of, structure_for
 from .paste import Patch
 

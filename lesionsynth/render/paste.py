@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import spacing_of
+from ..stats import median_and_noise
 from .transform import elastic_field, source_coordinates, source_from_target, target_box
 
 
@@ -20,6 +21,7 @@ class Patch:
     channels: np.ndarray   # (C, X, Y, Z) float32
     label: np.ndarray      # (X, Y, Z) uint8
     core: np.ndarray       # (X, Y, Z) bool
+    region_fraction: float = 1.0  # share of `core` inside the allowed region (pastes)
 
     def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
         channels[(slice(None),) + self.box] = self.channels
@@ -35,22 +37,23 @@ class PasteSettings:
     backend: str = "numpy"
 
 
-def _local_stats(channel: np.ndarray, tissue: np.ndarray) -> tuple[float, float]:
-    """(median, noise sd) of a channel over local normal tissue."""
-    from ..bank import noise_sd
-
-    if tissue.sum() < 20:
-        return float("nan"), 0.0
-    return float(np.median(channel[tissue])), noise_sd(channel, tissue)
+def feather_support_mm(settings: "PasteSettings") -> float:
+    """How far the feathered alpha reaches beyond the soft mask (gaussian_filter truncates at 4 sigma)."""
+    return 4.0 * settings.feather_mm
 
 
 def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape,
-                    op: dict) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
-    """Resample the lesion's channels and mask onto the target box: (box, channels, soft mask) or None."""
+                    op: dict, src_box=None, support_mm: float = 0.0
+                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """Resample the lesion's channels and mask onto the target box: (box, channels, soft mask) or None.
+
+    The box covers the transformed lesion (`src_box`, default the whole crop). Channels are only
+    interpolated within `support_mm` of the soft mask (zero elsewhere), which is all blending reads.
+    """
     control = np.asarray(op["elastic_mm"], dtype=np.float32)
     pad = float(np.abs(control).max()) if control.size else 0.0
-    box = target_box(src_mask.shape, src_affine, src_centre, tgt_affine, op["centre_mm"], op["flip"],
-                     op["rotation_deg"], op["scale"], pad, tgt_shape)
+    box = target_box(src_box if src_box is not None else src_mask.shape, src_affine, src_centre, tgt_affine,
+                     op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"], pad + support_mm, tgt_shape)
     if box is None:
         return None
     m = source_from_target(src_affine, src_centre, tgt_affine, op["centre_mm"], op["flip"],
@@ -60,25 +63,34 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     coords = source_coordinates(box, m, field, tgt_affine)
     soft = ndimage.map_coordinates(np.asarray(src_mask, dtype=np.float32), coords, order=1, mode="constant",
                                    cval=0.0, prefilter=False)
-    channels = np.empty((src_image.shape[0],) + shape, dtype=np.float32)
+    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
+    support = soft > 0
+    if reach.max() > 0:  # a separable box max filter: much cheaper than binary_dilation with a 3-D structure
+        support = ndimage.maximum_filter(support, size=tuple(2 * reach + 1), mode="constant")
+    points = coords[:, support]
+    channels = np.zeros((src_image.shape[0],) + shape, dtype=np.float32)
     for c in range(src_image.shape[0]):
-        ndimage.map_coordinates(np.asarray(src_image[c]), coords, output=channels[c], order=1, mode="nearest",
-                                prefilter=False)
+        channels[c][support] = ndimage.map_coordinates(np.asarray(src_image[c]), points, order=1, mode="nearest",
+                                                       prefilter=False)
     return box, channels, soft
 
 
 def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, soft: np.ndarray, tissue: np.ndarray,
                  spacing, src_stats: list[dict], op: dict, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Intensity-match, brighten, add noise and alpha-blend resampled lesion channels into `dest` (copies)."""
-    alpha = np.clip(ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing)), 0.0, 1.0)
-    out = np.empty_like(dest)
-    noise_rng = np.random.default_rng(int(op["noise_seed"]))
-    noise = noise_rng.standard_normal(size=soft.shape, dtype=np.float32)
+    """Intensity-match, brighten, add noise and alpha-blend resampled lesion channels into `dest` (copies).
+
+    Only voxels the feathered alpha reaches are computed; the rest of the box keeps `dest`.
+    """
+    alpha = ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing))
+    idx = np.flatnonzero(alpha > 1e-6)
+    a = np.clip(alpha.ravel()[idx], 0.0, 1.0)
+    noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
+    out = dest.copy()
     for c in range(dest.shape[0]):
-        dest_ref, dest_noise = _local_stats(dest[c], tissue)
+        dest_ref, dest_noise = median_and_noise(dest[c], tissue)
         src_ref = src_stats[c]["shell"]["median"]
         src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
-        values = lesion[c]
+        values = lesion[c].ravel()[idx]
         if settings.is_ct[c] or not np.isfinite(dest_ref):
             ref = src_ref  # CT keeps Hounsfield units
         else:
@@ -87,10 +99,11 @@ def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, s
             ref = dest_ref
         values = np.float32(ref) + np.float32(op["brightness"][c]) * (values - np.float32(ref))
         values = values + np.float32(op["noise_gain"] * dest_noise) * noise
-        out[c] = dest[c] + alpha * (values - dest[c])
+        flat = out[c].reshape(-1)
+        d = flat[idx]
+        flat[idx] = d + a * (values - d)
     label = dest_label.copy()
-    core = soft >= 0.5
-    label[core] = int(op["label_value"])
+    label[soft >= 0.5] = int(op["label_value"])
     return out, label
 
 
@@ -103,7 +116,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     """
     src_affine = np.asarray(lesion_meta["affine"], dtype=np.float64)
     resampled = resample_lesion(lesion_image, lesion_mask, src_affine, lesion_meta["centroid_mm"], affine,
-                                label.shape, op)
+                                label.shape, op, lesion_meta.get("mask_box"), feather_support_mm(settings))
     if resampled is None:
         return None
     box, lesion, soft = resampled
@@ -113,7 +126,8 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     dest = channels[(slice(None),) + box]
     dest_label = label[box]
     start = [s.start for s in box]
-    tissue = (soft < 0.02) & ~np.isin(dest_label, lesion_labels) & region_fn(dest_label, start)
+    region = region_fn(dest_label, start)
+    tissue = (soft < 0.02) & ~np.isin(dest_label, lesion_labels) & region
     new_channels, new_label = blend_lesion(dest, dest_label, lesion, soft, tissue, spacing_of(affine),
                                            lesion_meta["stats"], op, settings)
-    return Patch(box, new_channels, new_label, core)
+    return Patch(box, new_channels, new_label, core, float(region[core].mean()))

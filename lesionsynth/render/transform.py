@@ -38,12 +38,16 @@ def source_from_target(src_affine, src_centre, tgt_affine, tgt_centre, flip, ang
     return np.linalg.inv(np.asarray(src_affine)) @ world_inv @ np.asarray(tgt_affine)
 
 
-def target_box(src_shape, src_affine, src_centre, tgt_affine, tgt_centre, flip, angles_deg, scale,
+def target_box(src_box, src_affine, src_centre, tgt_affine, tgt_centre, flip, angles_deg, scale,
                pad_mm: float, tgt_shape) -> tuple[slice, ...] | None:
-    """Target voxel box covered by the transformed source crop, padded by `pad_mm`; None if outside."""
+    """Target voxel box covered by the transformed source box [[lo, hi) x3], padded by `pad_mm`; None if outside."""
+    if np.ndim(src_box) == 1:  # a crop shape: the whole crop
+        src_box = [[0, int(n)] for n in src_box]
     lin = forward_linear(flip, angles_deg, scale)
-    ext = np.array(src_shape) - 1
-    corners = np.array([[i, j, k] for i in (0, ext[0]) for j in (0, ext[1]) for k in (0, ext[2])], dtype=float)
+    lo_s = np.array([b[0] for b in src_box], dtype=float) - 0.5
+    hi_s = np.array([b[1] for b in src_box], dtype=float) - 0.5
+    corners = np.array([[i, j, k] for i in (lo_s[0], hi_s[0]) for j in (lo_s[1], hi_s[1])
+                        for k in (lo_s[2], hi_s[2])], dtype=float)
     src_aff = np.asarray(src_affine)
     world = corners @ src_aff[:3, :3].T + src_aff[:3, 3]
     world_t = (world - np.asarray(src_centre)) @ lin.T + np.asarray(tgt_centre)
@@ -76,10 +80,10 @@ def elastic_field(control_mm: np.ndarray, shape) -> np.ndarray:
     k = control.shape[0]
     wx, wy, wz = (_spline_weights(int(n), k) for n in shape)
     # separable tensor-product interpolation: cost grows with the box, not with k³ · box
-    field = np.einsum("xi,ijkc->cxjk", wx, control, optimize=True)
-    field = np.einsum("yj,cxjk->cxyk", wy, field, optimize=True)
-    field = np.einsum("zk,cxyk->cxyz", wz, field, optimize=True)
-    return field
+    small = np.einsum("ijkc,zk,yj->ciyz", control, wz, wy)   # (3, k, Y, Z): cheap, k rows only
+    nx, ny, nz = (int(n) for n in shape)
+    # the big step is one batched matrix product that writes (3, X, Y, Z) in order
+    return np.matmul(wx[None], small.reshape(3, k, ny * nz)).reshape(3, nx, ny, nz)
 
 
 def source_coordinates(box, src_from_tgt: np.ndarray, field_mm: np.ndarray | None = None,
@@ -95,5 +99,5 @@ def source_coordinates(box, src_from_tgt: np.ndarray, field_mm: np.ndarray | Non
     if field_mm is not None:
         # a displacement d (world mm) of the target point moves the source point by L·d
         lin = (m[:3, :3] @ np.linalg.inv(np.asarray(tgt_affine)[:3, :3])).astype(np.float32)
-        coords += np.einsum("rc,cxyz->rxyz", lin, field_mm, optimize=True)
+        coords += np.tensordot(lin, field_mm, axes=(1, 0))
     return coords

@@ -1,0 +1,36 @@
+# lesionsynth: `make demo` sets up, fetches the sample data and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DATA   ?= $(CURDIR)/.cache/data
+DEMO   ?= $(CURDIR)/.cache/demo
+JOBS   ?= 2
+export LESIONSYNTH_DATA = $(DATA)
+
+.PHONY: venv data demo test bench clean-demo
+
+# torch is pinned so pip takes the local CPU build (an unpinned torch pulls a multi-GB CUDA build);
+# nnunetv2 is installed to check the output with its own verify_dataset_integrity.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,fast]' 'torch==2.13.0' nnunetv2
+	touch $@
+
+venv: $(VENV)/.installed
+
+data: venv
+	$(PY) scripts/fetch_data.py --cache $(DATA)
+
+demo: data
+	rm -rf $(DEMO)
+	$(VENV)/bin/lesionsynth build-bank $(DATA)/mni_lesions --out $(DEMO)/bank --jobs $(JOBS)
+	$(VENV)/bin/lesionsynth generate $(DEMO)/bank --out $(DEMO)/Dataset900_LesionsynthDemo \
+		--n 12 --load high --seed 0 --jobs $(JOBS)
+	@echo "demo output: $(DEMO)/Dataset900_LesionsynthDemo (nnU-Net v2 raw dataset; see manifest.jsonl)"
+
+test: data
+	$(PY) -m pytest -q
+
+bench: data
+	$(PY) benchmarks/bench_generate.py
