@@ -76,19 +76,38 @@ def generate(
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: make only cases with index ≡ I (mod N); shards may "
+                              "share OUT, and the last one to finish writes dataset.json and the splits."),
 ) -> None:
     """Generate N synthetic cases whose lesion load follows the chosen distribution."""
-    from .pipeline import GenerateConfig
+    from .pipeline import GenerateConfig, parse_shard
     from .pipeline import generate as run_generate
 
     lr = (float(load_range[0]), float(load_range[1])) if load_range else None
     cfg = GenerateConfig(n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
                          include_originals=include_originals, compression_level=compression_level,
                          file_ending=".nii" if uncompressed else ".nii.gz")
-    result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume)
+    result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard))
+    _summary(result, n)
+
+
+def _summary(result, n: int) -> None:
     reached = sum(r["reached"] for r in result.records)
-    typer.echo(f"output: {result.out} ({len(result.records)} synthetic cases, {reached} within ±{tolerance:.0%} "
-               f"of their target load)")
+    if len(result.records) < n:
+        typer.echo(f"output: {result.out} ({len(result.records)} of {n} synthetic cases done; the remaining shards "
+                   f"or 'lesionsynth finalize' complete it)")
+    else:
+        typer.echo(f"output: {result.out} ({len(result.records)} synthetic cases, {reached} within tolerance "
+                   f"of their target load)")
+
+
+@app.command()
+def finalize(out: Path = typer.Argument(..., help="Output folder of a sharded generate run.")) -> None:
+    """Write manifest.jsonl, dataset.json and splits_final.json once every shard of a run is done."""
+    from .pipeline import finalize_run
+
+    result = finalize_run(out)
+    _summary(result, len(result.records))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -170,10 +171,27 @@ def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
     }
 
 
-def _read_manifest(out: Path) -> dict[int, dict]:
-    path = out / MANIFEST
-    done = {}
-    if path.is_file():
+PROGRESS_DIR = ".progress"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' → (I, N) with 0 ≤ I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {text!r}: use I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: need 0 ≤ I < N")
+    return i, n
+
+
+def _read_records(out: Path) -> dict[int, dict]:
+    """Records of finished cases: the final manifest and every shard's progress file."""
+    done: dict[int, dict] = {}
+    files = [out / MANIFEST] + sorted((out / PROGRESS_DIR).glob("*.jsonl"))
+    for path in files:
+        if not path.is_file():
+            continue
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -183,12 +201,21 @@ def _read_manifest(out: Path) -> dict[int, dict]:
     return done
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files left by a killed run (atomic writes use '.NAME.tmpPID')."""
+    for folder in (out / "imagesTr", out / "labelsTr", out):
+        for tmp in folder.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
-             resume: bool = False) -> GenerateResult:
+             resume: bool = False, shard: tuple[int, int] = (0, 1)) -> GenerateResult:
     """Generate `cfg.n` synthetic cases from the bank into the nnU-Net v2 raw folder `out`.
 
-    Writes imagesTr/, labelsTr/, manifest.jsonl (a line per case once its files are in place),
-    run.json, and at the end dataset.json and splits_final.json.
+    Writes imagesTr/ and labelsTr/ (each file atomically), a progress record per case once its files are
+    in place, run.json first, and at the end manifest.jsonl, dataset.json and splits_final.json. With
+    `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
+    the same time into the same folder, and whichever finds every case done writes the final files.
     """
     from joblib import Parallel, delayed
     from tqdm import tqdm
@@ -196,18 +223,22 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     from .parallel import worker_threads_limited
 
     cfg.validate()
+    shard_i, shard_n = shard
     bank_dir = Path(bank_dir)
     bank = Bank(bank_dir)
     out = Path(out)
     record = run_record(bank, bank_dir, cfg)
-    _prepare_output(out, record, resume)
+    _prepare_output(out, record, resume or shard_n > 1)
+    _remove_stale_temporaries(out) if resume else None
 
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
-    done = _read_manifest(out) if resume else {}
-    todo = [i for i in range(cfg.n) if i not in done]
-    refs = bank.case_refs()
+    done = _read_records(out)
+    todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]
+    refs = [r for k, r in enumerate(bank.case_refs()) if k % shard_n == shard_i]
     n_channels = len(bank.channel_names)
     timings: list[dict] = []
+    progress_file = out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.jsonl"
+    progress_file.parent.mkdir(exist_ok=True)
     with worker_threads_limited(jobs):
         parallel = Parallel(n_jobs=jobs, return_as="generator")
         if cfg.include_originals:
@@ -216,16 +247,50 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
             for _ in tqdm(parallel(tasks), total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
         tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds) for i in todo)
-        with open(out / MANIFEST, "a") as manifest:
+        with open(progress_file, "a") as log:
             for rec, timing in tqdm(parallel(tasks), total=len(todo), desc="generate", unit="case",
                                     disable=not progress):
-                manifest.write(json.dumps(rec) + "\n")
-                manifest.flush()
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
                 done[rec["case_index"]] = rec
                 timings.append(timing)
-    records = [done[i] for i in range(cfg.n)]
-    finalize(out, bank, cfg, records, val_folds)
+    done = _read_records(out)
+    records = [done[i] for i in sorted(done) if i < cfg.n]
+    if len(records) == cfg.n and _originals_complete(out, bank, cfg):
+        finalize(out, bank, cfg, records, val_folds)
     return GenerateResult(out, records, timings)
+
+
+def _originals_complete(out: Path, bank: Bank, cfg: GenerateConfig) -> bool:
+    if not cfg.include_originals:
+        return True
+    n_channels = len(bank.channel_names)
+    return all(p.is_file() for c in bank.cases for p in _case_files(out, c["case_id"], n_channels, cfg))
+
+
+def finalize_run(out: str | Path) -> GenerateResult:
+    """Write the final files of a sharded run once every shard is done (`lesionsynth finalize OUT`)."""
+    out = Path(out)
+    run_path = out / RUN_FILE
+    if not run_path.is_file():
+        raise InputError(f"{out}: not a lesionsynth output (run.json missing)")
+    run = json.loads(run_path.read_text())
+    conf = dict(run["config"])
+    conf["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in conf["augment"].items()})
+    conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
+    cfg = GenerateConfig(**conf)
+    bank = Bank(run["bank"])
+    done = _read_records(out)
+    missing = [i for i in range(cfg.n) if i not in done]
+    if missing:
+        raise InputError(f"{out}: {len(missing)} of {cfg.n} cases are not done yet (first: index {missing[0]}); "
+                         f"run the remaining shards first")
+    if not _originals_complete(out, bank, cfg):
+        raise InputError(f"{out}: some original cases are missing; run the remaining shards first")
+    records = [done[i] for i in range(cfg.n)]
+    finalize(out, bank, cfg, records, fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed))
+    return GenerateResult(out, records, [])
 
 
 def _case_files(out: Path, case_id: str, n_channels: int, cfg: GenerateConfig) -> list[Path]:
@@ -279,3 +344,4 @@ def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], va
                       if r["base_case"] not in val_set and not val_set.intersection(r["donor_cases"])]
             splits.append({"train": train, "val": list(val)})
         write_json(out / "splits_final.json", splits)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import LesionsynthError
 from .dataset import Case
 from .nifti import save_nifti, write_bytes_atomic
 
@@ -27,10 +29,22 @@ def case_paths(out: Path, case_id: str, n_channels: int, ending: str) -> tuple[l
     return images, out / "labelsTr" / f"{case_id}{ending}"
 
 
+class WriteError(LesionsynthError):
+    """Writing an output file failed (disk full, permissions): nothing partial is left behind."""
+
+
 def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray, base: Case,
                ending: str = ".nii.gz", compression_level: int = 1) -> None:
     """Write all channels then the label, each atomically, with the base case's affine and headers."""
     images, label_path = case_paths(out, case_id, channels.shape[0], ending)
+    try:
+        _write_case_files(images, label_path, channels, label, base, compression_level)
+    except OSError as exc:
+        raise WriteError(f"{exc.filename or out}: cannot write ({exc.strerror or exc}); free the space or fix "
+                         f"the folder, then rerun with --resume") from None
+
+
+def _write_case_files(images, label_path, channels, label, base, compression_level) -> None:
     for c, path in enumerate(images):
         dtype = image_dtype(base.channel_headers[c])
         data = channels[c]
@@ -43,13 +57,24 @@ def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray,
 
 def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1) -> None:
     """Put an original case into the output: copy 3-D image files as they are, rewrite the label as uint8."""
+    try:
+        _copy_original_files(out, case, image_paths, ending, compression_level)
+    except OSError as exc:
+        raise WriteError(f"{exc.filename or out}: cannot write ({exc.strerror or exc}); free the space or fix "
+                         f"the folder, then rerun with --resume") from None
+
+
+def _copy_original_files(out: Path, case: Case, image_paths, ending: str, compression_level: int) -> None:
     images, label_path = case_paths(out, case.case_id, case.channels.shape[0], ending)
     same_files = len(image_paths) == len(images) and all(str(p).endswith(ending) for p in image_paths)
     for c, dst in enumerate(images):
         if same_files and len(case.channel_headers[c].get_data_shape()) == 3:
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(image_paths[c], tmp)
-            tmp.replace(dst)
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            try:
+                shutil.copyfile(image_paths[c], tmp)
+                tmp.replace(dst)
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             dtype = image_dtype(case.channel_headers[c])
             save_nifti(dst, case.channels[c], case.affine, case.channel_headers[c], dtype, compression_level)
