@@ -35,28 +35,44 @@ def main_options(
 def build_bank_cmd(
     dataset: Path = typer.Argument(..., help="nnU-Net v2 raw folder, MSD folder, or CSV case list."),
     out: Path = typer.Option(..., "--out", help="New folder for the lesion bank."),
-    lesion_label: List[int] = typer.Option([1], "--lesion-label", help="Label value(s) that mark lesions."),
-    region_label: List[int] = typer.Option([], "--region-label",
-                                           help="Label value(s) where lesions may live (default: body foreground)."),
-    connectivity: int = typer.Option(26, "--connectivity", help="6, 18 or 26."),
-    min_volume: float = typer.Option(0.0, "--min-volume", help="Smallest lesion kept in the bank (mm³)."),
+    lesion_label: Optional[List[int]] = typer.Option(None, "--lesion-label",
+                                                     help="Label value(s) that mark lesions [default: 1]."),
+    region_label: Optional[List[int]] = typer.Option(None, "--region-label",
+                                                     help="Label value(s) where lesions may live "
+                                                          "[default: body foreground]."),
+    connectivity: Optional[int] = typer.Option(None, "--connectivity", help="6, 18 or 26 [default: 26]."),
+    min_volume: Optional[float] = typer.Option(None, "--min-volume",
+                                               help="Smallest lesion kept in the bank, mm³ [default: 0]."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (see 'lesionsynth recipes') or "
+                                         "TOML file; options given here override it."),
 ) -> None:
     """Cut every lesion out of DATASET into a bank and build the lesion likelihood map."""
-    from .bank import BankConfig, build_bank
+    from .bank import Bank, BankConfig, build_bank
+    from .recipes import load_recipe, make_config
 
-    if connectivity not in (6, 18, 26):
-        raise InputError(f"--connectivity {connectivity}: must be 6, 18 or 26")
-    overlap = set(lesion_label) & set(region_label)
+    rec = load_recipe(recipe) if recipe else None
+    config = make_config(BankConfig, rec, "bank", {
+        "lesion_labels": tuple(lesion_label) if lesion_label else None,
+        "region_labels": tuple(region_label) if region_label else None,
+        "connectivity": connectivity, "min_volume_mm3": min_volume})
+    if config.connectivity not in (6, 18, 26):
+        raise InputError(f"--connectivity {config.connectivity}: must be 6, 18 or 26")
+    overlap = set(config.lesion_labels) & set(config.region_labels)
     if overlap:
         raise InputError(f"label(s) {sorted(overlap)} cannot be both --lesion-label and --region-label")
-    config = BankConfig(lesion_labels=tuple(lesion_label), region_labels=tuple(region_label),
-                        connectivity=connectivity, min_volume_mm3=min_volume)
-    path = build_bank(dataset, out, config, jobs=_jobs(jobs))
-    from .bank import Bank
-
+    path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["name"]})
     bank = Bank(path)
     typer.echo(f"bank: {path} ({len(bank.lesions)} lesions from {len(bank.cases)} cases)")
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the shipped recipes, one line each."""
+    from .recipes import available, load_recipe
+
+    for name in available():
+        typer.echo(f"{name:18s} {load_recipe(name)['description']}")
 
 
 @app.command()
@@ -76,6 +92,8 @@ def generate(
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its [augment] "
+                                         "section sets the lesion augmentation ranges."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: make only cases with index ≡ I (mod N); shards may "
                               "share OUT, and the last one to finish writes dataset.json and the splits."),
 ) -> None:
@@ -84,7 +102,15 @@ def generate(
     from .pipeline import generate as run_generate
 
     lr = (float(load_range[0]), float(load_range[1])) if load_range else None
-    cfg = GenerateConfig(n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
+    from .plan import AugmentConfig
+    from .recipes import load_recipe, make_config
+
+    if recipe is None:  # default to the recipe the bank was built with
+        from .bank import Bank
+
+        recipe = Bank(bank).index.get("run", {}).get("recipe")
+    augment = make_config(AugmentConfig, load_recipe(recipe) if recipe else None, "augment", {})
+    cfg = GenerateConfig(augment=augment, n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
                          include_originals=include_originals, compression_level=compression_level,
                          file_ending=".nii" if uncompressed else ".nii.gz")
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard))

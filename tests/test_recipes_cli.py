@@ -1,0 +1,81 @@
+"""Recipes and the command line: merged values, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lesionsynth.bank import BankConfig
+from lesionsynth.errors import InputError
+from lesionsynth.plan import AugmentConfig
+from lesionsynth.recipes import available, load_recipe, make_config
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "lesionsynth.cli", *args], capture_output=True, text=True)
+
+
+def test_every_shipped_recipe_is_complete():
+    names = set(available())
+    assert {"ms_flair", "wmh_flair", "stroke_t1", "liver_tumour_ct", "brain_tumour", "lung_nodule_ct"} <= names
+    for name in names:
+        rec = load_recipe(name)
+        assert rec["description"]
+        bank = make_config(BankConfig, rec, "bank", {})
+        augment = make_config(AugmentConfig, rec, "augment", {})
+        assert bank.lesion_labels and augment.scale_range[0] < augment.scale_range[1]
+
+
+def test_command_line_overrides_recipe():
+    rec = load_recipe("liver_tumour_ct")
+    cfg = make_config(BankConfig, rec, "bank", {"min_volume_mm3": 1.0, "region_labels": None})
+    assert cfg.min_volume_mm3 == 1.0 and cfg.region_labels == (1,) and cfg.lesion_labels == (2,)
+
+
+def test_bad_recipe_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[bank]\nlesion_label = [1]\n")
+    with pytest.raises(InputError, match="unknown key"):
+        make_config(BankConfig, load_recipe(str(bad)), "bank", {})
+    bad.write_text("[bank\n")
+    with pytest.raises(InputError, match="malformed recipe"):
+        load_recipe(str(bad))
+
+
+def test_recipe_values_reach_the_run_record(blobs, tmp_path):
+    bank, out = tmp_path / "bank", tmp_path / "out"
+    res = cli("build-bank", str(blobs), "--out", str(bank), "--recipe", "ms_flair", "--min-volume", "1")
+    assert res.returncode == 0, res.stderr
+    config = json.loads((bank / "bank.json").read_text())["config"]
+    assert config["min_volume_mm3"] == 1.0 and config["likelihood_sigma_mm"] == 4.0
+    res = cli("generate", str(bank), "--out", str(out), "--n", "1", "--load", "low")
+    assert res.returncode == 0, res.stderr
+    augment = json.loads((out / "run.json").read_text())["config"]["augment"]
+    assert augment["rotation_deg"] == 30.0 and augment["elastic_max_mm"] == 2.0  # from the bank's recipe
+    assert cli("recipes").stdout.count("\n") >= 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "huge"], "--load 'huge'"),
+    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--shard", "3/2"], "--shard"),
+    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--recipe", "nope"], "--recipe"),
+    (["generate", "{missing}", "--out", "{out}", "--n", "1", "--load", "low"], "bank.json missing"),
+    (["build-bank", "{missing}", "--out", "{out}"], "no such file or folder"),
+])
+def test_bad_options_give_one_line_and_exit_2(blob_bank, tmp_path, args, message):
+    out = tmp_path / "out"
+    args = [a.format(bank=blob_bank, out=out, missing=tmp_path / "missing") for a in args]
+    res = cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_version():
+    res = cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("lesionsynth ")
