@@ -758,17 +758,36 @@ def default_cache() -> Path:
     return Path(env) if env else REPO / ".cache" / "data"
 
 
-def shared_data_dir() -> Path:
-    """``$LESIONSYNTH_SHARED_DATA`` or ``<repo>/../shared/data``; must hold the masks."""
+def _shared_candidates() -> list[Path]:
+    """Where the shared masks may be: the env override, beside this checkout, or beside the repository
+    this checkout was cloned from (a CI clone in a temporary folder still finds them that way)."""
     env = os.environ.get("LESIONSYNTH_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    needed = [path / "atlas_mni_labels" / f"{c}.nii.gz" for c in ATLAS_CASES]
-    needed += [path / "ms_lesion_masks" / f"{c}.nii.gz" for c in MS_CASES]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise FetchError("shared lesion masks not found (set LESIONSYNTH_SHARED_DATA): "
-                         + ", ".join(missing))
-    return path
+    if env:
+        return [Path(env)]
+    candidates = [REPO.parent / "shared" / "data"]
+    try:
+        origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        origin = ""
+    if origin and "://" not in origin and not origin.startswith("git@"):
+        origin_path = Path(origin.removeprefix("file:")).expanduser()
+        if not origin_path.is_absolute():
+            origin_path = (REPO / origin_path).resolve()
+        candidates.append(origin_path.parent / "shared" / "data")
+    return candidates
+
+
+def shared_data_dir() -> Path:
+    """``$LESIONSYNTH_SHARED_DATA``, ``<repo>/../shared/data`` or ``<origin repo>/../shared/data``."""
+    tried = []
+    for path in _shared_candidates():
+        needed = [path / "atlas_mni_labels" / f"{c}.nii.gz" for c in ATLAS_CASES]
+        needed += [path / "ms_lesion_masks" / f"{c}.nii.gz" for c in MS_CASES]
+        if all(p.exists() for p in needed):
+            return path
+        tried.append(str(path))
+    raise FetchError("shared lesion masks not found (set LESIONSYNTH_SHARED_DATA); looked in: " + ", ".join(tried))
 
 
 def build_all(cache: Path) -> None:
