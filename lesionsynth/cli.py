@@ -92,6 +92,8 @@ def generate(
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+    device: str = typer.Option("cpu", "--device", help="cpu (numpy/scipy), cuda (torch on the GPU) or auto "
+                               "(cuda when torch sees a GPU, else cpu)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its [augment] "
                                          "section sets the lesion augmentation ranges."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: make only cases with index ≡ I (mod N); shards may "
@@ -113,7 +115,8 @@ def generate(
     cfg = GenerateConfig(augment=augment, n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
                          include_originals=include_originals, compression_level=compression_level,
                          file_ending=".nii" if uncompressed else ".nii.gz")
-    result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard))
+    result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
+                          device=device)
     _summary(result, n)
 
 

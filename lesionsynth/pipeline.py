@@ -91,8 +91,8 @@ def _cached_bank(folder: str, _stamp: int) -> Bank:
     return Bank(folder)
 
 
-def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, val_folds: list[list[str]]
-                    ) -> tuple[dict, dict]:
+def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, val_folds: list[list[str]],
+                    device: str = "cpu") -> tuple[dict, dict]:
     """Make output case `index`: draw its plan, render it, write it. Returns (manifest record, timings)."""
     t0 = time.perf_counter()
     bank = _open_bank(bank_dir)
@@ -114,7 +114,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     donors = [les for les in bank.lesions if les["source_case"] in train_set
               and les["label_value"] in lesion_labels]
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
-                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names)), region.mask_in)
+                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in)
     channels, label = case.channels, case.label
     plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
                                 cfg.tolerance, cfg.mode, cfg.augment, region)
@@ -209,7 +209,7 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
-             resume: bool = False, shard: tuple[int, int] = (0, 1)) -> GenerateResult:
+             resume: bool = False, shard: tuple[int, int] = (0, 1), device: str = "cpu") -> GenerateResult:
     """Generate `cfg.n` synthetic cases from the bank into the nnU-Net v2 raw folder `out`.
 
     Writes imagesTr/ and labelsTr/ (each file atomically), a progress record per case once its files are
@@ -222,7 +222,10 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
 
     from .parallel import worker_threads_limited
 
+    from .render.torch_backend import resolve_device
+
     cfg.validate()
+    device = resolve_device(device)
     shard_i, shard_n = shard
     bank_dir = Path(bank_dir)
     bank = Bank(bank_dir)
@@ -246,7 +249,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
             tasks = (delayed(_copy_original_task)(r, n_channels, str(out), cfg) for r in missing)
             for _ in tqdm(parallel(tasks), total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
-        tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds) for i in todo)
+        tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds, device) for i in todo)
         with open(progress_file, "a") as log:
             for rec, timing in tqdm(parallel(tasks), total=len(todo), desc="generate", unit="case",
                                     disable=not progress):

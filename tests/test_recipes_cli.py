@@ -64,6 +64,7 @@ def test_recipe_values_reach_the_run_record(blobs, tmp_path):
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--recipe", "nope"], "--recipe"),
     (["generate", "{missing}", "--out", "{out}", "--n", "1", "--load", "low"], "bank.json missing"),
     (["build-bank", "{missing}", "--out", "{out}"], "no such file or folder"),
+    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--device", "tpu"], "--device"),
 ])
 def test_bad_options_give_one_line_and_exit_2(blob_bank, tmp_path, args, message):
     out = tmp_path / "out"
@@ -79,3 +80,15 @@ def test_bad_options_give_one_line_and_exit_2(blob_bank, tmp_path, args, message
 def test_version():
     res = cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("lesionsynth ")
+
+
+def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_is_one_line(blob_bank, tmp_path):
+    torch = pytest.importorskip("torch")
+    res = cli("generate", str(blob_bank), "--out", str(tmp_path / "a"), "--n", "1", "--load", "low",
+              "--device", "auto")
+    assert res.returncode == 0, res.stderr
+    if not torch.cuda.is_available():
+        res = cli("generate", str(blob_bank), "--out", str(tmp_path / "c"), "--n", "1", "--load", "low",
+                  "--device", "cuda")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--device cuda" in res.stderr
+        assert not (tmp_path / "c").exists()

@@ -11,7 +11,7 @@ from lesionsynth.geometry import apply_affine
 from lesionsynth.io.dataset import Case
 from lesionsynth.render.inpaint import inpaint_patch
 from lesionsynth.render.paste import PasteSettings, paste_patch
-from lesionsynth.render.transform import elastic_field, rotation_matrix
+from lesionsynth.render.transform import elastic_field, elastic_weights, rotation_matrix
 
 
 def _case(shape=(40, 40, 30), spacing=(1.0, 1.0, 2.0), seed=0, lesion_centre=(20, 20, 15), radius=5.0,
@@ -163,8 +163,22 @@ def test_rotation_matrix_is_orthonormal():
 
 def test_elastic_field_interpolates_control_points():
     control = np.random.default_rng(0).normal(size=(4, 4, 4, 3))
-    field = elastic_field(control, (4, 4, 4))
+    box = tuple(slice(0, 4) for _ in range(3))
+    extent = (np.zeros(3), np.full(3, 3.0))
+    field = elastic_field(control, elastic_weights(box, extent, 4))
     assert np.allclose(field, np.moveaxis(control, -1, 0), atol=1e-5)
-    big = elastic_field(control, (31, 17, 9))
+    big_box = (slice(0, 31), slice(0, 17), slice(0, 9))
+    big = elastic_field(control, elastic_weights(big_box, (np.zeros(3), np.array([30.0, 16.0, 8.0])), 4))
     assert big.shape == (3, 31, 17, 9)
     assert np.abs(np.diff(big, axis=1)).max() < np.abs(control).max()  # smooth between control points
+
+
+def test_elastic_field_ignores_padding_and_clipping():
+    """The field follows the lesion extent: a bigger or clipped box gives the same values where they overlap."""
+    control = np.random.default_rng(1).normal(size=(4, 4, 4, 3))
+    extent = (np.array([10.0, 12.0, 5.0]), np.array([30.0, 25.0, 15.0]))
+    small_box = (slice(8, 33), slice(10, 28), slice(3, 18))
+    big_box = (slice(0, 45), slice(2, 40), slice(0, 30))
+    small = elastic_field(control, elastic_weights(small_box, extent, 4))
+    big = elastic_field(control, elastic_weights(big_box, extent, 4))
+    assert np.allclose(small, big[:, 8:33, 8:26, 3:18], atol=1e-5)

@@ -10,7 +10,8 @@ from scipy import ndimage
 
 from ..geometry import spacing_of
 from ..stats import median_and_noise
-from .transform import elastic_field, source_coordinates, source_from_target, target_box
+from .transform import (elastic_field, elastic_pad_mm, elastic_weights, lesion_extent, source_coordinates,
+                        source_from_target, target_box)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PasteSettings:
 
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
-    backend: str = "numpy"
+    device: str = "cpu"  # "cpu": numpy/scipy; "cuda": torch on the GPU (render.torch_backend)
 
 
 def feather_support_mm(settings: "PasteSettings") -> float:
@@ -51,15 +52,15 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     interpolated within `support_mm` of the soft mask (zero elsewhere), which is all blending reads.
     """
     control = np.asarray(op["elastic_mm"], dtype=np.float32)
-    pad = float(np.abs(control).max()) if control.size else 0.0
-    box = target_box(src_box if src_box is not None else src_mask.shape, src_affine, src_centre, tgt_affine,
-                     op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"], pad + support_mm, tgt_shape)
+    extent = lesion_extent(src_box if src_box is not None else src_mask.shape, src_affine, src_centre, tgt_affine,
+                           op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"])
+    box = target_box(extent, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
     if box is None:
         return None
     m = source_from_target(src_affine, src_centre, tgt_affine, op["centre_mm"], op["flip"],
                            op["rotation_deg"], op["scale"])
     shape = tuple(s.stop - s.start for s in box)
-    field = elastic_field(control, shape) if control.size else None
+    field = elastic_field(control, elastic_weights(box, extent, control.shape[0])) if control.size else None
     coords = source_coordinates(box, m, field, tgt_affine)
     soft = ndimage.map_coordinates(np.asarray(src_mask, dtype=np.float32), coords, order=1, mode="constant",
                                    cval=0.0, prefilter=False)
@@ -115,8 +116,14 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
     """
     src_affine = np.asarray(lesion_meta["affine"], dtype=np.float64)
-    resampled = resample_lesion(lesion_image, lesion_mask, src_affine, lesion_meta["centroid_mm"], affine,
-                                label.shape, op, lesion_meta.get("mask_box"), feather_support_mm(settings))
+    args = (lesion_image, lesion_mask, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
+            lesion_meta.get("mask_box"), feather_support_mm(settings))
+    if settings.device == "cpu":
+        resampled = resample_lesion(*args)
+    else:
+        from .torch_backend import resample_lesion_torch
+
+        resampled = resample_lesion_torch(*args, device=settings.device)
     if resampled is None:
         return None
     box, lesion, soft = resampled
