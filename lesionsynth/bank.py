@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from . import __version__
 from .errors import InputError
-from .geometry import apply_affine, ball, bbox_slices, crop_affine, spacing_of, structure_for, voxel_volume
+from .geometry import apply_affine, ball, crop_affine, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .stats import noise_sd

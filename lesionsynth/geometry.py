@@ -28,15 +28,6 @@ def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ affine[:3, :3].T + affine[:3, 3]
 
 
-def bbox_slices(mask: np.ndarray, margin_vox, shape=None) -> tuple[slice, ...]:
-    """Bounding box of a boolean mask, grown by `margin_vox` per axis and clipped to `shape`."""
-    shape = mask.shape if shape is None else shape
-    idx = np.nonzero(mask)
-    margin = np.broadcast_to(np.asarray(margin_vox, dtype=int), (3,))
-    return tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
-                 for i, m, n in zip(idx, margin, shape))
-
-
 def structure_for(connectivity: int) -> np.ndarray:
     """3-D neighbourhood for 6-, 18- or 26-connectivity."""
     rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity))

@@ -10,8 +10,7 @@ from scipy import ndimage
 
 from ..geometry import spacing_of
 from ..stats import median_and_noise
-from .transform import (elastic_field, elastic_pad_mm, elastic_weights, lesion_extent, source_coordinates,
-                        source_from_target, target_box)
+from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates
 
 
 @dataclass
@@ -51,17 +50,12 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     The box covers the transformed lesion (`src_box`, default the whole crop). Channels are only
     interpolated within `support_mm` of the soft mask (zero elsewhere), which is all blending reads.
     """
-    control = np.asarray(op["elastic_mm"], dtype=np.float32)
-    extent = lesion_extent(src_box if src_box is not None else src_mask.shape, src_affine, src_centre, tgt_affine,
-                           op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"])
-    box = target_box(extent, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
-    if box is None:
+    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
+    if geo is None:
         return None
-    m = source_from_target(src_affine, src_centre, tgt_affine, op["centre_mm"], op["flip"],
-                           op["rotation_deg"], op["scale"])
-    shape = tuple(s.stop - s.start for s in box)
-    field = elastic_field(control, elastic_weights(box, extent, control.shape[0])) if control.size else None
-    coords = source_coordinates(box, m, field, tgt_affine)
+    box, shape, control = geo.box, geo.shape, geo.control
+    field = elastic_field(control, elastic_weights(box, geo.extent, control.shape[0])) if control.size else None
+    coords = source_coordinates(box, geo.src_from_tgt, field, tgt_affine)
     soft = ndimage.map_coordinates(np.asarray(src_mask, dtype=np.float32), coords, order=1, mode="constant",
                                    cval=0.0, prefilter=False)
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)

@@ -17,8 +17,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import spacing_of
-from .transform import (elastic_field, elastic_pad_mm, elastic_weights, lesion_extent, source_coordinates,
-                        source_from_target, target_box)
+from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates, source_from_target
 
 DEVICES = ("cpu", "cuda", "auto")
 # In-bounds slack of the mask test, in grid units (~8 float32 ulps at 1.0, ~1e-5 voxel for a 30-voxel crop):
@@ -165,15 +164,10 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
     from soft > 0, as in the numpy path.
     """
     torch = _torch()
-    control = np.asarray(op["elastic_mm"], dtype=np.float32)
-    extent = lesion_extent(src_box if src_box is not None else src_mask.shape, src_affine, src_centre, tgt_affine,
-                           op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"])
-    box = target_box(extent, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
-    if box is None:
+    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
+    if geo is None:
         return None
-    m = source_from_target(src_affine, src_centre, tgt_affine, op["centre_mm"], op["flip"],
-                           op["rotation_deg"], op["scale"])
-    shape = tuple(s.stop - s.start for s in box)
+    control, extent, box, m, shape = geo.control, geo.extent, geo.box, geo.src_from_tgt, geo.shape
     a, b, s = _grid_affine(m, [sl.start for sl in box], src_mask.shape)
     control_grid = _elastic_grid_units(control, m, tgt_affine, s) if control.size else None
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)

@@ -6,6 +6,8 @@ interpolated once from the source data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.interpolate import CubicSpline
 
@@ -63,6 +65,33 @@ def target_box(extent, tgt_affine, pad_mm: float, tgt_shape) -> tuple[slice, ...
     if np.any(hi <= lo):
         return None
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+@dataclass(frozen=True)
+class PasteGeometry:
+    """What both resampling backends need for one paste: the target box and the target→source map."""
+
+    control: np.ndarray                     # (K, K, K, 3) elastic control displacements, mm
+    extent: tuple[np.ndarray, np.ndarray]   # the transformed lesion in target voxel coordinates
+    box: tuple[slice, ...]                  # target voxels to compute
+    src_from_tgt: np.ndarray                # 4x4 target voxel → source voxel (without the elastic part)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.box)
+
+
+def paste_geometry(src_shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op: dict,
+                   support_mm: float) -> PasteGeometry | None:
+    """Box and maps of one paste operation; None if the lesion would land outside the target volume."""
+    control = np.asarray(op["elastic_mm"], dtype=np.float32)
+    transform = (op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"])
+    extent = lesion_extent(src_box if src_box is not None else src_shape, src_affine, src_centre, tgt_affine,
+                           *transform)
+    box = target_box(extent, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
+    if box is None:
+        return None
+    return PasteGeometry(control, extent, box, source_from_target(src_affine, src_centre, tgt_affine, *transform))
 
 
 def elastic_pad_mm(control_mm) -> float:
