@@ -140,6 +140,26 @@ def finalize(out: Path = typer.Argument(..., help="Output folder of a sharded ge
 
 
 @app.command()
+def report(
+    out: Path = typer.Argument(..., help="Output folder of generate."),
+    examples: int = typer.Option(6, "--examples", help="How many cases to draw lesion sites for."),
+    seed: int = typer.Option(0, "--seed", help="Which cases are drawn."),
+) -> None:
+    """Write OUT/report/report.html: load plots, lesion counts and sizes, before/after pictures of sites."""
+    from .report import write_report
+
+    typer.echo(f"report: {write_report(out, n_examples=examples, seed=seed)}")
+
+
+@app.command("inspect")
+def inspect_cmd(path: Path = typer.Argument(..., help="A dataset, a bank or an output folder.")) -> None:
+    """One-screen summary of a dataset, a bank or an output."""
+    from .inspect import summarize
+
+    typer.echo(summarize(path))
+
+
+@app.command()
 def check(
     dataset: Path = typer.Argument(..., help="Dataset to check (nnU-Net v2, MSD or CSV list)."),
     lesion_label: List[int] = typer.Option([1], "--lesion-label", help="Label value(s) that mark lesions."),

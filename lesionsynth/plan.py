@@ -34,7 +34,7 @@ class AugmentConfig:
     noise_gain: tuple[float, float] = (0.2, 0.6)     # × local tissue noise sd
     min_region_fraction: float = 0.9
     max_overlap_fraction: float = 0.2
-    rim_mm: float = 1.0                      # partial-volume rim removed with an inpainted lesion
+    rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
     max_failed_tries: int = 60

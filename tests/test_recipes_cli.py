@@ -92,3 +92,16 @@ def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_is_one_line(blob_ban
                   "--device", "cuda")
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--device cuda" in res.stderr
         assert not (tmp_path / "c").exists()
+
+
+def test_report_and_inspect_commands(blob_bank, tmp_path):
+    out = tmp_path / "out"
+    assert cli("generate", str(blob_bank), "--out", str(out), "--n", "2", "--load", "high").returncode == 0
+    res = cli("report", str(out), "--examples", "1")
+    assert res.returncode == 0, res.stderr
+    assert (out / "report" / "report.html").is_file()
+    for path in (blob_bank, out):
+        res = cli("inspect", str(path))
+        assert res.returncode == 0 and len(res.stdout.splitlines()) <= 40
+    res = cli("inspect", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.startswith("error: ")

@@ -10,7 +10,7 @@ from lesionsynth.bank import BankConfig, extract_lesions
 from lesionsynth.geometry import apply_affine
 from lesionsynth.io.dataset import Case
 from lesionsynth.render.inpaint import inpaint_patch
-from lesionsynth.render.paste import PasteSettings, paste_patch
+from lesionsynth.render.paste import PasteSettings, paste_patch, resample_lesion
 from lesionsynth.render.transform import elastic_field, elastic_weights, rotation_matrix
 
 
@@ -182,3 +182,28 @@ def test_elastic_field_ignores_padding_and_clipping():
     small = elastic_field(control, elastic_weights(small_box, extent, 4))
     big = elastic_field(control, elastic_weights(big_box, extent, 4))
     assert np.allclose(small, big[:, 8:33, 8:26, 3:18], atol=1e-5)
+
+
+def test_paste_leaves_no_detached_specks():
+    """A lesion with a thin neck to a small satellite: shrinking it must not leave the satellite as a
+    detached 1-3 voxel fragment (the neck falls below soft 0.5 first)."""
+    from lesionsynth.geometry import structure_for
+
+    case = _case(radius=5.0, spacing=(1.0, 1.0, 1.0))
+    g = np.indices(case.label.shape)
+    case.label[(g[0] >= 20) & (g[0] <= 29) & (g[1] == 20) & (g[2] == 15)] = 1   # one-voxel neck
+    case.label[(np.abs(g[0] - 30) <= 1) & (np.abs(g[1] - 20) <= 1) & (np.abs(g[2] - 15) <= 1)] = 1  # satellite
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    found_fragment_without_fix = False
+    for scale in (0.7, 0.8, 0.9):
+        target = _case(seed=1, radius=0.1, spacing=(1.0, 1.0, 1.0))
+        op = _identity_op(lesion, scale=scale, rotation_deg=[20.0, 30.0, 45.0])
+        patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, op, (1,),
+                            _all_region, PasteSettings((False, False)))
+        _, n = ndimage.label(patch.label == 1, structure=structure_for(26))
+        assert n == 1
+        soft = resample_lesion(image, mask, np.asarray(lesion["affine"]), lesion["centroid_mm"], target.affine,
+                               target.label.shape, op)[2]
+        found_fragment_without_fix |= ndimage.label(soft >= 0.5, structure=structure_for(26))[1] > 1
+    assert found_fragment_without_fix  # the situation really arises without keep_main_body

@@ -102,6 +102,24 @@ def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, s
     return out, label
 
 
+def keep_main_body(soft: np.ndarray) -> np.ndarray:
+    """The soft mask of the largest connected piece of the lesion only.
+
+    A bank lesion is one connected component, but rotation, scaling and the elastic field can leave
+    slivers whose soft value crosses 0.5 apart from the body: they would become detached 1-3 voxel
+    "lesions". Keep the largest 26-connected piece of soft >= 0.5 and the soft fringe within 2 voxels
+    of it (for the feathered edge); zero the rest.
+    """
+    pieces, n = ndimage.label(soft >= 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return soft
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    body = pieces == sizes.argmax()
+    near = ndimage.binary_dilation(body, structure=np.ones((3, 3, 3), dtype=bool), iterations=2)
+    return np.where(near & ((pieces == 0) | body), soft, 0.0).astype(np.float32)
+
+
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
                 settings: PasteSettings) -> Patch | None:
@@ -121,6 +139,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     if resampled is None:
         return None
     box, lesion, soft = resampled
+    soft = keep_main_body(soft)
     core = soft >= 0.5
     if not core.any():
         return None

@@ -1,0 +1,276 @@
+"""`lesionsynth inspect PATH`: a one-screen plain-text summary of a dataset, a lesion bank or a generate output.
+
+The kind is told from the files present: `bank.json` → bank; `run.json` + `manifest.jsonl` → output;
+`dataset.json` (nnU-Net v2 or MSD), a CSV case list, or a CSV/JSON list file → dataset. Anything else is an
+InputError. Only headers, indexes and (for small datasets) label volumes are read, never images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+MAX_LINES = 40
+#: Datasets with at most this many cases get their labels read for lesion counts and loads.
+LABEL_SCAN_LIMIT = 60
+LESION_WORDS = ("lesion", "tumor", "tumour", "metast", "wmh", "nodule", "cancer", "infarct", "stroke", "ms")
+
+
+def summarize(path: str | Path) -> str:
+    """One-screen (≤ 40 lines) summary of a dataset folder or list, a bank folder or an output folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / "bank.json").is_file():
+        lines = _bank(path)
+    elif path.is_dir() and (path / "run.json").is_file() and (path / "manifest.jsonl").is_file():
+        lines = _output(path)
+    elif (path.is_dir() and ((path / "dataset.json").is_file() or len(list(path.glob("*.csv"))) == 1)) or \
+            (path.is_file() and path.suffix.lower() in (".csv", ".json")):
+        lines = _dataset(path)
+    else:
+        raise InputError(f"{path}: not a dataset (dataset.json or CSV list), a lesion bank (bank.json) or a "
+                         "lesionsynth output (run.json + manifest.jsonl)")
+    return _fit(lines)
+
+
+def _fit(lines: list[str]) -> str:
+    if len(lines) > MAX_LINES:
+        lines = lines[: MAX_LINES - 1] + [f"… ({len(lines) - MAX_LINES + 1} more lines)"]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _num(x: float) -> str:
+    """Compact number: 3 significant digits, no exponent below a million."""
+    x = float(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e6 or abs(x) < 1e-2:
+        return f"{x:.3g}"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def _range(values, unit: str = "") -> str:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return "–"
+    u = f" {unit}" if unit else ""
+    return f"{_num(v.min())} / {_num(np.median(v))} / {_num(v.max())}{u}  (min / median / max)"
+
+
+def _quantiles(values, unit: str = "") -> str:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return "–"
+    q = np.percentile(v, [0, 10, 50, 90, 100])
+    u = f" {unit}" if unit else ""
+    return " / ".join(_num(x) for x in q) + u + "  (min / p10 / median / p90 / max)"
+
+
+def _labels_text(labels: dict) -> str:
+    items = sorted(labels.items(), key=lambda kv: kv[1])
+    text = ", ".join(f"{v}={k}" for k, v in items)
+    return text if len(text) <= 90 else text[:87] + "…"
+
+
+def _vec(v, nd: int = 3) -> str:
+    return "×".join(f"{float(x):.{nd}g}" for x in v)
+
+
+def _shape_range(shapes) -> str:
+    shapes = [tuple(int(x) for x in s) for s in shapes]
+    if not shapes:
+        return "–"
+    lo, hi = np.min(shapes, axis=0), np.max(shapes, axis=0)
+    return _vec(lo, 6) if (lo == hi).all() else f"{_vec(lo, 6)} … {_vec(hi, 6)}"
+
+
+def _spacing_range(spacings) -> str:
+    if not spacings:
+        return "–"
+    sp = np.asarray(spacings, dtype=np.float64)
+    lo, hi = sp.min(axis=0), sp.max(axis=0)
+    return (f"{_vec(lo)} mm" if np.allclose(lo, hi, rtol=1e-3) else f"{_vec(lo)} … {_vec(hi)} mm")
+
+
+def _guess_lesion_labels(labels: dict) -> tuple[tuple[int, ...], str]:
+    """Lesion label values from label names, else 1 (the default of build-bank --lesion-label)."""
+    found = tuple(sorted(int(v) for k, v in labels.items() if int(v) != 0 and
+                         any(w in str(k).lower().replace("_", " ").split() or
+                             (w != "ms" and w in str(k).lower()) for w in LESION_WORDS)))
+    if found:
+        return found, "from label names"
+    return (1,), "default --lesion-label"
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+def _dataset(path: Path) -> list[str]:
+    import nibabel as nib
+
+    from .io import open_dataset
+
+    spec = open_dataset(path)
+    kind = {"nnunet": "nnU-Net v2 raw", "msd": "Medical Segmentation Decathlon", "list": "case list"}.get(
+        spec.kind, spec.kind)
+    lines = [f"dataset  {path}", f"format   {kind}",
+             f"channels {len(spec.channel_names)}: {', '.join(spec.channel_names)}",
+             f"labels   {_labels_text(spec.labels) if spec.labels else '(not declared)'}",
+             f"cases    {len(spec.cases)}" + (f"  ({len(spec.problems)} problem(s))" if spec.problems else "")]
+    for p in spec.problems[:3]:
+        lines.append(f"  ! {p if len(p) <= 110 else p[:107] + '…'}")
+    if len(spec.problems) > 3:
+        lines.append(f"  ! … and {len(spec.problems) - 3} more")
+    shapes, spacings, dtypes = [], [], Counter()
+    for ref in spec.cases:
+        try:
+            hdr = nib.load(str(ref.label_path)).header
+        except Exception:  # unreadable files are reported by build-bank / check
+            continue
+        shapes.append(hdr.get_data_shape()[:3])
+        spacings.append(hdr.get_zooms()[:3])
+        dtypes[str(hdr.get_data_dtype())] += 1
+    lines += [f"shape    {_shape_range(shapes)}", f"spacing  {_spacing_range(spacings)}"]
+    if spec.cases and len(spec.cases) <= LABEL_SCAN_LIMIT:
+        lesion_labels, why = _guess_lesion_labels(spec.labels)
+        counts, loads, vols = _scan_labels(spec.cases, lesion_labels)
+        lines += [f"lesions  label(s) {list(lesion_labels)} ({why}); 26-connected components",
+                  f"  per case     {_range(counts)}; {sum(counts)} in all",
+                  f"  load         {_range(loads, 'mm³')}",
+                  f"  lesion size  {_quantiles(vols, 'mm³')}"]
+    elif spec.cases:
+        lines.append(f"lesions  not counted ({len(spec.cases)} cases > {LABEL_SCAN_LIMIT}): "
+                     "build a bank for per-lesion numbers")
+    return lines
+
+
+def _scan_labels(cases, lesion_labels) -> tuple[list[int], list[float], list[float]]:
+    from .io.nifti import load_nifti
+    from .report import component_volumes
+
+    counts, loads, vols = [], [], []
+    for ref in cases:
+        try:
+            img = load_nifti(ref.label_path)
+            data = np.asanyarray(img.dataobj)
+        except Exception:
+            continue
+        if data.dtype.kind == "f":
+            data = np.rint(data)
+        v = component_volumes(data.reshape(img.shape[:3]), img.affine, lesion_labels)
+        counts.append(len(v))
+        loads.append(float(v.sum()))
+        vols.extend(v.tolist())
+    return counts, loads, vols
+
+
+# ------------------------------------------------------------------------------------------------ bank
+
+def _bank(path: Path) -> list[str]:
+    try:
+        index = json.loads((path / "bank.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path / 'bank.json'}: malformed bank index ({exc})") from None
+    cfg = index.get("config", {})
+    cases, lesions = index.get("cases", []), index.get("lesions", [])
+    ds = index.get("dataset", {})
+    lk = index.get("likelihood", {})
+    lines = [f"bank     {path}",
+             f"from     {ds.get('root', '?')} ({ds.get('kind', '?')}); lesionsynth "
+             f"{index.get('lesionsynth_version', '?')}, bank format {index.get('format', '?')}",
+             f"channels {', '.join(index.get('channel_names', []))}",
+             f"labels   {_labels_text(index.get('labels', {}))}",
+             f"lesion label(s) {cfg.get('lesion_labels')}; region label(s) "
+             f"{cfg.get('region_labels') or 'none (body foreground)'}",
+             f"lesion = {cfg.get('connectivity', '?')}-connected component ≥ {cfg.get('min_volume_mm3', 0):g} mm³; "
+             f"crop margin {cfg.get('margin_mm', '?')} mm",
+             "",
+             f"cases    {len(cases)}",
+             f"lesions  {len(lesions)}",
+             f"  per case     {_range([c.get('lesion_count', 0) for c in cases])}",
+             f"  load         {_range([c.get('load_mm3', 0.0) for c in cases], 'mm³')}",
+             f"  lesion size  {_quantiles([les['volume_mm3'] for les in lesions], 'mm³')}"]
+    by_label = Counter(int(les.get("label_value", 0)) for les in lesions)
+    if len(by_label) > 1:
+        lines.append("  by label     " + ", ".join(f"{k}: {v}" for k, v in sorted(by_label.items())))
+    shapes = [c["shape"] for c in cases if "shape" in c]
+    spacings = [np.sqrt((np.asarray(c["affine"])[:3, :3] ** 2).sum(axis=0)) for c in cases if "affine" in c]
+    lines += [f"case shape   {_shape_range(shapes)}", f"case spacing {_spacing_range(spacings)}"]
+    if lk:
+        lk_sp = np.sqrt((np.asarray(lk["affine"])[:3, :3] ** 2).sum(axis=0)) if "affine" in lk else []
+        lines.append(f"likelihood   {lk.get('file', '?')}: grid {_vec(lk.get('shape', []), 6)} at {_vec(lk_sp)} mm, "
+                     f"{'shared case grid' if lk.get('shared_grid') else 'world-coordinate grid (mixed case grids)'}; "
+                     f"σ {cfg.get('likelihood_sigma_mm', '?')} mm, floor {cfg.get('likelihood_floor', '?')}")
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    lines.append(f"on disk      {size / 2**20:.1f} MiB")
+    missing = [p for c in cases for p in [*c.get("images", []), c.get("label")] if p and not Path(p).is_file()]
+    if missing:
+        lines.append(f"  ! {len(missing)} source file(s) recorded in bank.json are missing, e.g. {missing[0]}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def _output(path: Path) -> list[str]:
+    from .report import read_output
+
+    run = read_output(path)
+    cfg = run.config
+    recs = run.records
+    n = len(recs)
+    labels_dir = path / "labelsTr"
+    all_cases = {p.name[: -len(run.file_ending)] for p in labels_dir.glob(f"*{run.file_ending}")} \
+        if labels_dir.is_dir() else set()
+    synthetic = {r["case_id"] for r in recs}
+    originals = len(all_cases - synthetic)
+    expected = cfg.get("n")
+    lines = [f"output   {path}",
+             f"bank     {run.bank_dir}" + ("" if run.bank_index else "  (! not found)"),
+             f"cases    {n} synthetic + {originals} original = {n + originals}"
+             + (f"; dataset.json says {run.dataset['numTraining']}" if run.dataset.get("numTraining") not in
+                (None, n + originals) else ""),
+             f"channels {', '.join(run.channel_names)}"]
+    if isinstance(expected, int) and expected != n:
+        lines.append(f"  ! unfinished: {n} of {expected} cases in manifest.jsonl (rerun generate with --resume)")
+    if not run.dataset:
+        lines.append("  ! dataset.json missing: the run has not finished")
+    lines.append(f"config   load {cfg.get('load')}, mode {cfg.get('mode')}, seed {cfg.get('seed')}, tolerance "
+                 f"±{float(cfg.get('tolerance', 0.1)):.0%}, folds {cfg.get('folds')}"
+                 + (f", load range {cfg['load_range']} mm³" if cfg.get("load_range") else ""))
+    if n:
+        ok = sum(run.within(r) for r in recs)
+        lines += ["", f"within tolerance  {ok} of {n} ({ok / n:.0%})"]
+        families = sorted({r.get("load_family", cfg.get("load", "?")) for r in recs})
+        for fam in families:
+            sub = [r for r in recs if r.get("load_family", cfg.get("load", "?")) == fam]
+            head = f"{fam} ({len(sub)})"
+            lines.append(f"  {head:<14} target   {_quantiles([r['target_load_mm3'] for r in sub], 'mm³')}")
+            lines.append(f"  {'':<14} achieved {_quantiles([r['achieved_load_mm3'] for r in sub], 'mm³')}")
+        if run.bank_index:
+            loads = [c["load_mm3"] for c in run.bank_index["cases"]]
+            lines.append(f"  {'original':<14} load     {_range(loads, 'mm³')}")
+        added = [int(r.get("lesions_added", 0)) for r in recs]
+        removed = [int(r.get("lesions_removed", 0)) for r in recs]
+        lines.append(f"lesions added    {sum(added)}; per case {_range(added)}")
+        lines.append(f"lesions removed  {sum(removed)}; per case {_range(removed)}")
+        fallback = sum(1 for r in recs if r.get("placement_fallback"))
+        failed = sum(int(r.get("failed_placements", 0)) for r in recs)
+        lines.append(f"failed placement tries {failed}; placement fell back to the region alone in {fallback} case(s)")
+        lines.append("stop reasons")
+        reasons = Counter(r.get("stop_reason", "?") for r in recs).most_common()
+        for reason, count in reasons[:6]:
+            lines.append(f"  {count:>5}  {reason}")
+        if len(reasons) > 6:
+            lines.append(f"  … {len(reasons) - 6} more")
+    report = path / "report" / "report.html"
+    lines.append(f"report   {report if report.is_file() else '(none yet: run lesionsynth report ' + str(path) + ')'}")
+    return lines

@@ -1,0 +1,802 @@
+"""QC report of a `generate` output: load plots, lesion count/size distributions, before/after pictures.
+
+`write_report(OUT)` writes `OUT/report/report.html`, one self-contained file (every picture embedded as a
+base64 PNG, so it can be mailed), and keeps the PNGs next to it. It reads `run.json`, `manifest.jsonl`,
+`dataset.json`, the synthetic labels (for the lesion counts and sizes), the bank index recorded in
+`run.json`, and the images of the few cases it draws. matplotlib is imported only here, inside the
+functions, and only its Agg canvas is used (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError, LesionsynthError
+from .geometry import apply_affine, structure_for, voxel_volume
+
+REPORT_DIR = "report"
+REPORT_FILE = "report.html"
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+
+#: Colours: lesion outline (after), lesion outline (before, shown dashed on the after picture), target.
+LESION_COLOUR = "#ffd400"
+BEFORE_COLOUR = "#00e5ff"
+TARGET_COLOUR = "#1f77b4"
+ACHIEVED_COLOUR = "#d62728"
+ORIGINAL_COLOUR = "#7f7f7f"
+ORGAN_COLOUR = "#4cdc4c"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading an output folder (also used by `inspect`)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class OutputRun:
+    """What a generate output folder records about itself."""
+
+    out: Path
+    run: dict
+    records: list[dict]
+    dataset: dict            # dataset.json ({} while the run is unfinished)
+    bank_dir: Path | None
+    bank_index: dict | None  # bank.json, or None when the bank has moved
+
+    @property
+    def config(self) -> dict:
+        return self.run.get("config", {})
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset.get("file_ending") or self.config.get("file_ending") or ".nii.gz"
+
+    @property
+    def channel_names(self) -> list[str]:
+        names = self.dataset.get("channel_names")
+        if isinstance(names, dict) and names:
+            return [str(names[k]) for k in sorted(names, key=int)]
+        if self.bank_index:
+            return list(self.bank_index["channel_names"])
+        return ["channel0"]
+
+    @property
+    def lesion_labels(self) -> tuple[int, ...]:
+        if self.bank_index:
+            return tuple(int(v) for v in self.bank_index["config"]["lesion_labels"])
+        return tuple(sorted({int(op["label_value"]) for r in self.records for op in r["ops"]
+                             if op["op"] == "paste"})) or (1,)
+
+    @property
+    def connectivity(self) -> int:
+        return int(self.bank_index["config"].get("connectivity", 26)) if self.bank_index else 26
+
+    @property
+    def min_volume_mm3(self) -> float:
+        return float(self.bank_index["config"].get("min_volume_mm3", 0.0)) if self.bank_index else 0.0
+
+    def tolerance(self, rec: dict) -> float:
+        return float(rec.get("tolerance", self.config.get("tolerance", 0.1)))
+
+    def within(self, rec: dict) -> bool:
+        """The pipeline's own test: |achieved − target| ≤ tolerance × target."""
+        t = float(rec["target_load_mm3"])
+        return abs(float(rec["achieved_load_mm3"]) - t) <= self.tolerance(rec) * t + 1e-9
+
+    def label_path(self, case_id: str) -> Path:
+        return self.out / "labelsTr" / f"{case_id}{self.file_ending}"
+
+    def image_path(self, case_id: str, channel: int) -> Path:
+        return self.out / "imagesTr" / f"{case_id}_{channel:04d}{self.file_ending}"
+
+    def bank_case(self, case_id: str) -> dict | None:
+        if not self.bank_index:
+            return None
+        return next((c for c in self.bank_index["cases"] if c["case_id"] == case_id), None)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Manifest records in case order; a line cut short by a kill is skipped."""
+    records = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "case_id" in rec:
+            records[rec.get("case_index", len(records))] = rec
+    return [records[k] for k in sorted(records)]
+
+
+def read_output(out: str | Path) -> OutputRun:
+    """Open a generate output folder; InputError if it is not one."""
+    out = Path(out)
+    if not (out / RUN_FILE).is_file() or not (out / MANIFEST).is_file():
+        raise InputError(f"{out}: not a lesionsynth generate output ({RUN_FILE} or {MANIFEST} missing)")
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+        dataset = json.loads((out / "dataset.json").read_text()) if (out / "dataset.json").is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{out}: malformed {RUN_FILE} or dataset.json ({exc})") from None
+    records = read_manifest(out / MANIFEST)
+    bank_dir = Path(run["bank"]) if run.get("bank") else None
+    bank_index = None
+    if bank_dir is not None and (bank_dir / "bank.json").is_file():
+        try:
+            bank_index = json.loads((bank_dir / "bank.json").read_text())
+        except json.JSONDecodeError:
+            bank_index = None
+    return OutputRun(out, run, records, dataset, bank_dir, bank_index)
+
+
+def component_volumes(label: np.ndarray, affine: np.ndarray, lesion_labels, connectivity: int = 26,
+                      min_volume_mm3: float = 0.0) -> np.ndarray:
+    """Volumes (mm³) of the connected lesion components of a label volume, smallest kept ≥ min volume."""
+    mask = np.isin(label, np.asarray(lesion_labels, dtype=label.dtype))
+    comps, n = ndimage.label(mask, structure=structure_for(connectivity))
+    if n == 0:
+        return np.zeros(0)
+    vols = np.bincount(comps.ravel(), minlength=n + 1)[1:] * voxel_volume(affine)
+    return vols[vols >= min_volume_mm3]
+
+
+def _read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from .io.nifti import load_nifti
+
+    img = load_nifti(path)
+    data = np.asanyarray(img.dataobj)
+    if data.dtype.kind == "f":
+        data = np.rint(data)
+    return data.reshape(img.shape[:3]).astype(np.int16, copy=False), np.asarray(img.affine, dtype=np.float64)
+
+
+def _read_channel(path: Path, channel: int, four_d: bool) -> tuple[np.ndarray, np.ndarray]:
+    from .io.nifti import load_nifti, read_array
+
+    img = load_nifti(path)
+    if four_d:
+        data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
+    else:
+        data = read_array(img, path).reshape(img.shape[:3])
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class LesionStats:
+    counts: list[int]        # lesions per case
+    volumes: list[float]     # mm³ per lesion
+    source: str              # where the numbers come from, in words
+
+
+def before_stats(run: OutputRun) -> LesionStats | None:
+    """Lesion counts and sizes of the original cases: from the bank, else from originals in the output."""
+    if run.bank_index:
+        lesion_labels = set(run.lesion_labels)
+        return LesionStats([int(c["lesion_count"]) for c in run.bank_index["cases"]],
+                           [float(les["volume_mm3"]) for les in run.bank_index["lesions"]
+                            if int(les.get("label_value", 1)) in lesion_labels],
+                           f"bank {run.bank_dir}")
+    synthetic = {r["case_id"] for r in run.records}
+    labels = sorted(p for p in (run.out / "labelsTr").glob(f"*{run.file_ending}")
+                    if p.name[: -len(run.file_ending)] not in synthetic)
+    if not labels:
+        return None
+    counts, volumes = [], []
+    for p in labels:
+        label, affine = _read_label(p)
+        vols = component_volumes(label, affine, run.lesion_labels, run.connectivity, run.min_volume_mm3)
+        counts.append(len(vols))
+        volumes.extend(vols.tolist())
+    return LesionStats(counts, volumes, "original cases in the output (bank not found)")
+
+
+def after_stats(run: OutputRun, cache: dict) -> LesionStats:
+    counts, volumes = [], []
+    for rec in run.records:
+        path = run.label_path(rec["case_id"])
+        if not path.is_file():
+            continue
+        label, affine = cache.get(("label", rec["case_id"])) or _read_label(path)
+        vols = component_volumes(label, affine, run.lesion_labels, run.connectivity, run.min_volume_mm3)
+        counts.append(len(vols))
+        volumes.extend(vols.tolist())
+    return LesionStats(counts, volumes, "connected components of the synthetic labels")
+
+
+def display_channel(run: OutputRun) -> int:
+    """The channel where bank lesions stand out most from their surroundings (median contrast / shell sd)."""
+    if not run.bank_index or not run.bank_index["lesions"]:
+        return 0
+    n = len(run.channel_names)
+    scores = np.zeros(n)
+    for c in range(n):
+        vals = []
+        for les in run.bank_index["lesions"]:
+            st = les.get("stats", [])
+            if c < len(st) and st[c]["lesion"]["median"] is not None and st[c]["shell"]["median"] is not None:
+                sd = st[c]["shell"]["std"] or 1.0
+                vals.append(abs(st[c]["lesion"]["median"] - st[c]["shell"]["median"]) / max(sd, 1e-6))
+        scores[c] = np.median(vals) if vals else 0.0
+    return int(scores.argmax())
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the sites to draw
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    record: dict
+    op_index: int
+
+    @property
+    def op(self) -> dict:
+        return self.record["ops"][self.op_index]
+
+
+def choose_sites(records: list[dict], n_examples: int, seed: int) -> list[Site]:
+    """Up to `n_examples` cases (seeded) with one paste and one inpaint site each; both kinds shown if present."""
+    rng = np.random.default_rng([int(seed), 7])
+    with_ops = [r for r in records if r.get("ops")]
+    if n_examples <= 0 or not with_ops:
+        return []
+    order = [with_ops[i] for i in rng.permutation(len(with_ops))]
+    chosen = order[:n_examples]
+    for kind in ("inpaint", "paste"):
+        has = lambda r: any(op["op"] == kind for op in r["ops"])  # noqa: E731
+        if not any(has(r) for r in chosen):
+            extra = next((r for r in order[n_examples:] if has(r)), None)
+            if extra is not None:
+                keep = [r for r in chosen if not has(r)]
+                # drop the last case that does not bring the other kind either
+                drop = keep[-1] if len(chosen) >= n_examples else None
+                chosen = [r for r in chosen if r is not drop] + [extra]
+    sites = []
+    for rec in sorted(chosen, key=lambda r: r.get("case_index", 0)):
+        for kind in ("paste", "inpaint"):
+            idx = [i for i, op in enumerate(rec["ops"]) if op["op"] == kind]
+            if idx:
+                sites.append(Site(rec, idx[int(rng.integers(len(idx)))]))
+    return sites
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (matplotlib Agg canvas, no pyplot)
+# --------------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path, dpi: int = 100, palette: bool = False) -> Path:
+    """Write the figure as PNG; `palette` stores it with a 192-colour palette (pictures: ~3x smaller)."""
+    if not palette:
+        fig.savefig(path, dpi=dpi, facecolor="white")
+        return path
+    from PIL import Image  # a dependency of matplotlib
+
+    fig.set_dpi(dpi)
+    fig.set_facecolor("white")
+    canvas = fig.canvas
+    canvas.draw()
+    rgb = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    rgb.convert("RGB").quantize(colors=192, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        path, format="PNG", optimize=True)
+    return path
+
+
+def _mm3_axis(axis) -> None:
+    """Readable load ticks: at most 6, as 75k rather than 75000."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    if axis.get_scale() == "linear":
+        axis.set_major_locator(MaxNLocator(6))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: _short_num(x)))
+
+
+def _short_num(x: float) -> str:
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:g}M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:g}k"
+    return f"{x:g}"
+
+
+def _bins(values: np.ndarray, max_bins: int = 30) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.linspace(0, 1, 2)
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.array([lo - 0.5, hi + 0.5])
+    edges = np.histogram_bin_edges(values, bins="auto")
+    return edges if len(edges) - 1 <= max_bins else np.linspace(lo, hi, max_bins + 1)
+
+
+def load_figure(run: OutputRun, path: Path) -> Path:
+    """Histogram of target and achieved (and original) loads; scatter achieved vs target with the tolerance band."""
+    recs = run.records
+    target = np.array([r["target_load_mm3"] for r in recs], dtype=np.float64)
+    achieved = np.array([r["achieved_load_mm3"] for r in recs], dtype=np.float64)
+    ok = np.array([run.within(r) for r in recs], dtype=bool)
+    original = (np.array([c["load_mm3"] for c in run.bank_index["cases"]], dtype=np.float64)
+                if run.bank_index else np.zeros(0))
+    tol = run.tolerance(recs[0]) if recs else float(run.config.get("tolerance", 0.1))
+
+    fig = _figure(11, 4.2)
+    ax_h, ax_s = fig.subplots(1, 2)
+    edges = _bins(np.concatenate([target, achieved, original]))
+    if original.size:
+        ax_h.hist(original, bins=edges, weights=np.full(original.size, 1 / original.size), color=ORIGINAL_COLOUR,
+                  alpha=0.35, label=f"original cases (n={original.size})")
+    ax_h.hist(target, bins=edges, weights=np.full(target.size, 1 / max(target.size, 1)), histtype="step",
+              linewidth=2, color=TARGET_COLOUR, label=f"target (n={target.size})")
+    ax_h.hist(achieved, bins=edges, weights=np.full(achieved.size, 1 / max(achieved.size, 1)), histtype="step",
+              linewidth=2, linestyle="--", color=ACHIEVED_COLOUR, label="achieved")
+    ax_h.set_xlabel("lesion load (mm³)")
+    ax_h.set_ylabel("fraction of cases")
+    ax_h.set_title("Lesion load distribution")
+    ax_h.legend(frameon=False, fontsize=9)
+
+    lo = float(min(target.min(initial=np.inf), achieved[achieved > 0].min(initial=np.inf)))
+    hi = float(max(target.max(initial=0), achieved.max(initial=0)))
+    if not np.isfinite(lo) or hi <= 0:
+        lo, hi = 0.0, 1.0
+    log = lo > 0 and hi / lo > 30
+    pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo or hi or 1)
+    x0, x1 = (lo / pad, hi * pad) if log else (max(lo - pad, 0), hi + pad)
+    line = np.geomspace(x0, x1, 200) if log else np.linspace(x0, x1, 200)
+    ax_s.fill_between(line, line * (1 - tol), line * (1 + tol), color=TARGET_COLOUR, alpha=0.15, linewidth=0,
+                      label=f"±{tol:.0%} tolerance")
+    ax_s.plot(line, line, color="black", linewidth=1, label="achieved = target")
+    ax_s.scatter(target[ok], achieved[ok], s=22, color=TARGET_COLOUR, label=f"within tolerance ({ok.sum()})",
+                 zorder=3)
+    if (~ok).any():
+        ax_s.scatter(target[~ok], np.maximum(achieved[~ok], x0) if log else achieved[~ok], s=30,
+                     color=ACHIEVED_COLOUR, marker="x", label=f"outside ({(~ok).sum()})", zorder=3)
+    if log:
+        ax_s.set_xscale("log")
+        ax_s.set_yscale("log")
+    ax_s.set_xlim(x0, x1)
+    ax_s.set_ylim(x0, x1)
+    for axis in (ax_h.xaxis, ax_s.xaxis, ax_s.yaxis):
+        _mm3_axis(axis)
+    ax_s.set_aspect("equal", adjustable="box")
+    ax_s.set_xlabel("target load (mm³)")
+    ax_s.set_ylabel("achieved load (mm³)")
+    ax_s.set_title("Achieved vs target")
+    ax_s.legend(frameon=False, fontsize=9, loc="upper left")
+    return _save(fig, path)
+
+
+def lesion_figure(before: LesionStats | None, after: LesionStats, path: Path) -> Path:
+    """Lesions per case and lesion size (log axis), before (original cases) and after (synthetic)."""
+    fig = _figure(11, 4.2)
+    ax_c, ax_v = fig.subplots(1, 2)
+    series = [(s, name, colour) for s, name, colour in
+              ((before, "original", ORIGINAL_COLOUR), (after, "synthetic", ACHIEVED_COLOUR)) if s is not None]
+    all_counts = [c for s, _, _ in series for c in s.counts] or [0]
+    top = max(all_counts)
+    width = max(1, int(np.ceil((top + 1) / 30)))
+    edges = np.arange(0, top + width + 1, width) - 0.5
+    for s, name, colour in series:
+        if s.counts:
+            ax_c.hist(s.counts, bins=edges, weights=np.full(len(s.counts), 1 / len(s.counts)),
+                      histtype="stepfilled" if name == "original" else "step",
+                      alpha=0.35 if name == "original" else 1.0, linewidth=2, color=colour,
+                      label=f"{name}: {len(s.counts)} cases, median {np.median(s.counts):g}")
+    ax_c.set_xlabel("lesions per case")
+    ax_c.set_ylabel("fraction of cases")
+    ax_c.set_title("Lesion count")
+    ax_c.legend(frameon=False, fontsize=9, loc="best")
+
+    vols = np.array([v for s, _, _ in series for v in s.volumes if v > 0])
+    if vols.size:
+        lo, hi = vols.min(), vols.max()
+        if hi <= lo:
+            lo, hi = lo / 1.5, hi * 1.5
+        v_edges = np.geomspace(lo, hi * 1.0001, 31)
+        for s, name, colour in series:
+            v = np.array([x for x in s.volumes if x > 0])
+            if v.size:
+                ax_v.hist(v, bins=v_edges, weights=np.full(v.size, 1 / v.size),
+                          histtype="stepfilled" if name == "original" else "step",
+                          alpha=0.35 if name == "original" else 1.0, linewidth=2, color=colour,
+                          label=f"{name}: {v.size} lesions, median {np.median(v):.3g} mm³")
+        ax_v.set_xscale("log")
+        ax_v.legend(frameon=False, fontsize=9, loc="best")
+    else:
+        ax_v.text(0.5, 0.5, "no lesions", ha="center", va="center", transform=ax_v.transAxes)
+    ax_v.set_xlabel("lesion volume (mm³, log scale)")
+    ax_v.set_ylabel("fraction of lesions")
+    ax_v.set_title("Lesion size")
+    return _save(fig, path)
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray):
+    """(data, affine, zooms) in the closest RAS+ orientation (nibabel's as_closest_canonical)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asarray(img.dataobj), img.affine, np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+
+
+#: (name, fixed axis, horizontal axis, vertical axis, edge letters: left, right, bottom, top) in RAS+.
+PLANES = (("axial", 2, 0, 1, "LRPA"), ("coronal", 1, 0, 2, "LRIS"), ("sagittal", 0, 1, 2, "PAIS"))
+
+
+def _plane(vol: np.ndarray, fixed: int, index: int) -> np.ndarray:
+    sl = [slice(None)] * 3
+    sl[fixed] = int(np.clip(index, 0, vol.shape[fixed] - 1))
+    return vol[tuple(sl)]  # axes: the two remaining axes in order (horizontal, vertical)
+
+
+def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Path) -> Path | None:
+    """Before / after slices (three orthogonal planes, zoomed) and the after slices in full, through one site."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    rec, op = site.record, site.op
+    after_img, affine = _cached(cache, ("image", rec["case_id"], channel),
+                                lambda: _read_channel(run.image_path(rec["case_id"], channel), channel, False))
+    after_lab, _ = _cached(cache, ("label", rec["case_id"]), lambda: _read_label(run.label_path(rec["case_id"])))
+    before = _base_case(run, rec["base_case"], channel, cache)
+    lesion_labels = run.lesion_labels
+
+    # site centre (world mm) and half field of view (mm)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if op["op"] == "paste":
+        centre_mm = np.asarray(op["centre_mm"], dtype=np.float64)
+        les = run.bank_index and next((x for x in run.bank_index["lesions"] if x["id"] == op["lesion_id"]), None)
+        vol = float(op.get("added_mm3") or (les["volume_mm3"] * op["scale"] ** 3 if les else 100.0))
+        extent_mm = 2 * np.cbrt(3 * vol / (4 * np.pi))
+    else:
+        box = np.asarray(op["bbox"], dtype=np.float64)
+        centre_mm = apply_affine(affine, (box[:, 0] + box[:, 1] - 1) / 2)
+        extent_mm = float(((box[:, 1] - box[:, 0]) * spacing).max())
+    half = max(25.0, 2.0 * extent_mm)
+
+    vols = {"after": _canonical(after_img, affine)}
+    lab_after, c_affine, zooms = _canonical(np.isin(after_lab, lesion_labels).astype(np.uint8), affine)
+    masks = {"after": lab_after}
+    organs = {}  # other labels (organ / region), outlined thinly
+    for name, lab in (("after", after_lab), ("before", before[1] if before is not None else None)):
+        if lab is not None:
+            other = (lab > 0) & ~np.isin(lab, lesion_labels)
+            if other.any():
+                organs[name] = _canonical(other.astype(np.uint8), affine)[0]
+    if before is not None:
+        vols["before"] = _canonical(before[0], affine)
+        masks["before"] = _canonical(np.isin(before[1], lesion_labels).astype(np.uint8), affine)[0]
+        window = before[2]
+    else:
+        window = tuple(np.percentile(after_img[::2, ::2, ::2], [1, 99]))
+    centre_vox = np.rint(apply_affine(np.linalg.inv(c_affine), centre_mm)).astype(int)
+    centre_vox = np.clip(centre_vox, 0, np.asarray(lab_after.shape) - 1)
+
+    # the full-slice row is left out when the zoom window already shows (nearly) the whole slice
+    shape_c = np.asarray(lab_after.shape)
+    zoom_vox = np.minimum(2 * half / zooms, shape_c)
+    context = bool((zoom_vox < 0.8 * shape_c).any())
+    rows = (["before"] if before is not None else []) + ["after"] + (["context"] if context else [])
+    row_names = {"before": "before (base case)", "after": "after (synthetic)", "context": "after, full slice"}
+    panel, top_in, bottom_in, left_in = 3.0, 0.75, 0.35, 0.3
+    width, height = left_in + 3 * panel + 0.1, top_in + bottom_in + panel * len(rows)
+    fig = _figure(width, height, layout=None)
+    axes = np.atleast_2d(fig.subplots(len(rows), 3, gridspec_kw=dict(
+        left=left_in / width, right=1 - 0.1 / width, bottom=bottom_in / height, top=1 - top_in / height,
+        wspace=0.04, hspace=0.06)))
+    for col, (pname, fixed, h, v, letters) in enumerate(PLANES):
+        k = int(centre_vox[fixed])
+        for row, kind in enumerate(rows):
+            ax = axes[row, col]
+            src = "before" if kind == "before" else "after"
+            img = _plane(vols[src][0], fixed, k)
+            mask = _plane(masks[src], fixed, k)
+            old = _plane(masks["before"], fixed, k) if (kind == "after" and op["op"] == "inpaint"
+                                                        and "before" in masks) else None
+            n_h, n_v = img.shape
+            if kind == "context":
+                (h0, h1), (v0, v1) = (0, n_h), (0, n_v)
+            else:  # crop to the zoom window before drawing: cheaper, and the same picture
+                h0, h1 = _window(centre_vox[h], half / zooms[h], n_h)
+                v0, v1 = _window(centre_vox[v], half / zooms[v], n_v)
+            crop = (slice(h0, h1), slice(v0, v1))
+            # mm relative to the site at pixel edges; RAS+ so + is right / anterior / superior
+            ext = [(h0 - 0.5 - centre_vox[h]) * zooms[h], (h1 - 0.5 - centre_vox[h]) * zooms[h],
+                   (v0 - 0.5 - centre_vox[v]) * zooms[v], (v1 - 0.5 - centre_vox[v]) * zooms[v]]
+            ax.imshow(img[crop].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=ext,
+                      interpolation="nearest" if kind != "context" else "antialiased")
+            organ = _plane(organs[src], fixed, k) if src in organs else None
+            for m, colour, style, lw in ((organ, ORGAN_COLOUR, "-", 0.7),
+                                         (mask, LESION_COLOUR, "-", 1.5 if kind != "context" else 0.8),
+                                         (old, BEFORE_COLOUR, "--", 1.2)):
+                if m is not None and m[crop].any() and min(h1 - h0, v1 - v0) > 1:
+                    ax.contour(m[crop].T, levels=[0.5], colors=colour, linewidths=lw, linestyles=style,
+                               origin="lower", extent=ext)
+            if kind == "context":
+                ax.add_patch(Rectangle((-half, -half), 2 * half, 2 * half, fill=False, edgecolor=BEFORE_COLOUR,
+                                       linewidth=1, clip_on=True))
+            else:
+                _scale_bar(ax, ext)
+            ax.set_xlim(ext[0], ext[1])
+            ax.set_ylim(ext[2], ext[3])
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor("black")
+            for x, y, s, ha, va in ((0.02, 0.5, letters[0], "left", "center"),
+                                    (0.98, 0.5, letters[1], "right", "center"),
+                                    (0.5, 0.02, letters[2], "center", "bottom"),
+                                    (0.5, 0.98, letters[3], "center", "top")):
+                ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=8, path_effects=_halo(),
+                        fontweight="bold")
+            if col == 0:
+                ax.set_ylabel(row_names[kind], fontsize=10)
+            if row == 0:
+                ax.set_title(f"{pname} (slice {k})", fontsize=10)
+    handles = [Line2D([], [], color=LESION_COLOUR, linewidth=1.6, label="lesion label outline")]
+    if op["op"] == "inpaint" and before is not None:
+        handles.append(Line2D([], [], color=BEFORE_COLOUR, linewidth=1.4, linestyle="--",
+                              label="lesion outline before (removed)"))
+    if organs:
+        handles.append(Line2D([], [], color=ORGAN_COLOUR, linewidth=1, label="other labels (organ / region)"))
+    if context:
+        handles.append(Line2D([], [], color=BEFORE_COLOUR, linewidth=1, label="zoom window"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(site_title(site, run, channel), fontsize=10.5, y=1 - 0.08 / height, va="top")
+    return _save(fig, path, dpi=90, palette=True)
+
+
+def _window(centre: int, half_vox: float, n: int) -> tuple[int, int]:
+    lo = int(np.floor(centre - half_vox))
+    hi = int(np.ceil(centre + half_vox)) + 1
+    return max(lo, 0), min(hi, n)
+
+
+def _halo(width: float = 2.0):
+    """A black outline so white overlay text and bars stay readable on bright tissue."""
+    from matplotlib import patheffects
+
+    return [patheffects.withStroke(linewidth=width, foreground="black")]
+
+
+def _scale_bar(ax, ext) -> None:
+    """A white bar of a round length, about a fifth of the panel width."""
+    x0, x1, y0, y1 = ext
+    length_mm = next((v for v in (100, 50, 20, 10, 5, 2, 1) if v <= (x1 - x0) / 4), 0.5)
+    xs = x0 + 0.05 * (x1 - x0)
+    ys = y0 + 0.06 * (y1 - y0)
+    ax.plot([xs, xs + length_mm], [ys, ys], color="white", linewidth=2.5, solid_capstyle="butt",
+            path_effects=_halo(4.5))
+    ax.text(xs + length_mm / 2, ys + 0.02 * (y1 - y0), f"{length_mm:g} mm", color="white", fontsize=7,
+            path_effects=_halo(),
+            ha="center", va="bottom")
+
+
+def site_title(site: Site, run: OutputRun, channel: int) -> str:
+    rec, op = site.record, site.op
+    names = run.channel_names
+    chan = names[channel] if channel < len(names) else f"channel {channel}"
+    head = f"{rec['case_id']} (base {rec['base_case']}) — op {site.op_index + 1}/{len(rec['ops'])}: "
+    if op["op"] == "paste":
+        les = run.bank_index and next((x for x in run.bank_index["lesions"] if x["id"] == op["lesion_id"]), None)
+        src = f"{les['volume_mm3']:.0f} mm³" if les else "?"
+        what = (f"paste {op['lesion_id']} ({src}, scale {op['scale']:.2f}, +{op.get('added_mm3', 0):.0f} mm³) "
+                f"at ({', '.join(f'{x:.0f}' for x in op['centre_mm'])}) mm")
+    else:
+        what = (f"inpaint component at voxel {tuple(op['seed_voxel'])} (−{op.get('removed_mm3', 0):.0f} mm³)")
+    return (f"{head}{what}\n{chan}; target {rec['target_load_mm3']:.0f} mm³, "
+            f"achieved {rec['achieved_load_mm3']:.0f} mm³")
+
+
+def _cached(cache: dict, key, make):
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _base_case(run: OutputRun, case_id: str, channel: int, cache: dict):
+    """(image, label, window) of a base case: the bank's recorded files, else the copy in the output."""
+    def load():
+        entry = run.bank_case(case_id)
+        candidates = []
+        if entry:
+            four_d = bool(entry.get("four_d"))
+            img_path = Path(entry["images"][0 if four_d else channel]) if entry["images"] else None
+            candidates.append((img_path, four_d, Path(entry["label"])))
+        candidates.append((run.image_path(case_id, channel), False, run.label_path(case_id)))
+        for img_path, four_d, lab_path in candidates:
+            if img_path is not None and img_path.is_file() and lab_path.is_file():
+                image, _ = _read_channel(img_path, channel, four_d)
+                label, _ = _read_label(lab_path)
+                window = tuple(float(x) for x in np.percentile(image[::2, ::2, ::2], [1, 99]))
+                if window[1] <= window[0]:
+                    window = (window[0], window[0] + 1.0)
+                return image, label, window
+        return None
+    return _cached(cache, ("base", case_id, channel), load)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1150px;margin:1.5em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}td.n{text-align:right}img{max-width:100%;height:auto;display:block;margin:.6em 0}
+.muted{color:#666;font-size:.9em}figure{margin:1.2em 0}figcaption{font-size:.9em;color:#444}
+"""
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _table(header: list[str] | None, rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header) if header else ""
+    def cell(c) -> str:
+        cls = ' class="n"' if isinstance(c, (int, float)) else ""
+        return f"<td{cls}>{html.escape(str(c))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
+
+
+def _quantiles(values) -> str:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return "–"
+    q = np.percentile(v, [0, 25, 50, 75, 100])
+    return " / ".join(f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" for x in q)
+
+
+def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Path:
+    """Write `out_dir/report/report.html` (self-contained) and its PNGs; return the HTML path."""
+    t0 = time.perf_counter()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LesionsynthError("lesionsynth report needs matplotlib: pip install matplotlib") from None
+    run = read_output(out_dir)
+    if not run.records:
+        raise InputError(f"{run.out}: manifest.jsonl holds no synthetic case; nothing to report")
+    folder = run.out / REPORT_DIR
+    folder.mkdir(exist_ok=True)
+    for old in list(folder.glob("*.png")) + [folder / REPORT_FILE]:
+        old.unlink(missing_ok=True)
+
+    cache: dict = {}
+    channel = display_channel(run)
+    sites = choose_sites(run.records, n_examples, seed)
+    figures = {"loads": load_figure(run, folder / "loads.png")}
+    before = before_stats(run)
+    site_pngs, skipped = [], []
+    for k, site in enumerate(sites):
+        name = f"site{k + 1:02d}_{site.record['case_id']}_{site.op['op']}{site.op_index + 1}.png"
+        try:
+            png = site_figure(site, run, channel, cache, folder / name)
+        except InputError as exc:  # a case file gone missing or unreadable: say so, draw the others
+            skipped.append(f"{site.record['case_id']} op {site.op_index + 1}: {exc}")
+            png = None
+        if png is not None:
+            site_pngs.append((site, png))
+        # keep memory bounded: drop images that no later site needs (labels stay for the counts)
+        later = sites[k + 1:]
+        for key in list(cache):
+            if (key[0] == "image" and not any(s.record["case_id"] == key[1] for s in later)) or \
+                    (key[0] == "base" and not any(s.record["base_case"] == key[1] for s in later)):
+                del cache[key]
+    after = after_stats(run, cache)
+    cache.clear()
+    figures["lesions"] = lesion_figure(before, after, folder / "lesions.png")
+
+    html_text = _html(run, before, after, figures, site_pngs, skipped, channel, n_examples, seed,
+                      time.perf_counter() - t0)
+    path = folder / REPORT_FILE
+    from .io.nifti import write_bytes_atomic
+
+    write_bytes_atomic(path, html_text.encode("utf-8"))
+    return path
+
+
+def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n_examples, seed, seconds) -> str:
+    recs = run.records
+    n = len(recs)
+    ok = sum(run.within(r) for r in recs)
+    tols = sorted({run.tolerance(r) for r in recs})
+    tol_text = "/".join(f"±{t:.0%}" for t in tols)
+    cfg = run.config
+    families = Counter(r.get("load_family", cfg.get("load", "?")) for r in recs)
+    target = [r["target_load_mm3"] for r in recs]
+    achieved = [r["achieved_load_mm3"] for r in recs]
+    added = sum(int(r.get("lesions_added", 0)) for r in recs)
+    removed = sum(int(r.get("lesions_removed", 0)) for r in recs)
+    fallback = sum(1 for r in recs if r.get("placement_fallback"))
+    title = f"lesionsynth QC report — {run.out.name}"
+    bank_text = (f"{run.bank_dir} ({len(run.bank_index['cases'])} cases, {len(run.bank_index['lesions'])} lesions)"
+                 if run.bank_index else f"{run.bank_dir} (not found: pictures use the originals in the output)")
+    expected_n = cfg.get("n")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+        '<h2 id="summary">Summary</h2>',
+        _table(None, [
+            ["output", str(run.out)],
+            ["bank", bank_text],
+            ["synthetic cases", f"{n}" + (f" of {expected_n} configured (unfinished run?)"
+                                          if isinstance(expected_n, int) and expected_n != n else "")],
+            ["load family", ", ".join(f"{k} ({v})" for k, v in families.items())],
+            ["mode / seed", f"{cfg.get('mode', '?')} / {cfg.get('seed', '?')}"],
+            ["lesions added / removed", f"{added} / {removed}"],
+            ["placement fell back to the region alone", f"{fallback} cases"],
+        ]),
+        f"<p><b>{ok} of {n} cases ({ok / n:.0%}) reached their target load within {tol_text}.</b></p>",
+        '<h2 id="load">Lesion load: target vs achieved</h2>',
+        "<p>Left: distribution of the drawn target loads and of the achieved loads (measured on the written "
+        "labels)" + (", with the original cases' loads in grey" if run.bank_index else "") + ". Right: achieved "
+        f"against target per case; the shaded band is the {tol_text} tolerance and the line is achieved = target. "
+        f"Target load min/q25/median/q75/max: {_quantiles(target)} mm³; achieved: {_quantiles(achieved)} mm³.</p>",
+        _img_tag(figures["loads"], "target vs achieved load"),
+        '<h2 id="lesions">Lesion count and size</h2>',
+        "<p>Lesions are connected components "
+        f"({run.connectivity}-connectivity, ≥ {run.min_volume_mm3:g} mm³, label(s) {list(run.lesion_labels)}). "
+        f"Original: {html.escape(before.source) if before else 'not available'}; synthetic: {after.source}. "
+        f"Lesions per case, original: {_quantiles(before.counts) if before else '–'}; synthetic: "
+        f"{_quantiles(after.counts)} (min/q25/median/q75/max). Lesion volume (mm³), original: "
+        f"{_quantiles(before.volumes) if before else '–'}; synthetic: {_quantiles(after.volumes)}.</p>",
+        _img_tag(figures["lesions"], "lesion count and size distributions"),
+        '<h2 id="examples">Example sites</h2>',
+    ]
+    if site_pngs:
+        chan = run.channel_names[channel] if channel < len(run.channel_names) else str(channel)
+        parts.append(
+            f"<p>{len({s.record['case_id'] for s, _ in site_pngs})} cases drawn at random (seed {seed}, up to "
+            f"{n_examples}), one pasted and one inpainted site each where the case has them. Channel "
+            f"<b>{html.escape(chan)}</b> (where the bank's lesions contrast most with their surroundings); "
+            "window: 1st–99th percentile of the base image. Rows: base case, synthetic case (both zoomed on the "
+            "site), and the synthetic case's full slice with a box marking the zoom (left out when the zoom already "
+            "shows the whole slice). Slices are in the closest RAS "
+            "orientation with true voxel proportions (neurological view: patient's right on the right); "
+            f"yellow = lesion label outline; dashed cyan = the lesion before it was inpainted; thin green = other "
+            "labels (organ / region), when the labels have any.</p>")
+        for site, png in site_pngs:
+            parts.append(f"<figure>{_img_tag(png, site_title(site, run, channel))}"
+                         f"<figcaption>{html.escape(png.name)}</figcaption></figure>")
+    elif not skipped:
+        parts.append("<p>No case has a paste or inpaint operation: nothing to draw.</p>")
+    for note in skipped:
+        parts.append(f"<p>Not drawn: {html.escape(note)}</p>")
+    reasons = Counter(r.get("stop_reason", "?") for r in recs)
+    parts += [
+        '<h2 id="stop">Stop reasons</h2>',
+        _table(["stop reason", "cases", "fraction"],
+               [[k, v, f"{v / n:.0%}"] for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]),
+        f'<p class="muted">Made by lesionsynth report in {seconds:.1f} s; run configuration: '
+        f"{html.escape(json.dumps({k: v for k, v in cfg.items() if k != 'augment'}))}</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
