@@ -139,7 +139,8 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
 
 
 def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None = None, jobs: int = 1,
-               progress: bool = True, extra_run_info: dict | None = None) -> Path:
+               progress: bool = True, extra_run_info: dict | None = None, backend: str = "local",
+               scheduler: str | None = None) -> Path:
     """Build a lesion bank from DATASET into the new folder OUT and return its path.
 
     Writes `bank.json` (index and metadata), the lesion crops as flat memory-mappable arrays, and the
@@ -148,9 +149,10 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from .parallel import worker_threads_limited
+    from .parallel import check_backend, execution
 
     config = config or BankConfig()
+    check_backend(backend, scheduler)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: output folder exists and is not empty; choose a new folder")
@@ -167,8 +169,8 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
                 raise InputError(f"{dataset}: label {v} is not declared in dataset.json labels {spec.labels}")
     n_channels = len(spec.channel_names)
     tasks = (delayed(_scan_case)(ref, n_channels, spec.channel_names, config) for ref in spec.cases)
-    with worker_threads_limited(jobs):
-        results = Parallel(n_jobs=jobs, return_as="generator")(tasks)
+    with execution(backend, scheduler, jobs) as n_jobs:
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
         results = list(tqdm(results, total=len(spec.cases), desc="build-bank", unit="case", disable=not progress))
     if not any(r["lesions"] for r in results):
         raise InputError(f"{dataset}: no lesion found with label(s) {list(config.lesion_labels)}"

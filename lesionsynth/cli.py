@@ -44,6 +44,8 @@ def build_bank_cmd(
     min_volume: Optional[float] = typer.Option(None, "--min-volume",
                                                help="Smallest lesion kept in the bank, mm³ [default: 0]."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+    backend: str = typer.Option("local", "--backend", help="local (joblib processes) or dask."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (--backend dask)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (see 'lesionsynth recipes') or "
                                          "TOML file; options given here override it."),
 ) -> None:
@@ -61,7 +63,8 @@ def build_bank_cmd(
     overlap = set(config.lesion_labels) & set(config.region_labels)
     if overlap:
         raise InputError(f"label(s) {sorted(overlap)} cannot be both --lesion-label and --region-label")
-    path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["name"]})
+    path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["name"]},
+                      backend=backend, scheduler=scheduler)
     bank = Bank(path)
     typer.echo(f"bank: {path} ({len(bank.lesions)} lesions from {len(bank.cases)} cases)")
 
@@ -92,6 +95,8 @@ def generate(
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+    backend: str = typer.Option("local", "--backend", help="local (joblib processes) or dask."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (--backend dask)."),
     device: str = typer.Option("cpu", "--device", help="cpu (numpy/scipy), cuda (torch on the GPU) or auto "
                                "(cuda when torch sees a GPU, else cpu)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its [augment] "
@@ -116,7 +121,7 @@ def generate(
                          include_originals=include_originals, compression_level=compression_level,
                          file_ending=".nii" if uncompressed else ".nii.gz")
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
-                          device=device)
+                          device=device, backend=backend, scheduler=scheduler)
     _summary(result, n)
 
 

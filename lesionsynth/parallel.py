@@ -1,11 +1,14 @@
-"""Parallel execution helpers: one BLAS/OpenMP/torch thread per worker so N workers use N cores."""
+"""Parallel execution: joblib on this machine (loky), or on a Dask cluster through joblib's Dask backend."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 
+from .errors import InputError
+
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+BACKENDS = ("local", "dask")
 
 
 @contextlib.contextmanager
@@ -25,3 +28,44 @@ def worker_threads_limited(jobs: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def check_backend(backend: str, scheduler: str | None) -> None:
+    """Refuse a bad --backend/--scheduler before anything is written."""
+    if backend not in BACKENDS:
+        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "dask":
+        if not scheduler:
+            raise InputError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+        try:
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise InputError("--backend dask: dask.distributed is not installed "
+                             "(pip install 'lesionsynth[dask]')") from None
+
+
+@contextlib.contextmanager
+def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 1):
+    """Context in which `joblib.Parallel(n_jobs=...)` runs the per-case work; yields the n_jobs to use.
+
+    local: joblib's loky processes on this machine, one native thread each. dask: the Dask cluster at
+    `scheduler` (e.g. tcp://host:8786) via joblib's Dask backend; its workers must see the same file
+    system paths (bank, dataset, output). No scheduler of our own.
+    """
+    check_backend(backend, scheduler)
+    if backend == "local":
+        with worker_threads_limited(jobs):
+            yield jobs
+        return
+    from dask.distributed import Client
+    import joblib
+
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise InputError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc})") from None
+    try:
+        with joblib.parallel_config(backend="dask"):
+            yield -1
+    finally:
+        client.close()

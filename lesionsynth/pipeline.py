@@ -209,7 +209,8 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
-             resume: bool = False, shard: tuple[int, int] = (0, 1), device: str = "cpu") -> GenerateResult:
+             resume: bool = False, shard: tuple[int, int] = (0, 1), device: str = "cpu", backend: str = "local",
+             scheduler: str | None = None) -> GenerateResult:
     """Generate `cfg.n` synthetic cases from the bank into the nnU-Net v2 raw folder `out`.
 
     Writes imagesTr/ and labelsTr/ (each file atomically), a progress record per case once its files are
@@ -220,11 +221,11 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from .parallel import worker_threads_limited
-
+    from .parallel import check_backend, execution
     from .render.torch_backend import resolve_device
 
     cfg.validate()
+    check_backend(backend, scheduler)
     device = resolve_device(device)
     shard_i, shard_n = shard
     bank_dir = Path(bank_dir)
@@ -242,8 +243,8 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     timings: list[dict] = []
     progress_file = out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.jsonl"
     progress_file.parent.mkdir(exist_ok=True)
-    with worker_threads_limited(jobs):
-        parallel = Parallel(n_jobs=jobs, return_as="generator")
+    with execution(backend, scheduler, jobs) as n_jobs:
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator")
         if cfg.include_originals:
             missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, n_channels, cfg))]
             tasks = (delayed(_copy_original_task)(r, n_channels, str(out), cfg) for r in missing)
