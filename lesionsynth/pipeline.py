@@ -18,7 +18,7 @@ from .geometry import voxel_volume
 from .io import load_case
 from .io.output import case_paths, copy_original, write_case, write_json
 from .loads import FAMILIES, draw_target_load
-from .plan import MODES, AugmentConfig, case_rng, plan_and_render_case
+from .plan import MODES, AugmentConfig, case_rng, draw_volume_warp, plan_and_render_case
 from .prior import allowed_region, is_ct, placement_density
 from .render import PasteSettings, RenderContext
 
@@ -41,6 +41,7 @@ class GenerateConfig:
     compression_level: int = 1
     file_ending: str = ".nii.gz"
     case_prefix: str = "syn"
+    volume_warp: bool = False  # whole-case rotation/scale/elastic warp before the lesion work
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -105,6 +106,9 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
     case = load_case(ref, len(bank.channel_names))
     t_read = time.perf_counter()
+    volume_warp = draw_volume_warp(rng, cfg.augment) if cfg.volume_warp else None
+    if volume_warp is not None:
+        case.channels, case.label = warp_case(case.channels, case.label, case.affine, volume_warp, device)
 
     lesion_labels = bank.lesion_labels
     region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
@@ -147,10 +151,21 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         "failed_placements": plan.failed_tries,
         "placement_fallback": density.fallback,
         "donor_cases": donor_cases,
+        "volume_warp": volume_warp,
         "ops": plan.ops,
     }
     timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
     return record, timings
+
+
+def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp: dict, device: str):
+    """Apply a recorded whole-case warp (one interpolation: channels linear, label nearest)."""
+    from .render import torch_backend
+
+    args = (channels, label, affine, warp["elastic_mm"], warp["rotation_deg"], warp["scale"])
+    if device == "cpu":
+        return torch_backend.warp_volume_numpy(*args)
+    return torch_backend.warp_volume_torch(*args, device=device)
 
 
 def _copy_original_task(ref, n_channels: int, out: str, cfg: GenerateConfig) -> str:

@@ -38,6 +38,9 @@ class AugmentConfig:
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
     max_failed_tries: int = 60
+    volume_rotation_deg: float = 10.0        # --volume-warp: whole-case rotation about each axis, ±this
+    volume_scale: tuple[float, float] = (0.9, 1.1)
+    volume_elastic_mm: float = 2.0           # --volume-warp: control-point displacement sd (5x5x5 grid)
 
 
 def case_rng(seed: int, case_index: int) -> np.random.Generator:
@@ -47,6 +50,16 @@ def case_rng(seed: int, case_index: int) -> np.random.Generator:
 
 def _r(x, nd=4):
     return [round(float(v), nd) for v in x] if np.ndim(x) else round(float(x), nd)
+
+
+def draw_volume_warp(rng: np.random.Generator, cfg: AugmentConfig) -> dict:
+    """Parameters of an optional whole-case rotation/scale/elastic warp (recorded in the manifest)."""
+    sd = cfg.volume_elastic_mm
+    return {
+        "rotation_deg": _r(rng.uniform(-cfg.volume_rotation_deg, cfg.volume_rotation_deg, size=3), 3),
+        "scale": round(float(rng.uniform(*cfg.volume_scale)), 5),
+        "elastic_mm": np.round(np.clip(rng.normal(0.0, sd, size=(5, 5, 5, 3)), -3 * sd, 3 * sd), 3).tolist(),
+    }
 
 
 @dataclass

@@ -161,3 +161,19 @@ def test_load_range_sets_targets(blob_bank, tmp_path):
 def test_case_rng_depends_only_on_seed_and_index():
     assert case_rng(3, 7).random() == case_rng(3, 7).random()
     assert case_rng(3, 7).random() != case_rng(3, 8).random()
+
+
+def test_volume_warp_is_recorded_and_keeps_image_and_label_aligned(blob_bank, tmp_path):
+    out = tmp_path / "out"
+    res = generate(blob_bank, out, GenerateConfig(n=2, load="medium", volume_warp=True, include_originals=False),
+                   progress=False)
+    for rec in res.records:
+        warp = rec["volume_warp"]
+        assert warp and len(warp["elastic_mm"]) == 5 and 0.9 <= warp["scale"] <= 1.1
+        label = np.asarray(nib.load(out / "labelsTr" / f"{rec['case_id']}.nii.gz").dataobj)
+        base = np.asarray(nib.load(Path(Bank(blob_bank).case_refs()[0].label_path).parent /
+                                   f"{rec['base_case']}.nii.gz").dataobj)
+        assert not np.array_equal(label, base)  # the whole case moved
+        img = np.asarray(nib.load(out / "imagesTr" / f"{rec['case_id']}_0000.nii.gz").dataobj)
+        # lesions stay bright: image and label were warped with the same grid
+        assert np.median(img[label == 1]) > np.median(img[(label == 0) & (img > 50)]) + 15
