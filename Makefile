@@ -27,7 +27,8 @@ demo: data
 	$(VENV)/bin/lesionsynth build-bank $(DATA)/mni_lesions --out $(DEMO)/bank --jobs $(JOBS)
 	$(VENV)/bin/lesionsynth generate $(DEMO)/bank --out $(DEMO)/Dataset900_LesionsynthDemo \
 		--n 12 --load high --seed 0 --jobs $(JOBS)
-	@echo "demo output: $(DEMO)/Dataset900_LesionsynthDemo (nnU-Net v2 raw dataset; see manifest.jsonl)"
+	$(VENV)/bin/lesionsynth report $(DEMO)/Dataset900_LesionsynthDemo
+	@echo "demo output: $(DEMO)/Dataset900_LesionsynthDemo (nnU-Net v2 raw dataset; see manifest.jsonl and report/report.html)"
 
 test: data
 	$(PY) -m pytest -q
