@@ -247,6 +247,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     bank = Bank(bank_dir)
     out = Path(out)
     record = run_record(bank, bank_dir, cfg)
+    check_base_cases(bank)
     _prepare_output(out, record, resume or shard_n > 1)
     _remove_stale_temporaries(out) if resume else None
 
@@ -315,6 +316,25 @@ def finalize_run(out: str | Path) -> GenerateResult:
 def _case_files(out: Path, case_id: str, n_channels: int, cfg: GenerateConfig) -> list[Path]:
     images, label = case_paths(out, case_id, n_channels, cfg.file_ending)
     return images + [label]
+
+
+def check_base_cases(bank: Bank) -> None:
+    """Before anything is written: every base case the bank points at is still there, readable, and on the
+    grid the bank recorded (headers only; the bank was built from fully validated cases)."""
+    import nibabel as nib
+
+    for c in bank.cases:
+        for path in [*c["images"], c["label"]]:
+            try:
+                img = nib.load(path)
+            except FileNotFoundError:
+                raise InputError(f"{path}: file not found (base case {c['case_id']} of the bank has moved or "
+                                 f"been deleted)") from None
+            except Exception as exc:  # nibabel raises several types for unreadable headers
+                raise InputError(f"{path}: not a readable NIfTI file ({exc})") from None
+            if tuple(img.shape[:3]) != tuple(c["shape"]) or not np.allclose(img.affine, c["affine"], atol=1e-3):
+                raise InputError(f"{path}: grid differs from the one recorded in the bank (case {c['case_id']} "
+                                 f"changed since build-bank); rebuild the bank")
 
 
 def _prepare_output(out: Path, record: dict, resume: bool) -> None:

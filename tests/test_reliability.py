@@ -116,3 +116,24 @@ def test_resume_refuses_other_configuration(blob_bank, tmp_path):
         generate(blob_bank, out, GenerateConfig(n=1, load="high"), progress=False, resume=True)
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert manifest[0]["load_family"] == "low"
+
+
+def test_missing_or_changed_base_case_stops_before_writing(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from lesionsynth.bank import BankConfig, build_bank
+
+    from .conftest import blob_dataset
+
+    ds = blob_dataset(tmp_path / "ds", n_cases=2)
+    bank = build_bank(ds, tmp_path / "bank", BankConfig(), progress=False)
+    label = ds / "labelsTr" / "case1.nii.gz"
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), label)  # one slice short
+    with pytest.raises(LesionsynthError, match="case1.nii.gz: grid differs"):
+        generate(bank, tmp_path / "out", GenerateConfig(n=2, load="low"), progress=False)
+    label.unlink()
+    with pytest.raises(LesionsynthError, match="case1.nii.gz: file not found"):
+        generate(bank, tmp_path / "out", GenerateConfig(n=2, load="low"), progress=False)
+    assert not (tmp_path / "out").exists()
