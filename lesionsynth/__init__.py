@@ -1,21 +1,18 @@
-"""lesionsynth: lesion-level synthesis of training data for lesion segmentation (LesionMix)."""
+"""lesionsynth: lesion-level synthesis of training data for lesion segmentation (LesionMix).
+
+Python API (what the commands call)::
+
+    from lesionsynth import BankConfig, GenerateConfig, build_bank, generate
+    bank = build_bank("Dataset001_MS", "bank", BankConfig(lesion_labels=(1,)), jobs=2)
+    result = generate(bank, "Dataset900_Synth", GenerateConfig(n=100, load="high"), jobs=2)
+"""
 
 __version__ = "0.1.0"
 
 from .errors import InputError, LesionsynthError  # noqa: E402
+from .bank import BankConfig, build_bank  # noqa: E402
+from .pipeline import GenerateConfig, generate  # noqa: E402
+from .plan import AugmentConfig  # noqa: E402
 
-__all__ = ["__version__", "InputError", "LesionsynthError", "build_bank", "generate"]
-
-
-def build_bank(*args, **kwargs):
-    """Build a lesion bank from a dataset; see :func:`lesionsynth.bank.build_bank`."""
-    from .bank import build_bank as _build_bank
-
-    return _build_bank(*args, **kwargs)
-
-
-def generate(*args, **kwargs):
-    """Generate a synthetic dataset from a bank; see :func:`lesionsynth.pipeline.generate`."""
-    from .pipeline import generate as _generate
-
-    return _generate(*args, **kwargs)
+__all__ = ["__version__", "AugmentConfig", "BankConfig", "GenerateConfig", "InputError", "LesionsynthError",
+           "build_bank", "generate"]
