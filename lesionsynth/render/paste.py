@@ -116,7 +116,7 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
     body = pieces == sizes.argmax()
-    near = ndimage.binary_dilation(body, structure=np.ones((3, 3, 3), dtype=bool), iterations=2)
+    near = ndimage.maximum_filter(body, size=5, mode="constant")  # = two 3x3x3 dilations, but separable
     return np.where(near & ((pieces == 0) | body), soft, 0.0).astype(np.float32)
 
 
