@@ -94,6 +94,8 @@ def generate(
     include_originals: bool = typer.Option(True, "--include-originals/--no-include-originals"),
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
+    output_format: str = typer.Option("nnunet", "--format", help="Output layout: nnunet (v2 raw dataset) or bids "
+                                      "(BIDS derivative dataset)."),
     volume_warp: bool = typer.Option(False, "--volume-warp", help="Also warp each whole case (rotation ±10°, "
                                      "scale 0.9-1.1, smooth elastic field) before the lesion work."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
@@ -121,7 +123,7 @@ def generate(
     augment = make_config(AugmentConfig, load_recipe(recipe) if recipe else None, "augment", {})
     cfg = GenerateConfig(augment=augment, n=n, load=load, mode=mode, seed=seed, tolerance=tolerance, load_range=lr, folds=folds,
                          include_originals=include_originals, compression_level=compression_level,
-                         file_ending=".nii" if uncompressed else ".nii.gz", volume_warp=volume_warp)
+                         file_ending=".nii" if uncompressed else ".nii.gz", volume_warp=volume_warp, format=output_format)
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
                           device=device, backend=backend, scheduler=scheduler)
     _summary(result, n)

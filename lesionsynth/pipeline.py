@@ -23,6 +23,7 @@ from .prior import allowed_region, is_ct, placement_density
 from .render import PasteSettings, RenderContext
 
 MANIFEST = "manifest.jsonl"
+FORMATS = ("nnunet", "bids")
 RUN_FILE = "run.json"
 
 
@@ -42,6 +43,7 @@ class GenerateConfig:
     file_ending: str = ".nii.gz"
     case_prefix: str = "syn"
     volume_warp: bool = False  # whole-case rotation/scale/elastic warp before the lesion work
+    format: str = "nnunet"     # output layout: "nnunet" (v2 raw) or "bids" (BIDS derivative)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -57,6 +59,8 @@ class GenerateConfig:
             raise InputError(f"--folds {self.folds}: must be ≥ 1")
         if self.file_ending not in (".nii.gz", ".nii"):
             raise InputError(f"file ending {self.file_ending!r}: use .nii.gz or .nii")
+        if self.format not in FORMATS:
+            raise InputError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
         if not 0 <= self.compression_level <= 9:
             raise InputError(f"--compression-level {self.compression_level}: must lie in 0..9")
 
@@ -126,7 +130,8 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     t_lesion = time.perf_counter()
 
     case_id = f"{cfg.case_prefix}{index:05d}"
-    write_case(Path(out), case_id, channels, label, case, cfg.file_ending, cfg.compression_level)
+    paths = output_paths(Path(out), case_id, cfg, bank, original=False)
+    write_case(Path(out), case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
     t_write = time.perf_counter()
 
     achieved = achieved_vox * voxel_volume(case.affine)
@@ -154,8 +159,25 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         "volume_warp": volume_warp,
         "ops": plan.ops,
     }
+    if cfg.format == "bids":
+        from .io import bids
+
+        bids.write_sidecars(Path(out), case_id, bank.channel_names, record, {"bank": str(Path(bank_dir).resolve())},
+                            labels=bank.index["labels"], ending=cfg.file_ending)
     timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
     return record, timings
+
+
+def output_paths(out: Path, case_id: str, cfg: GenerateConfig, bank: Bank, original: bool):
+    """(image paths, label path) of a case in the chosen layout; folders are created."""
+    if cfg.format == "bids":
+        from .io import bids
+
+        paths = bids.bids_case_paths(out, case_id, bank.channel_names, cfg.file_ending,
+                                     labels=bank.index["labels"], original=original)
+        bids.make_case_dirs(paths[0] + [paths[1]])
+        return paths
+    return case_paths(out, case_id, len(bank.channel_names), cfg.file_ending)
 
 
 def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp: dict, device: str):
@@ -168,9 +190,16 @@ def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp:
     return torch_backend.warp_volume_torch(*args, device=device)
 
 
-def _copy_original_task(ref, n_channels: int, out: str, cfg: GenerateConfig) -> str:
-    case = load_case(ref, n_channels)
-    copy_original(Path(out), case, ref.image_paths, cfg.file_ending, cfg.compression_level)
+def _copy_original_task(ref, bank_dir: str, out: str, cfg: GenerateConfig) -> str:
+    bank = _open_bank(bank_dir)
+    case = load_case(ref, len(bank.channel_names))
+    paths = output_paths(Path(out), ref.case_id, cfg, bank, original=True)
+    copy_original(Path(out), case, ref.image_paths, cfg.file_ending, cfg.compression_level, paths)
+    if cfg.format == "bids":
+        from .io import bids
+
+        bids.write_sidecars(Path(out), ref.case_id, bank.channel_names, None, {"bank": str(Path(bank_dir).resolve())},
+                            labels=bank.index["labels"], ending=cfg.file_ending)
     return ref.case_id
 
 
@@ -218,7 +247,7 @@ def _read_records(out: Path) -> dict[int, dict]:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files left by a killed run (atomic writes use '.NAME.tmpPID')."""
-    for folder in (out / "imagesTr", out / "labelsTr", out):
+    for folder in [out / "imagesTr", out / "labelsTr", out, *out.glob("sub-*/*")]:
         for tmp in folder.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
 
@@ -248,22 +277,25 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     out = Path(out)
     record = run_record(bank, bank_dir, cfg)
     check_base_cases(bank)
-    _prepare_output(out, record, resume or shard_n > 1)
+    if cfg.format == "bids":
+        from .io import bids
+
+        bids.subject_labels([c["case_id"] for c in bank.cases] + [f"{cfg.case_prefix}{i:05d}" for i in range(cfg.n)])
+    _prepare_output(out, record, resume or shard_n > 1, nnunet_folders=cfg.format == "nnunet")
     _remove_stale_temporaries(out) if resume else None
 
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     done = _read_records(out)
     todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]
     refs = [r for k, r in enumerate(bank.case_refs()) if k % shard_n == shard_i]
-    n_channels = len(bank.channel_names)
     timings: list[dict] = []
     progress_file = out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.jsonl"
     progress_file.parent.mkdir(exist_ok=True)
     with execution(backend, scheduler, jobs) as n_jobs:
         parallel = Parallel(n_jobs=n_jobs, return_as="generator")
         if cfg.include_originals:
-            missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, n_channels, cfg))]
-            tasks = (delayed(_copy_original_task)(r, n_channels, str(out), cfg) for r in missing)
+            missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, bank, cfg, True))]
+            tasks = (delayed(_copy_original_task)(r, str(bank_dir), str(out), cfg) for r in missing)
             for _ in tqdm(parallel(tasks), total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
         tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds, device) for i in todo)
@@ -284,8 +316,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
 def _originals_complete(out: Path, bank: Bank, cfg: GenerateConfig) -> bool:
     if not cfg.include_originals:
         return True
-    n_channels = len(bank.channel_names)
-    return all(p.is_file() for c in bank.cases for p in _case_files(out, c["case_id"], n_channels, cfg))
+    return all(p.is_file() for c in bank.cases for p in _case_files(out, c["case_id"], bank, cfg, True))
 
 
 def finalize_run(out: str | Path) -> GenerateResult:
@@ -313,8 +344,15 @@ def finalize_run(out: str | Path) -> GenerateResult:
     return GenerateResult(out, records, [])
 
 
-def _case_files(out: Path, case_id: str, n_channels: int, cfg: GenerateConfig) -> list[Path]:
-    images, label = case_paths(out, case_id, n_channels, cfg.file_ending)
+def _case_files(out: Path, case_id: str, bank: Bank, cfg: GenerateConfig, original: bool) -> list[Path]:
+    """Every file of a case (with BIDS sidecars), to tell whether it is complete."""
+    if cfg.format == "bids":
+        from .io import bids
+
+        images, label = bids.bids_case_paths(out, case_id, bank.channel_names, cfg.file_ending,
+                                             labels=bank.index["labels"], original=original)
+        return images + [label] + [bids.sidecar_path(p) for p in images + [label]]
+    images, label = case_paths(out, case_id, len(bank.channel_names), cfg.file_ending)
     return images + [label]
 
 
@@ -337,7 +375,7 @@ def check_base_cases(bank: Bank) -> None:
                                  f"changed since build-bank); rebuild the bank")
 
 
-def _prepare_output(out: Path, record: dict, resume: bool) -> None:
+def _prepare_output(out: Path, record: dict, resume: bool, nnunet_folders: bool = True) -> None:
     """Create the output folder; refuse a non-empty one unless it is an unfinished run of the same config."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
@@ -353,8 +391,10 @@ def _prepare_output(out: Path, record: dict, resume: bool) -> None:
             raise InputError(f"{out}: holds a run with a different configuration; choose a new folder")
         if not resume:
             raise InputError(f"{out}: holds an earlier run of this configuration; add --resume to complete it")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if nnunet_folders:
+        (out / "imagesTr").mkdir(exist_ok=True)
+        (out / "labelsTr").mkdir(exist_ok=True)
     write_json(out / RUN_FILE, record)
 
 
@@ -373,7 +413,13 @@ def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], va
         "description": f"lesionsynth {__version__}: {len(records)} synthetic cases (load '{cfg.load}', "
                        f"mode '{cfg.mode}', seed {cfg.seed})" + (f" + {len(originals)} originals" if originals else ""),
     }
-    write_json(out / "dataset.json", dataset)
+    if cfg.format == "bids":
+        from .io import bids
+
+        bids.write_bids_metadata(out, json.loads((out / RUN_FILE).read_text()), records, originals,
+                                 bank.channel_names, labels)
+    else:
+        write_json(out / "dataset.json", dataset)
     if originals and len(val_folds) > 1:
         splits = []
         for f, val in enumerate(val_folds):

@@ -30,6 +30,11 @@ def real_data() -> Path:
     return root
 
 
+def _mm(img):
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
 def blob_dataset(root: Path, n_cases: int = 4, shape=(48, 44, 36), spacing=(1.0, 1.2, 1.5), seed: int = 0,
                  channels=("T1", "FLAIR"), oblique: bool = False, multiclass: bool = False) -> Path:
     """A small nnU-Net v2 dataset: an ellipsoid 'body' with bright spherical lesions."""
@@ -60,8 +65,8 @@ def blob_dataset(root: Path, n_cases: int = 4, shape=(48, 44, 36), spacing=(1.0,
         for ci, _name in enumerate(channels):
             img = np.where(lesion, 160.0 - 40 * ci, base * (1 + 0.2 * ci))
             img = ndimage.gaussian_filter(img, 0.7) + rng.normal(0, 3, shape)
-            nib.save(nib.Nifti1Image(img.astype(np.float32), affine), root / "imagesTr" / f"case{k}_{ci:04d}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case{k}.nii.gz")
+            nib.save(_mm(nib.Nifti1Image(img.astype(np.float32), affine)), root / "imagesTr" / f"case{k}_{ci:04d}.nii.gz")
+        nib.save(_mm(nib.Nifti1Image(label, affine)), root / "labelsTr" / f"case{k}.nii.gz")
     labels = {"background": 0, "organ": 1, "lesion": 2} if multiclass else {"background": 0, "lesion": 1}
     meta = {"channel_names": {str(i): n for i, n in enumerate(channels)}, "labels": labels,
             "numTraining": n_cases, "file_ending": ".nii.gz"}

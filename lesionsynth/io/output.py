@@ -34,9 +34,11 @@ class WriteError(LesionsynthError):
 
 
 def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray, base: Case,
-               ending: str = ".nii.gz", compression_level: int = 1) -> None:
-    """Write all channels then the label, each atomically, with the base case's affine and headers."""
-    images, label_path = case_paths(out, case_id, channels.shape[0], ending)
+               ending: str = ".nii.gz", compression_level: int = 1, paths=None) -> None:
+    """Write all channels then the label, each atomically, with the base case's affine and headers.
+
+    `paths` = (image paths, label path) of another layout (BIDS); default the nnU-Net layout."""
+    images, label_path = paths or case_paths(out, case_id, channels.shape[0], ending)
     try:
         _write_case_files(images, label_path, channels, label, base, compression_level)
     except OSError as exc:
@@ -55,17 +57,18 @@ def _write_case_files(images, label_path, channels, label, base, compression_lev
     save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
 
 
-def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1) -> None:
+def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1,
+                  paths=None) -> None:
     """Put an original case into the output: copy 3-D image files as they are, rewrite the label as uint8."""
     try:
-        _copy_original_files(out, case, image_paths, ending, compression_level)
+        _copy_original_files(out, case, image_paths, ending, compression_level, paths)
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write ({exc.strerror or exc}); free the space or fix "
                          f"the folder, then rerun with --resume") from None
 
 
-def _copy_original_files(out: Path, case: Case, image_paths, ending: str, compression_level: int) -> None:
-    images, label_path = case_paths(out, case.case_id, case.channels.shape[0], ending)
+def _copy_original_files(out: Path, case: Case, image_paths, ending: str, compression_level: int, paths) -> None:
+    images, label_path = paths or case_paths(out, case.case_id, case.channels.shape[0], ending)
     same_files = len(image_paths) == len(images) and all(str(p).endswith(ending) for p in image_paths)
     for c, dst in enumerate(images):
         if same_files and len(case.channel_headers[c].get_data_shape()) == 3:
