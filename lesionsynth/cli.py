@@ -178,7 +178,8 @@ def check(
     """Check every case of DATASET and print every problem found (exit status 2 if there is any)."""
     from .io.validate import format_report, validate_dataset
 
-    spec, problems = validate_dataset(dataset, tuple(lesion_label), tuple(region_label), jobs=_jobs(jobs))
+    spec, problems = validate_dataset(dataset, tuple(lesion_label), tuple(region_label), jobs=_jobs(jobs),
+                                      progress=True)
     typer.echo(format_report(spec, problems))
     if problems:
         raise typer.Exit(InputError.exit_code)

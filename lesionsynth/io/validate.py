@@ -393,7 +393,7 @@ def _loose_files(spec: DatasetSpec) -> list[tuple[str, tuple]]:
     return out
 
 
-def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1
+def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1, progress: bool = False
                      ) -> tuple[DatasetSpec | None, list[Problem]]:
     """Check a dataset completely; return its spec (None if it cannot be opened) and every problem found."""
     try:
@@ -427,17 +427,16 @@ def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1
 
     n_channels = len(spec.channel_names)
     decl = tuple(declared) or None
+    from joblib import Parallel, delayed
+    from tqdm import tqdm
+
+    from ..parallel import worker_threads_limited
+
     tasks = [("case", ref) for ref in spec.cases] + _loose_files(spec)
-    if jobs == 1 or len(tasks) < 2:
-        results = [_check_task(kind, item, n_channels, decl, spec.channel_names) for kind, item in tasks]
-    else:
-        from joblib import Parallel, delayed
-
-        from ..parallel import worker_threads_limited
-
-        with worker_threads_limited(jobs):
-            results = Parallel(n_jobs=jobs)(delayed(_check_task)(kind, item, n_channels, decl, spec.channel_names)
-                                            for kind, item in tasks)
+    with worker_threads_limited(jobs):
+        checks = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_check_task)(kind, item, n_channels, decl, spec.channel_names) for kind, item in tasks)
+        results = list(tqdm(checks, total=len(tasks), desc="check", unit="file", disable=not progress))
     label_counts = []
     for probs, counts in results:
         problems.extend(probs)
