@@ -94,3 +94,17 @@ def test_originals_are_included_unchanged(generated):
         assert np.array_equal(np.rint(la), lb)
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == len(ids) + 4
     assert meta["channel_names"] == json.loads((out / "dataset.json").read_text())["channel_names"]
+
+
+def test_torchio_loads_output_with_the_same_geometry(generated):
+    tio = pytest.importorskip("torchio")
+    _, source, _, out = generated
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    subject = tio.Subject(image=tio.ScalarImage(out / "imagesTr" / f"{rec['case_id']}_0000.nii.gz"),
+                          label=tio.LabelMap(out / "labelsTr" / f"{rec['case_id']}.nii.gz"))
+    subject.check_consistent_space()  # TorchIO's own check that image and label share one grid
+    base = nib.load(source / "labelsTr" / f"{rec['base_case']}.nii.gz")
+    assert np.allclose(subject.label.affine, base.affine, atol=1e-4)
+    assert subject.label.data.shape[1:] == base.shape
+    batch = tio.SubjectsLoader(tio.SubjectsDataset([subject]), batch_size=1)
+    assert next(iter(batch))["label"][tio.DATA].shape[2:] == base.shape
