@@ -17,13 +17,15 @@ from .errors import InputError
 from .geometry import apply_affine, ball, crop_affine, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
+from .labels import label_in
+from .prior import Grid, Region, allowed_region, finish_likelihood, reference_grid, region_world_points, splat
 from .stats import noise_sd
-from .prior import Grid, allowed_region, finish_likelihood, reference_grid, region_world_points, splat
 
 BANK_FORMAT = 1
 IMAGES_FILE = "lesion_images.f32"
 MASKS_FILE = "lesion_masks.u8"
 LIKELIHOOD_FILE = "likelihood.nii.gz"
+REGIONS_FILE = "body_regions.u1"  # packed coarse body masks of the cases without region labels
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class BankConfig:
 
 
 def lesion_mask(label: np.ndarray, lesion_labels) -> np.ndarray:
-    return np.isin(label, np.asarray(lesion_labels, dtype=label.dtype))
+    return label_in(label, lesion_labels)
 
 
 def case_load(label: np.ndarray, affine: np.ndarray, lesion_labels) -> tuple[float, int]:
@@ -135,6 +137,8 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
         "voxel_volume": voxel_volume(case.affine),
         "region_world": region_world_points(region, case.affine).astype(np.float32),
         "region_stride": region.stride,
+        # the body mask costs a closing and a hole filling of the whole case: done once here, not per output
+        "body_region": None if region.region_labels else region.coarse,
     }
 
 
@@ -201,6 +205,16 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
                 image_offset += image.size
                 mask_offset += mask.size
                 lesions_meta.append(les)
+    region_offset = 0
+    with open(folder / REGIONS_FILE, "wb") as fr:
+        for r in results:
+            body = r.pop("body_region")
+            if body is not None:
+                packed = np.packbits(body.ravel())
+                fr.write(packed.tobytes())
+                r["case"]["body_region"] = {"offset": region_offset, "shape": list(body.shape),
+                                            "stride": list(r["region_stride"])}
+                region_offset += packed.size
     grids = [Grid(tuple(r["case"]["shape"]), np.array(r["case"]["affine"])) for r in results]
     ref, shared = reference_grid(grids, config.likelihood_spacing_mm)
     lesion_sum = np.zeros(ref.shape, dtype=np.float32)
@@ -297,6 +311,20 @@ class Bank:
         image = self._images[les["image_offset"]: les["image_offset"] + c * n].reshape((c,) + shape)
         mask = self._masks[les["mask_offset"]: les["mask_offset"] + n].reshape(shape)
         return image, mask
+
+    def body_region(self, case_id: str) -> Region | None:
+        """The stored body-foreground region of a base case (None if it has region labels or the bank
+        predates stored regions): the same mask `allowed_region` computes from the case."""
+        case = next(c for c in self.cases if c["case_id"] == case_id)
+        info = case.get("body_region")
+        if info is None:
+            return None
+        shape = tuple(info["shape"])
+        n = int(np.prod(shape))
+        packed = np.fromfile(self.folder / REGIONS_FILE, dtype=np.uint8, count=(n + 7) // 8,
+                             offset=int(info["offset"]))
+        coarse = np.unpackbits(packed, count=n).reshape(shape).astype(bool)
+        return Region(tuple(int(v) for v in info["stride"]), coarse, ())
 
     def likelihood(self) -> tuple[np.ndarray, np.ndarray]:
         """(map, affine) of the lesion likelihood map, loaded once."""

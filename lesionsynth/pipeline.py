@@ -115,7 +115,9 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         case.channels, case.label = warp_case(case.channels, case.label, case.affine, volume_warp, device)
 
     lesion_labels = bank.lesion_labels
-    region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
+    region = bank.body_region(base_id) if volume_warp is None else None
+    if region is None:
+        region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
     likelihood, lk_affine = bank.likelihood()
     density = placement_density(region, case.label, case.affine, lesion_labels, likelihood, lk_affine)
     train_set = set(train)

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from .bank import lesion_mask
 from .geometry import structure_for, voxel_volume
+from .labels import label_in
 from .prior import PlacementDensity
 from .render import RenderContext, render_op
 
@@ -106,7 +107,7 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
         return False
     idx = idx[inside]
     in_region = region.contains(label, idx).sum() / len(pts)
-    overlap = np.isin(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
+    overlap = label_in(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
     return in_region >= cfg.min_region_fraction - 0.05 and overlap <= cfg.max_overlap_fraction + 0.05
 
 

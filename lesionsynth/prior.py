@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import apply_affine, coarse_stride, crop_affine, spacing_of, voxel_volume
+from .labels import label_in
 
 #: Default physical size of the coarse grid used for regions and placement (mm).
 COARSE_MM = 2.0
@@ -58,14 +59,14 @@ class Region:
         """Whether full-resolution voxel indices (N, 3) lie in the region."""
         index = np.asarray(index)
         if self.region_labels:
-            return np.isin(label[tuple(index.T)], self.region_labels)
+            return label_in(label[tuple(index.T)], self.region_labels)
         c = np.minimum(index // np.asarray(self.stride), np.asarray(self.coarse.shape) - 1)
         return self.coarse[tuple(c.T)]
 
     def mask_in(self, label_crop: np.ndarray, start) -> np.ndarray:
         """Region mask over a full-resolution crop that starts at voxel `start`."""
         if self.region_labels:
-            return np.isin(label_crop, self.region_labels)
+            return label_in(label_crop, self.region_labels)
         grids = [(np.arange(n) + s) // st for n, s, st in zip(label_crop.shape, start, self.stride)]
         grids = [np.minimum(g, m - 1) for g, m in zip(grids, self.coarse.shape)]
         return self.coarse[np.ix_(*grids)]
@@ -78,7 +79,7 @@ def allowed_region(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, 
     sl = tuple(slice(None, None, s) for s in stride)
     region_labels = tuple(int(v) for v in region_labels)
     if region_labels:
-        coarse = np.isin(label[sl], region_labels)
+        coarse = label_in(label[sl], region_labels)
         if coarse.any():
             return Region(stride, coarse, region_labels)
     return Region(stride, body_foreground(channels[0][sl], channel_names[0]), ())
@@ -173,7 +174,7 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     stride = region.stride
     c_aff = coarse_affine(affine, stride)
     sl = tuple(slice(None, None, s) for s in stride)
-    free = ~ndimage.binary_dilation(np.isin(label[sl], lesion_labels))
+    free = ~ndimage.binary_dilation(label_in(label[sl], lesion_labels))
     allowed = region.coarse & free[tuple(slice(0, n) for n in region.coarse.shape)]
     fallback = None
     weights = None

@@ -15,25 +15,40 @@ def _sample(where: np.ndarray) -> np.ndarray:
     return idx
 
 
-def median_and_noise(channel: np.ndarray, where: np.ndarray) -> tuple[float, float]:
-    """(median, noise sd) of a channel within `where`; (nan, 0) if fewer than 10 voxels.
+def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, float]]:
+    """(median, noise sd) of each channel (C, X, Y, Z) within `where`; (nan, 0) if fewer than 10 voxels.
 
     Noise = MAD of the voxel minus its 3x3x3 mean (corrected for the mean containing the voxel itself),
     a robust estimate of white noise that ignores smooth intensity changes. Only the sampled voxels and
-    their neighbours are read, so the cost does not grow with the size of `channel`.
+    their neighbours are read, so the cost does not grow with the size of the channels.
     """
     idx = _sample(where)
     if idx.size < 10:
-        return float("nan"), 0.0
-    ijk = np.unravel_index(idx, channel.shape)
-    values = channel[ijk].astype(np.float64)
-    upper = np.array(channel.shape) - 1
-    total = np.zeros(idx.size, dtype=np.float64)
-    for offset in np.indices((3, 3, 3)).reshape(3, -1).T - 1:
-        total += channel[tuple(np.clip(a + o, 0, u) for a, o, u in zip(ijk, offset, upper))]
-    resid = values - total / 27.0
-    noise = 1.4826 * np.median(np.abs(resid - np.median(resid))) / np.sqrt(1 - 1 / 27)
-    return float(np.median(values)), float(noise)
+        return [(float("nan"), 0.0)] * channels.shape[0]
+    ijk = np.unravel_index(idx, where.shape)
+    # flat offsets of the 3 clipped neighbour positions along each axis; 27 sums of them below
+    strides = np.cumprod((1,) + where.shape[:0:-1])[::-1]
+    along = [[np.clip(a + o, 0, n - 1) * st for o in (-1, 0, 1)] for a, n, st in zip(ijk, where.shape, strides)]
+    neighbours = [i + j + k for i in along[0] for j in along[1] for k in along[2]]
+    values = np.empty((channels.shape[0], idx.size), dtype=np.float64)
+    resid = np.empty_like(values)
+    for c in range(channels.shape[0]):
+        flat = np.ascontiguousarray(channels[c]).reshape(-1)
+        total = np.zeros(idx.size, dtype=np.float64)
+        for n in neighbours:
+            total += flat.take(n)
+        values[c] = flat.take(idx)
+        resid[c] = values[c] - total / 27.0
+    out = []
+    for v, r in zip(values, resid):
+        noise = 1.4826 * np.median(np.abs(r - np.median(r))) / np.sqrt(1 - 1 / 27)
+        out.append((float(np.median(v)), float(noise)))
+    return out
+
+
+def median_and_noise(channel: np.ndarray, where: np.ndarray) -> tuple[float, float]:
+    """(median, noise sd) of one channel within `where` (see channel_stats)."""
+    return channel_stats(channel[None], where)[0]
 
 
 def noise_sd(channel: np.ndarray, where: np.ndarray) -> float:

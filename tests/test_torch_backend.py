@@ -170,15 +170,16 @@ def test_axis_aligned_paste_with_integer_coordinates_keeps_the_whole_mask(flip):
           "elastic_mm": np.zeros((4, 4, 4, 3)).tolist()}
     args = (image, mask, src_affine, src_centre, tgt_affine, (90, 80, 60), op, None, 0.0)
     expected, got = resample_lesion(*args), tb.resample_lesion_torch(*args, device="cpu")
-    assert got[0] == expected[0] and got[1].shape == expected[1].shape and got[2].shape == expected[2].shape
+    # the box follows the soft mask, so numpy's dropped face (see above) may make its box one voxel smaller
+    assert all(g.start <= e.start and e.stop <= g.stop for g, e in zip(got[0], expected[0]))
     assert abs(float(got[2].sum()) - float(mask.sum())) < 1e-2
     # ground truth by plain indexing: the source voxel of every target voxel is an integer
     m = source_from_target(src_affine, src_centre, tgt_affine, src_centre, flip, [0.0] * 3, 1.0)
-    idx = np.rint(source_coordinates(expected[0], m)).astype(int)
+    idx = np.rint(source_coordinates(got[0], m)).astype(int)
     inside = np.all([(i >= 0) & (i < n) for i, n in zip(idx, mask.shape)], axis=0)
     src = tuple(i[inside] for i in idx)
     np.testing.assert_allclose(got[2][inside], mask[src], atol=1e-5)
-    assert np.abs(got[2][~inside]).max() == 0.0
+    assert not got[2][~inside].any()
     lesion = mask[src] > 0  # support_mm = 0: channels only where the soft mask is > 0
     np.testing.assert_allclose(got[1][:, inside][:, lesion], image[(slice(None),) + src][:, lesion], rtol=1e-5,
                                atol=1e-3)

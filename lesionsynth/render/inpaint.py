@@ -12,8 +12,9 @@ import numpy as np
 import skfmm
 from scipy import ndimage
 
-from ..stats import noise_sd
 from ..geometry import ball, spacing_of, structure_for
+from ..labels import label_in
+from ..stats import noise_sd
 from .paste import Patch
 
 #: Normal tissue ring around the hole used for the local noise estimate (mm).
@@ -22,7 +23,7 @@ RING_MM = 3.0
 
 def component_in_box(label: np.ndarray, box, seed_voxel, lesion_labels, connectivity: int) -> np.ndarray:
     """Boolean mask (over `box`) of the lesion component that contains `seed_voxel`."""
-    crop = np.isin(label[box], lesion_labels)
+    crop = label_in(label[box], lesion_labels)
     comps, _ = ndimage.label(crop, structure=structure_for(connectivity))
     local = tuple(int(v) - s.start for v, s in zip(seed_voxel, box))
     k = comps[local]
@@ -32,50 +33,77 @@ def component_in_box(label: np.ndarray, box, seed_voxel, lesion_labels, connecti
 
 
 def fill_order_distance(hole: np.ndarray, spacing) -> np.ndarray:
-    """Distance (mm) of each hole voxel from the known boundary, by fast marching (0 outside the hole)."""
-    phi = np.where(hole, -1.0, 1.0)
-    dist = np.asarray(skfmm.distance(phi, dx=np.asarray(spacing, dtype=np.float64)))
-    return np.where(hole, -dist, 0.0)
+    """Distance (mm) of each hole voxel from the known boundary, by fast marching (0 outside the hole).
+
+    Only the hole and the known voxels next to it take part (the rest is masked out of the march): the
+    distance inside the hole depends on nothing else, and the box around a lesion is mostly tissue.
+    """
+    near = ndimage.binary_dilation(hole)
+    phi = np.ma.MaskedArray(np.where(hole, -1.0, 1.0), mask=~near)
+    dist = skfmm.distance(phi, dx=np.asarray(spacing, dtype=np.float64))
+    return np.where(hole, -np.ma.getdata(dist), 0.0)
 
 
-def _neighbour_kernel(spacing) -> np.ndarray:
+def _neighbour_weights(spacing) -> tuple[np.ndarray, np.ndarray]:
+    """The 26 neighbour offsets (26, 3) and their inverse-distance weights."""
     offsets = np.indices((3, 3, 3)).reshape(3, -1).T - 1
+    offsets = offsets[np.any(offsets != 0, axis=1)]
     dist = np.sqrt(((offsets * np.asarray(spacing)) ** 2).sum(axis=1))
-    weights = np.where(dist > 0, 1.0 / np.where(dist > 0, dist, 1.0), 0.0)
-    return weights.reshape(3, 3, 3).astype(np.float32)
+    return offsets, (1.0 / dist).astype(np.float32)
 
 
 def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
-    """Fill `hole` in every channel in fast-marching order. Returns (filled channels, distance map)."""
+    """Fill `hole` in every channel in fast-marching order. Returns (filled channels, distance map).
+
+    Band by band (one voxel size of distance each), every hole voxel with known neighbours takes the
+    inverse-distance-weighted mean of them (all voxels of a pass from the values before it); a band is
+    passed again until no voxel of it gains a known neighbour. Only hole voxels are visited.
+    """
     dist = fill_order_distance(hole, spacing)
-    kernel = _neighbour_kernel(spacing)
+    offsets, weights = _neighbour_weights(spacing)
+    padded = tuple(n + 2 for n in hole.shape)  # a one-voxel border of unknown zeros: no bounds checks
+    inner = tuple(slice(1, n + 1) for n in hole.shape)
+    steps = np.ravel_multi_index(tuple((offsets + 1).T), padded) - np.ravel_multi_index((1, 1, 1), padded)
+    known = np.zeros(padded, dtype=bool)
+    known[inner] = ~hole
+    known = known.reshape(-1)
+    values = np.zeros((channels.shape[0],) + padded, dtype=np.float32)
+    values[(slice(None),) + inner] = channels
+    values = values.reshape(channels.shape[0], -1)
+    where = np.argwhere(hole) + 1
+    order = np.argsort(dist[hole], kind="stable")
+    todo = np.ravel_multi_index(tuple(where.T), padded)[order]
+    todo_dist = dist[hole][order]
     band = float(np.min(spacing))
-    known = ~hole
-    out = channels.astype(np.float32, copy=True)
-    remaining = hole.copy()
-    level = band
-    top = float(dist.max()) + 2 * band
-    while remaining.any():
+    top = float(todo_dist[-1]) + 2 * band if todo.size else 0.0
+    pending = np.empty(0, dtype=np.int64)
+    taken, level = 0, band
+    while taken < todo.size or pending.size:
         if level > top:  # unreachable voxels (cannot happen with a known border): use the known mean
-            for c in range(out.shape[0]):
-                out[c][remaining] = out[c][known].mean() if known.any() else 0.0
+            pending = np.concatenate([pending, todo[taken:]])
+            for c in range(values.shape[0]):
+                values[c][pending] = values[c][known].mean() if known.any() else 0.0
             break
-        current = remaining & (dist <= level)
-        if current.any():
-            box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndimage.find_objects(current.astype(np.uint8))[0])
-            k_known = known[box].astype(np.float32)
-            weight = ndimage.correlate(k_known, kernel, mode="constant")
-            ready = current[box] & (weight > 0)
-            for c in range(out.shape[0]):
-                total = ndimage.correlate(out[c][box] * k_known, kernel, mode="constant")
-                view = out[c][box]
-                view[ready] = total[ready] / weight[ready]
-            known[box] |= ready
-            remaining[box] &= ~ready
+        upto = int(np.searchsorted(todo_dist, level, side="right"))
+        if upto > taken:
+            pending = np.concatenate([pending, todo[taken:upto]])
+            taken = upto
+        if pending.size:
+            around = pending[:, None] + steps[None, :]
+            w = known[around] * weights
+            total_w = w.sum(axis=1)
+            ready = total_w > 0
             if ready.any():
+                around, w, total_w = around[ready], w[ready], total_w[ready]
+                fresh = [np.einsum("nk,nk->n", values[c][around], w) / total_w for c in range(values.shape[0])]
+                for c, v in enumerate(fresh):
+                    values[c][pending[ready]] = v
+                known[pending[ready]] = True
+                pending = pending[~ready]
                 continue  # the same distance level may need another pass for voxels with no known neighbour yet
         level += band
-    return out, dist
+    out = values.reshape((channels.shape[0],) + padded)[(slice(None),) + inner]
+    return np.ascontiguousarray(out), dist
 
 
 def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: dict, lesion_labels,
@@ -88,7 +116,7 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
                 zip(((a0, a1), (b0, b1), (c0, c1)), margin, label.shape))
     component = component_in_box(label, box, op["seed_voxel"], lesion_labels, connectivity)
     crop_label = label[box]
-    lesion_any = np.isin(crop_label, lesion_labels)
+    lesion_any = label_in(crop_label, lesion_labels)
     hole = component | (ndimage.binary_dilation(component, structure=ball(op["rim_mm"], spacing)) & ~lesion_any)
     ring = ndimage.binary_dilation(hole, structure=ball(RING_MM, spacing)) & ~hole & ~lesion_any
     crop = channels[(slice(None),) + box]

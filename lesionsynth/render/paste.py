@@ -9,8 +9,9 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import spacing_of
-from ..stats import median_and_noise
-from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates
+from ..labels import label_in
+from ..stats import channel_stats
+from .transform import PointMapper, paste_geometry
 
 
 @dataclass
@@ -42,32 +43,96 @@ def feather_support_mm(settings: "PasteSettings") -> float:
     return 4.0 * settings.feather_mm
 
 
+#: Side (voxels) of the bricks that mark where a transformed lesion can land.
+BRICK = 2
+
+
+def mask_voxels(src_mask: np.ndarray, src_box=None) -> np.ndarray:
+    """Source voxel indices (N, 3) of the mask's non-zero voxels (searching `src_box` only, if given)."""
+    if src_box is None:
+        return np.argwhere(src_mask)
+    start = np.array([int(b[0]) for b in src_box])
+    return np.argwhere(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)]) + start
+
+
+def reachable_voxels(points: np.ndarray, geo, margin_vox: np.ndarray) -> np.ndarray:
+    """Target voxels (N, 3) of the box within `margin_vox` of where the source `points` land (rigid part),
+    in bricks of BRICK voxels: every voxel the soft mask can be non-zero at, and few others."""
+    fwd = np.linalg.inv(geo.src_from_tgt)
+    start = np.array([s.start for s in geo.box])
+    shape = np.array(geo.shape)
+    n_bricks = -(-shape // BRICK)
+    land = np.floor(points @ fwd[:3, :3].T + fwd[:3, 3]).astype(np.int64) - start
+    bricks = np.zeros(tuple(n_bricks), dtype=bool)
+    bricks[tuple(np.clip(land // BRICK, 0, n_bricks - 1).T)] = True
+    grow = np.ceil(margin_vox / BRICK).astype(int)
+    bricks = ndimage.maximum_filter(bricks, size=tuple(2 * grow + 1), mode="constant")
+    full = np.repeat(np.repeat(np.repeat(bricks, BRICK, 0), BRICK, 1), BRICK, 2)[tuple(slice(0, n) for n in shape)]
+    return np.argwhere(full) + start
+
+
+def support_box(box, lo, hi, reach) -> tuple[slice, ...]:
+    """`box` shrunk to the voxels [lo, hi] (inclusive, absolute) grown by `reach` voxels."""
+    return tuple(slice(max(s.start, int(a) - int(r)), min(s.stop, int(b) + int(r) + 1))
+                 for s, a, b, r in zip(box, lo, hi, reach))
+
+
 def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape,
                     op: dict, src_box=None, support_mm: float = 0.0
                     ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
-    """Resample the lesion's channels and mask onto the target box: (box, channels, soft mask) or None.
+    """Resample the lesion's channels and mask onto the target grid: (box, channels, soft mask) or None.
 
-    The box covers the transformed lesion (`src_box`, default the whole crop). Channels are only
-    interpolated within `support_mm` of the soft mask (zero elsewhere), which is all blending reads.
+    The box holds the soft mask (> 0) grown by `support_mm`, and channels are only interpolated there
+    (zero elsewhere), which is all blending reads. Only target voxels the lesion can reach are computed,
+    so the cost follows the lesion's volume, not its bounding box.
     """
-    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
-    if geo is None:
+    points = mask_voxels(src_mask, src_box)
+    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm,
+                         points)
+    if geo is None or not len(points):
         return None
-    box, shape, control = geo.box, geo.shape, geo.control
-    field = elastic_field(control, elastic_weights(box, geo.extent, control.shape[0])) if control.size else None
-    coords = source_coordinates(box, geo.src_from_tgt, field, tgt_affine)
-    soft = ndimage.map_coordinates(np.asarray(src_mask, dtype=np.float32), coords, order=1, mode="constant",
-                                   cval=0.0, prefilter=False)
+    mapper = PointMapper(geo, tgt_affine)
+    fwd = np.linalg.inv(geo.src_from_tgt)[:3, :3]
+    tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
+    # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
+    margin = np.abs(fwd).sum(axis=1) + tgt_inv @ mapper.bound_mm + 1.01  # + 1: landing points are floored
+    active = reachable_voxels(points.astype(np.float64), geo, margin)
+    values = ndimage.map_coordinates(np.asarray(src_mask, dtype=np.float32), mapper(active), order=1,
+                                     mode="constant", cval=0.0, prefilter=False)
+    hit = values > 0
+    if not hit.any():
+        return None
+    active, values = active[hit], values[hit]
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
+    box = support_box(geo.box, active.min(axis=0), active.max(axis=0), reach)
+    start = np.array([s.start for s in box])
+    shape = tuple(s.stop - s.start for s in box)
+    soft = np.zeros(shape, dtype=np.float32)
+    soft[tuple((active - start).T)] = values
     support = soft > 0
     if reach.max() > 0:  # a separable box max filter: much cheaper than binary_dilation with a 3-D structure
         support = ndimage.maximum_filter(support, size=tuple(2 * reach + 1), mode="constant")
-    points = coords[:, support]
+    coords = mapper(np.argwhere(support) + start)
     channels = np.zeros((src_image.shape[0],) + shape, dtype=np.float32)
     for c in range(src_image.shape[0]):
-        channels[c][support] = ndimage.map_coordinates(np.asarray(src_image[c]), points, order=1, mode="nearest",
+        channels[c][support] = ndimage.map_coordinates(np.asarray(src_image[c]), coords, order=1, mode="nearest",
                                                        prefilter=False)
     return box, channels, soft
+
+
+def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: float, tgt_affine):
+    """(box, channels, soft) cut down to the soft mask (> 0) grown by `support_mm`, as `resample_lesion`
+    returns them (the torch path computes its whole box); None if the soft mask is empty."""
+    nz = ndimage.find_objects((soft > 0).astype(np.uint8))
+    if not nz:
+        return None
+    start = np.array([s.start for s in box])
+    lo = start + [s.start for s in nz[0]]
+    hi = start + [s.stop - 1 for s in nz[0]]
+    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
+    new = support_box(box, lo, hi, reach)
+    local = tuple(slice(n.start - s, n.stop - s) for n, s in zip(new, start))
+    return new, channels[(slice(None),) + local], soft[local]
 
 
 def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, soft: np.ndarray, tissue: np.ndarray,
@@ -76,13 +141,14 @@ def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, s
 
     Only voxels the feathered alpha reaches are computed; the rest of the box keeps `dest`.
     """
-    alpha = ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing))
+    alpha = ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing), mode="constant")
     idx = np.flatnonzero(alpha > 1e-6)
     a = np.clip(alpha.ravel()[idx], 0.0, 1.0)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
     out = dest.copy()
+    dest_stats = channel_stats(dest, tissue)
     for c in range(dest.shape[0]):
-        dest_ref, dest_noise = median_and_noise(dest[c], tissue)
+        dest_ref, dest_noise = dest_stats[c]
         src_ref = src_stats[c]["shell"]["median"]
         src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
         values = lesion[c].ravel()[idx]
@@ -147,7 +213,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     dest_label = label[box]
     start = [s.start for s in box]
     region = region_fn(dest_label, start)
-    tissue = (soft < 0.02) & ~np.isin(dest_label, lesion_labels) & region
+    tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
     new_channels, new_label = blend_lesion(dest, dest_label, lesion, soft, tissue, spacing_of(affine),
                                            lesion_meta["stats"], op, settings)
     return Patch(box, new_channels, new_label, core, float(region[core].mean()))

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import spacing_of
+from .paste import crop_to_support, mask_voxels
 from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates, source_from_target
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -164,8 +165,10 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
     from soft > 0, as in the numpy path.
     """
     torch = _torch()
-    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
-    if geo is None:
+    points = mask_voxels(src_mask, src_box)
+    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm,
+                         points)
+    if geo is None or not len(points):
         return None
     control, extent, box, m, shape = geo.control, geo.extent, geo.box, geo.src_from_tgt, geo.shape
     a, b, s = _grid_affine(m, [sl.start for sl in box], src_mask.shape)
@@ -187,7 +190,7 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
         out[n_ch] *= _inside(grid[0], src_mask.shape)
         out[:n_ch].masked_fill_(~_support(out[n_ch], reach), 0.0)
         out = out.cpu().numpy()
-    return box, out[:n_ch], out[n_ch]
+    return crop_to_support(box, out[:n_ch], out[n_ch], support_mm, tgt_affine)
 
 
 # ------------------------------------------------------------------------------------------ full-volume warps

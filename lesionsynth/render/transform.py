@@ -82,16 +82,34 @@ class PasteGeometry:
 
 
 def paste_geometry(src_shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op: dict,
-                   support_mm: float) -> PasteGeometry | None:
-    """Box and maps of one paste operation; None if the lesion would land outside the target volume."""
+                   support_mm: float, src_points: np.ndarray | None = None) -> PasteGeometry | None:
+    """Box and maps of one paste operation; None if the lesion would land outside the target volume.
+
+    `src_points` (N, 3), the source voxels of the mask, tighten the box to where they land (the
+    transformed crop box is up to 5x larger than the rotated lesion); the elastic field stays anchored
+    to the transformed crop box, so the values do not depend on it.
+    """
     control = np.asarray(op["elastic_mm"], dtype=np.float32)
     transform = (op["centre_mm"], op["flip"], op["rotation_deg"], op["scale"])
     extent = lesion_extent(src_box if src_box is not None else src_shape, src_affine, src_centre, tgt_affine,
                            *transform)
-    box = target_box(extent, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
+    src_from_tgt = source_from_target(src_affine, src_centre, tgt_affine, *transform)
+    reach = extent
+    if src_points is not None and len(src_points):
+        reach = points_extent(src_points, src_from_tgt)
+    box = target_box(reach, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
     if box is None:
         return None
-    return PasteGeometry(control, extent, box, source_from_target(src_affine, src_centre, tgt_affine, *transform))
+    return PasteGeometry(control, extent, box, src_from_tgt)
+
+
+def points_extent(src_points: np.ndarray, src_from_tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) target voxel coordinates reached by the source voxels `src_points` (N, 3), each with the
+    one-voxel neighbourhood in which linear interpolation still sees it."""
+    fwd = np.linalg.inv(np.asarray(src_from_tgt, dtype=np.float64))
+    t = np.asarray(src_points, dtype=np.float64) @ fwd[:3, :3].T + fwd[:3, 3]
+    half = np.abs(fwd[:3, :3]).sum(axis=1)
+    return t.min(axis=0) - half, t.max(axis=0) + half
 
 
 def elastic_pad_mm(control_mm) -> float:
@@ -117,11 +135,54 @@ def elastic_field(control_mm: np.ndarray, weights: list[np.ndarray]) -> np.ndarr
     """Smooth displacement field (3, X, Y, Z) in mm from control-point displacements (K, K, K, 3)."""
     control = np.asarray(control_mm, dtype=np.float32)
     k = control.shape[0]
-    wx, wy, wz = weights
-    ny, nz = wy.shape[0], wz.shape[0]
-    small = np.einsum("ijkc,zk,yj->ciyz", control, wz, wy)   # (3, k, Y, Z): cheap, k rows only
+    wx = weights[0]
+    small = field_yz(control, weights)
+    ny, nz = small.shape[2:]
     # the big step is one batched matrix product that writes (3, X, Y, Z) in order
     return np.matmul(wx[None], small.reshape(3, k, ny * nz)).reshape(3, wx.shape[0], ny, nz)
+
+
+def field_yz(control_mm: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """The field interpolated along y and z only: (3, K, Y, Z); the x weights finish it (cheap, K rows)."""
+    control = np.asarray(control_mm, dtype=np.float32)
+    _, wy, wz = weights
+    along_z = np.tensordot(control, wz, axes=([2], [1]))       # (i, j, c, Z)
+    along_yz = np.tensordot(along_z, wy, axes=([1], [1]))      # (i, c, Z, Y)
+    return np.ascontiguousarray(along_yz.transpose(1, 0, 3, 2), dtype=np.float32)
+
+
+def field_bound_mm(small: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """Upper bound of |displacement| (mm) per world axis over the box, from `field_yz` and the x weights."""
+    peak = np.abs(small).reshape(small.shape[0], small.shape[1], -1).max(axis=2)   # (3, K)
+    return (np.abs(wx).astype(np.float64) @ peak.T.astype(np.float64)).max(axis=0)
+
+
+class PointMapper:
+    """Source coordinates of arbitrary target voxels of one paste (the same maths as `source_coordinates`,
+    elastic field included), so that only the voxels a lesion can reach are interpolated."""
+
+    def __init__(self, geo: "PasteGeometry", tgt_affine):
+        self.m = np.asarray(geo.src_from_tgt, dtype=np.float64)
+        self.start = np.array([s.start for s in geo.box])
+        self.small = self.wx = self.lin = None
+        self.bound_mm = np.zeros(3)
+        if geo.control.size:
+            weights = elastic_weights(geo.box, geo.extent, geo.control.shape[0])
+            self.wx, self.small = weights[0], field_yz(geo.control, weights)
+            self.lin = self.m[:3, :3] @ np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3])
+            self.bound_mm = field_bound_mm(self.small, self.wx)
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        """(3, N) float32 source voxel coordinates of target voxel indices (N, 3)."""
+        index = np.asarray(index, dtype=np.int64)
+        coords = self.m[:3, :3] @ index.T + self.m[:3, 3:4]
+        if self.small is not None:
+            rel = index - self.start
+            _, k, ny, nz = self.small.shape
+            yz = self.small.reshape(3 * k, ny * nz).take(rel[:, 1] * nz + rel[:, 2], axis=1).reshape(3, k, -1)
+            field = np.einsum("cin,in->cn", yz, self.wx.take(rel[:, 0], axis=0).T, optimize=False)
+            coords += self.lin @ field
+        return coords.astype(np.float32)
 
 
 def source_coordinates(box, src_from_tgt: np.ndarray, field_mm: np.ndarray | None = None,
