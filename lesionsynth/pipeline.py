@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bank import Bank, lesion_mask
+from .bank import Bank
 from .errors import InputError
 from .geometry import voxel_volume
 from .io import load_case
 from .io.output import case_paths, copy_original, write_case, write_json
+from .labels import count_in
 from .loads import FAMILIES, draw_target_load
 from .plan import MODES, AugmentConfig, case_rng, draw_volume_warp, plan_and_render_case
 from .prior import allowed_region, is_ct, placement_density
@@ -128,7 +129,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     channels, label = case.channels, case.label
     plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
                                 cfg.tolerance, cfg.mode, cfg.augment, region)
-    achieved_vox = int(np.count_nonzero(lesion_mask(label, lesion_labels)))
+    achieved_vox = count_in(label, lesion_labels)
     t_lesion = time.perf_counter()
 
     case_id = f"{cfg.case_prefix}{index:05d}"

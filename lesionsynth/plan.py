@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from .bank import lesion_mask
 from .geometry import structure_for, voxel_volume
-from .labels import label_in
+from .labels import count_in, label_in
 from .prior import PlacementDensity
 from .render import RenderContext, render_op
 
@@ -172,7 +172,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
     """
     vv = voxel_volume(affine)
     lesion_labels = ctx.lesion_labels
-    load_vox = int(np.count_nonzero(lesion_mask(label, lesion_labels)))
+    load_vox = count_in(label, lesion_labels)
     plan = CasePlan(round(target_mm3, 3), load_vox * vv)
     hi, lo = target_mm3 * (1 + tolerance), target_mm3 * (1 - tolerance)
 

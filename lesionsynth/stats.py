@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 #: Statistics use at most this many voxels (evenly spread), enough for a stable median.
-MAX_STAT_VOXELS = 20000
+MAX_STAT_VOXELS = 5000
 
 
 def _sample(where: np.ndarray) -> np.ndarray:

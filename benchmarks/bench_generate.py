@@ -1,0 +1,563 @@
+"""End-to-end speed and memory of `generate` on MNI-sized cases, against the issue's targets (issue 3).
+
+    python benchmarks/bench_generate.py [--quick] [--cases N] [--data DIR] [--load high]
+                                        [--load-range LO HI] [--folds 1] [--seed 0]
+                                        [--compression-level 1] [--torchio-cases K] [--torchio-threads T]
+                                        [--memory-cases K]
+                                        [--rounds R] [--profile K] [--work DIR] [--keep]
+                                        [--json PATH]
+
+Defaults: --data .cache/data/mni_lesions (6 cases, 197×233×189, 2 float32 channels + uint8 label),
+--cases 12, --load high, --folds 1 (with one fold every base case is used in turn, so 12 cases use each
+of the 6 originals twice), originals not copied into the output. `--quick`: 3 cases, 1 TorchIO case,
+1 memory case, 1 round (a smoke run, about a minute). A full run takes about 5 minutes on 2 cores.
+
+What is measured (all times are wall clock, `time.perf_counter`; the machine may be shared, so every
+row reports median, min and max over cases, and single runs of the whole call are noisy):
+
+1. `generate(..., jobs=1)`: per-case read / lesion work / write from the returned timings
+   (measured inside `synthesize_case`: read = bank lookup + target draw + `load_case`; lesion = region,
+   placement density, the plan/render loop and the label count; write = `write_case`); first round.
+2. I/O floor: `lesionsynth.io.load_case` + `lesionsynth.io.output.write_case` (same compression level,
+   same dtypes, into a temp folder) on the same base case as each generated case; ratio = median
+   generate per case / median floor per case.
+3. Throughput: wall clock of the whole `generate` call (bank opening, run.json, worker start-up at
+   --jobs 2 (loky processes, imports, per-worker bank opening), all cases, manifest/dataset.json/splits;
+   not the originals, which are left out) at --jobs 1 and --jobs 2 on the same N cases;
+   speed-up = (N / wall_j2) / (N / wall_j1), each wall the fastest of --rounds R runs (default 2).
+4. Bank size: the same run with a 10× bank. The 10× bank is bank.json with every lesion entry repeated
+   10 times (copies right after the original, new ids) and the crop files concatenated 10 times, each
+   copy's offsets pointing into its own copy of the arrays, so the bank really is 10× larger on disk
+   and in bank.json. Because each lesion's copies sit next to each other, the size-aware lesion draw
+   (one uniform through the cumulative weights) lands on a copy of the same lesion with the same random
+   stream, so every output case does the same lesion work (checked: the written images and labels are
+   compared byte for byte). The difference in per-case time is therefore only what bank size costs
+   (index parsing, per-case donor lists, per-paste weight lists, memory-mapped reads). Against the noise of
+   a shared machine, --rounds R (default 2) alternates 1x and 10x runs and compares, per case, the
+   fastest of the R runs (the first 1x round is the --jobs 1 run of item 1).
+5. Peak memory of a worker: a fresh child process runs one case with `synthesize_case` and reports its
+   peak resident set (VmHWM from /proc/self/status, i.e. the ru_maxrss of its own address space) after the
+   imports and the bank (baseline) and after the case (peak); "increment" = peak - baseline, compared with
+   one case in memory (channels float32 + uint8 label); the target is judged on the largest increment.
+   The total (interpreter, numpy/scipy/nibabel included) is shown too. (`getrusage().ru_maxrss` itself is
+   unusable in a child on Linux: it starts from the parent's high-water mark, carried over the exec.)
+6. TorchIO (when importable): per-case read (`tio.Subject(...).load()`) → `tio.RandomElasticDeformation()`
+   (defaults; SimpleITK with its default thread count, i.e. all cores, which favours TorchIO) → write
+   through lesionsynth's own `save_nifti` (same gzip path and level); speed-up = TorchIO median /
+   lesionsynth median per case at --jobs 1.
+
+Lesion counts: connected components (the bank's connectivity) of the written labels, after timing. On
+mni_lesions no load setting puts every case in 5-30 lesions: two base cases carry 36 and 54 lesions of
+their own (MS_01038, MS_01039), and the size-aware draw fills a high-load deficit of the 1-2-lesion
+stroke cases with a few large donors; `--load high` (the default here) gives about half the cases in
+5-30 and the most lesion work per case (the harder test). The counts are printed and kept in the JSON.
+`--profile K` additionally runs cProfile over `synthesize_case` for K cases and prints the top 15
+functions by tottime (not part of the timed runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, Bank, BankConfig, build_bank
+from lesionsynth.io import load_case
+from lesionsynth.io.nifti import has_fast_gzip, save_nifti
+from lesionsynth.io.output import write_case
+from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, synthesize_case
+
+ROOT = Path(__file__).resolve().parents[1]
+BANK_FACTOR = 10
+
+TARGETS = {
+    "generate_vs_floor": 1.5,   # generate per case ≤ 1.5 × I/O floor (jobs 1)
+    "vs_torchio": 20.0,         # ≥ 20 × faster than TorchIO
+    "jobs2_speedup": 1.8,       # ≥ 1.8 × throughput at --jobs 2
+    "bank10_within": 0.10,      # 10× bank within 10 % of 1×
+    "memory_vs_case": 3.0,      # peak memory per worker ≤ 3 × one case
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def summary(values) -> dict:
+    v = [float(x) for x in values]
+    if not v:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {"n": len(v), "median": statistics.median(v), "min": min(v), "max": max(v)}
+
+
+def gen_config(args, n: int) -> GenerateConfig:
+    return GenerateConfig(n=n, load=args.load, seed=args.seed, folds=args.folds,
+                          load_range=tuple(args.load_range) if args.load_range else None,
+                          include_originals=False, compression_level=args.compression_level)
+
+
+def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
+    """A bank `factor` × larger: arrays concatenated `factor` times, each lesion entry followed by its copies."""
+    dst.mkdir(parents=True)
+    index = json.loads((src / "bank.json").read_text())
+    n_img = (src / IMAGES_FILE).stat().st_size // 4   # offsets count float32 elements
+    n_mask = (src / MASKS_FILE).stat().st_size        # and uint8 elements
+    for name in (IMAGES_FILE, MASKS_FILE):
+        with open(src / name, "rb") as fin, open(dst / name, "wb") as fout:
+            for _ in range(factor):
+                fin.seek(0)
+                shutil.copyfileobj(fin, fout, 16 << 20)
+    shutil.copy2(src / index["likelihood"]["file"], dst / index["likelihood"]["file"])
+    lesions = []
+    for les in index["lesions"]:
+        for k in range(factor):
+            entry = dict(les)
+            if k:
+                entry["id"] = f"{les['id']}~copy{k}"
+                entry["image_offset"] = les["image_offset"] + k * n_img
+                entry["mask_offset"] = les["mask_offset"] + k * n_mask
+            lesions.append(entry)
+    index["lesions"] = lesions
+    (dst / "bank.json").write_text(json.dumps(index, indent=1) + "\n")
+    return {"lesions": len(lesions), "bank_json_bytes": (dst / "bank.json").stat().st_size,
+            "array_bytes": sum((dst / f).stat().st_size for f in (IMAGES_FILE, MASKS_FILE))}
+
+
+def run_generate(bank: Path, out: Path, cfg: GenerateConfig, jobs: int):
+    t = time.perf_counter()
+    result = generate(bank, out, cfg, jobs=jobs, progress=False)
+    wall = time.perf_counter() - t
+    timings = {t["case_id"]: t for t in result.timings}
+    cases = []
+    for rec in result.records:
+        tm = timings[rec["case_id"]]
+        cases.append({"case_id": rec["case_id"], "base_case": rec["base_case"], "read_s": tm["read_s"],
+                      "lesion_s": tm["lesion_s"], "write_s": tm["write_s"],
+                      "total_s": tm["read_s"] + tm["lesion_s"] + tm["write_s"],
+                      "pastes": rec["lesions_added"], "inpaints": rec["lesions_removed"],
+                      "failed_tries": rec["failed_placements"], "reached": rec["reached"]})
+    return wall, cases, result
+
+
+def case_stats(cases: list[dict]) -> dict:
+    return {k: summary(c[k] for c in cases) for k in ("read_s", "lesion_s", "write_s", "total_s")}
+
+
+def file_digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for sub in ("imagesTr", "labelsTr") for p in sorted((out / sub).iterdir())}
+
+
+def count_lesions(out: Path, records: list[dict], connectivity: int) -> list[int]:
+    from scipy import ndimage
+
+    from lesionsynth.geometry import structure_for
+    from lesionsynth.io.nifti import load_nifti, read_array
+
+    counts = []
+    for rec in records:
+        path = out / "labelsTr" / f"{rec['case_id']}.nii.gz"
+        label = read_array(load_nifti(path), path, np.uint8)
+        counts.append(int(ndimage.label(label > 0, structure=structure_for(connectivity))[1]))
+    return counts
+
+
+def io_floor(bank: Bank, base_cases: list[str], level: int, tmp: Path) -> list[dict]:
+    """load_case + write_case of each base case, no lesion work."""
+    refs = {r.case_id: r for r in bank.case_refs()}
+    n_channels = len(bank.channel_names)
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    rows = []
+    for i, base in enumerate(base_cases):
+        t0 = time.perf_counter()
+        case = load_case(refs[base], n_channels)
+        t1 = time.perf_counter()
+        write_case(tmp, f"floor{i:05d}", case.channels, case.label, case, ".nii.gz", level)
+        t2 = time.perf_counter()
+        rows.append({"base_case": base, "read_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0})
+        del case
+    return rows
+
+
+CHILD = r"""
+import json, resource, sys, time
+a = json.loads(sys.argv[1])
+
+
+def status_kib(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+import numpy, scipy.ndimage, skfmm, nibabel
+from lesionsynth.bank import Bank
+from lesionsynth.pipeline import GenerateConfig, synthesize_case, _open_bank
+from lesionsynth.plan import plan_and_render_case
+from lesionsynth.render import render_op
+conf = dict(a["cfg"]); conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
+cfg = GenerateConfig(**conf)
+bank = _open_bank(a["bank"])
+base = status_kib("VmHWM")
+base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+rec, tm = synthesize_case(a["index"], a["bank"], a["out"], cfg, a["val_folds"])
+wall = time.perf_counter() - t
+peak = status_kib("VmHWM")
+peak_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"index": a["index"], "base_case": rec["base_case"], "baseline_kib": base, "peak_kib": peak,
+                  "ru_maxrss_baseline_kib": base_ru, "ru_maxrss_peak_kib": peak_ru,
+                  "pastes": rec["lesions_added"], "inpaints": rec["lesions_removed"], "wall_s": wall}))
+"""
+
+
+def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Path) -> list[dict]:
+    """Run each case in a fresh child process; peak RSS after imports + bank (baseline) and after the case.
+
+    The peak is the child's VmHWM (/proc/self/status): ru_maxrss is not usable here because Linux carries
+    the parent's high-water mark over the exec of the child (the parent holds several cases by then),
+    so the child's ru_maxrss would report the benchmark process's peak; both are recorded in the JSON.
+    """
+    bank = Bank(bank_dir)
+    val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
+    conf = {"n": cfg.n, "load": cfg.load, "seed": cfg.seed, "folds": cfg.folds, "include_originals": False,
+            "load_range": list(cfg.load_range) if cfg.load_range else None,
+            "compression_level": cfg.compression_level}
+    rows = []
+    for i in indices:
+        out = tmp / f"case{i}"
+        (out / "imagesTr").mkdir(parents=True)
+        (out / "labelsTr").mkdir()
+        arg = json.dumps({"cfg": conf, "bank": str(bank_dir), "out": str(out), "index": i, "val_folds": val_folds})
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, env=env,
+                              check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(out)
+    return rows
+
+
+def torchio_bench(bank: Bank, base_cases: list[str], level: int, tmp: Path, seed: int,
+                  threads: int = 0) -> dict | None:
+    """TorchIO read → RandomElasticDeformation → write (lesionsynth's save_nifti) per case; `threads` > 0 sets
+    SimpleITK's (and torch's) thread count, else their defaults (all cores)."""
+    try:
+        import torch
+        import torchio as tio
+    except ImportError:
+        return None
+    try:
+        import SimpleITK as sitk
+        if threads > 0:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            torch.set_num_threads(threads)
+        threads = int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    except Exception:  # pragma: no cover
+        threads = None
+    torch.manual_seed(seed)
+    refs = {r.case_id: r for r in bank.case_refs()}
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    transform = tio.RandomElasticDeformation()
+    rows = []
+    for i, base in enumerate(base_cases):
+        ref = refs[base]
+        t0 = time.perf_counter()
+        images = {f"ch{c}": tio.ScalarImage(p) for c, p in enumerate(ref.image_paths)}
+        subject = tio.Subject(label=tio.LabelMap(ref.label_path), **images)
+        subject.load()
+        t1 = time.perf_counter()
+        warped = transform(subject)
+        t2 = time.perf_counter()
+        for c in range(len(ref.image_paths)):
+            img = warped[f"ch{c}"]
+            save_nifti(tmp / "imagesTr" / f"tio{i:05d}_{c:04d}.nii.gz", img.data[0].numpy(), img.affine, None,
+                       np.float32, level)
+        lab = warped["label"]
+        save_nifti(tmp / "labelsTr" / f"tio{i:05d}.nii.gz", lab.data[0].numpy(), lab.affine, None, np.uint8, level)
+        t3 = time.perf_counter()
+        rows.append({"base_case": base, "read_s": t1 - t0, "deform_s": t2 - t1, "write_s": t3 - t2,
+                     "total_s": t3 - t0})
+        del subject, warped
+    return {"version": tio.__version__, "torch": torch.__version__, "sitk_threads": threads, "cases": rows}
+
+
+def profile_cases(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Path, top: int = 15) -> str:
+    bank = Bank(bank_dir)
+    val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    prof = cProfile.Profile()
+    for i in indices:
+        prof.enable()
+        synthesize_case(i, str(bank_dir), str(tmp), cfg, val_folds)
+        prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime")
+    buf.write(f"cProfile of synthesize_case over cases {indices} (top {top} by tottime)\n")
+    stats.print_stats(top)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def fmt(v, unit="s", nd=3):
+    if v is None:
+        return "-"
+    return f"{v:.{nd}f}{unit}" if unit else f"{v:.{nd}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 cases, 1 TorchIO case, 1 memory case")
+    parser.add_argument("--cases", type=int, default=None, help="output cases per generate run (default 12)")
+    parser.add_argument("--data", default=str(ROOT / ".cache" / "data" / "mni_lesions"))
+    parser.add_argument("--load", default="high")
+    parser.add_argument("--load-range", type=float, nargs=2, metavar=("LO", "HI"), default=None)
+    parser.add_argument("--folds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compression-level", type=int, default=1)
+    parser.add_argument("--torchio-cases", type=int, default=None, help="default 3 (quick: 1); 0 skips")
+    parser.add_argument("--torchio-threads", type=int, default=0,
+                        help="SimpleITK/torch threads for TorchIO (default 0: their default, all cores)")
+    parser.add_argument("--memory-cases", type=int, default=None, help="default min(N, 6) (quick: 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="runs of each generate variant (jobs 1, jobs 1 with the 10x bank, jobs 2), alternating;"
+                             " the fastest is compared (default 2; quick: 1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="cProfile K cases at the end")
+    parser.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    args = parser.parse_args()
+    n = args.cases or (3 if args.quick else 12)
+    n_tio = args.torchio_cases if args.torchio_cases is not None else (1 if args.quick else 3)
+    n_rounds = max(1, args.rounds if args.rounds is not None else (1 if args.quick else 2))
+    n_mem = args.memory_cases if args.memory_cases is not None else (1 if args.quick else min(n, 6))
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_generate."))
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    results: dict = {"args": vars(args), "n": n, "machine": {
+        "python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
+        "platform": platform.platform(), "isal": has_fast_gzip(), "loadavg_start": os.getloadavg()}}
+    try:
+        # -- banks (building reads every case once, so all base files are in the page cache afterwards)
+        bank1 = work / "bank"
+        t = time.perf_counter()
+        build_bank(args.data, bank1, BankConfig(), jobs=2, progress=False)
+        results["bank_build_s"] = time.perf_counter() - t
+        bank10 = work / f"bank_x{BANK_FACTOR}"
+        t = time.perf_counter()
+        results["bank_x10"] = make_scaled_bank(bank1, bank10, BANK_FACTOR)
+        results["bank_x10"]["make_s"] = time.perf_counter() - t
+        bank = Bank(bank1)
+        results["bank_1x"] = {"lesions": len(bank.lesions), "cases": len(bank.cases),
+                              "bank_json_bytes": (bank1 / "bank.json").stat().st_size}
+        log(f"bank: {len(bank.lesions)} lesions from {len(bank.cases)} cases ({results['bank_build_s']:.1f}s); "
+            f"10x bank: {results['bank_x10']['lesions']} lesions")
+        cfg = gen_config(args, n)
+
+        # -- 1. generate at --jobs 1 (also the 1x bank run)
+        wall1, cases1, res1 = run_generate(bank1, work / "out_j1", cfg, 1)
+        log(f"generate jobs=1: {wall1:.1f}s for {n} cases")
+        counts = count_lesions(work / "out_j1", res1.records, int(bank.config["connectivity"]))
+        for c, k in zip(cases1, counts):
+            c["lesions_written"] = k
+        base_cases = [c["base_case"] for c in cases1]
+
+        # -- 2. I/O floor on the same base cases
+        floor = io_floor(bank, base_cases, args.compression_level, work / "floor")
+        shutil.rmtree(work / "floor")
+        log(f"I/O floor: {sum(r['total_s'] for r in floor):.1f}s for {n} cases")
+
+        # -- 3./4. rounds: each runs 10x bank (jobs 1) and jobs 2; rounds after the first also rerun 1x jobs 1.
+        # Per case / per call the fastest of the rounds is compared (a shared machine only ever adds time).
+        rounds_1x, rounds_10x, rounds_j2 = [cases1], [], []
+        walls = {"jobs1": [wall1], "jobs1_bank_x10": [], "jobs2": []}
+        identical = None
+        for r in range(n_rounds):
+            if r:
+                w, c, _ = run_generate(bank1, work / f"out_r{r}_1x", cfg, 1)
+                shutil.rmtree(work / f"out_r{r}_1x")
+                walls["jobs1"].append(w)
+                rounds_1x.append(c)
+            w, c, _ = run_generate(bank10, work / f"out_r{r}_10x", cfg, 1)
+            if identical is None:
+                identical = file_digests(work / "out_j1") == file_digests(work / f"out_r{r}_10x")
+            shutil.rmtree(work / f"out_r{r}_10x")
+            walls["jobs1_bank_x10"].append(w)
+            rounds_10x.append(c)
+            w, c, _ = run_generate(bank1, work / f"out_r{r}_j2", cfg, 2)
+            shutil.rmtree(work / f"out_r{r}_j2")
+            walls["jobs2"].append(w)
+            rounds_j2.append(c)
+            log(f"round {r + 1}/{n_rounds}: jobs 1 {walls['jobs1'][-1]:.1f}s, jobs 1 10x bank "
+                f"{walls['jobs1_bank_x10'][-1]:.1f}s (outputs identical to 1x: {identical}), "
+                f"jobs 2 {walls['jobs2'][-1]:.1f}s")
+        best1 = [min(rnd[i]["total_s"] for rnd in rounds_1x) for i in range(n)]
+        best10 = [min(rnd[i]["total_s"] for rnd in rounds_10x) for i in range(n)]
+        cases10, cases2 = rounds_10x[0], rounds_j2[0]
+        wall1, wall10, wall2 = min(walls["jobs1"]), min(walls["jobs1_bank_x10"]), min(walls["jobs2"])
+
+        # -- 5. peak memory per worker
+        mem = peak_memory(bank1, cfg, list(range(min(n_mem, n))), work / "mem")
+        shutil.rmtree(work / "mem", ignore_errors=True)
+        shape = tuple(bank.cases[0]["shape"])
+        voxels = int(np.prod(shape))
+        case_bytes = voxels * (4 * len(bank.channel_names) + 1)
+        log(f"memory: {len(mem)} child runs")
+
+        # -- 6. TorchIO
+        tio_res = None
+        if n_tio > 0:
+            tio_res = torchio_bench(bank, base_cases[:n_tio], args.compression_level, work / "tio", args.seed,
+                                    args.torchio_threads)
+            shutil.rmtree(work / "tio", ignore_errors=True)
+            log("TorchIO: " + ("not importable, skipped" if tio_res is None else f"{len(tio_res['cases'])} cases"))
+
+        profile_text = None
+        if args.profile:
+            profile_text = profile_cases(bank1, cfg, list(range(min(args.profile, n))), work / "prof")
+            shutil.rmtree(work / "prof", ignore_errors=True)
+        results["machine"]["loadavg_end"] = os.getloadavg()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ report
+    g1, g10, g2 = case_stats(cases1), case_stats(cases10), case_stats(cases2)
+    fl = {k: summary(r[k] for r in floor) for k in ("read_s", "write_s", "total_s")}
+    ratio_floor = g1["total_s"]["median"] / fl["total_s"]["median"]
+    per_case_ratio = summary(c["total_s"] / f["total_s"] for c, f in zip(cases1, floor))
+    thr1, thr2 = n / wall1, n / wall2
+    speedup = thr2 / thr1
+    b1, b10 = summary(best1), summary(best10)
+    bank_ratio = b10["median"] / b1["median"]
+    paired_bank = summary(b / a for a, b in zip(best1, best10))
+    mib = 1024.0
+    mem_inc = summary((m["peak_kib"] - m["baseline_kib"]) / mib for m in mem)
+    mem_tot = summary(m["peak_kib"] / mib for m in mem)
+    mem_base = summary(m["baseline_kib"] / mib for m in mem)
+    case_mib = case_bytes / 2**20
+    lesions = summary(c["lesions_written"] for c in cases1)
+    in_band = sum(5 <= c["lesions_written"] <= 30 for c in cases1)
+
+    rows = [("generate j1 read", g1["read_s"], "s"), ("generate j1 lesion work", g1["lesion_s"], "s"),
+            ("generate j1 write", g1["write_s"], "s"), ("generate j1 total / case", g1["total_s"], "s"),
+            ("I/O floor read (load_case)", fl["read_s"], "s"), ("I/O floor write (write_case)", fl["write_s"], "s"),
+            ("I/O floor total / case", fl["total_s"], "s"),
+            ("generate / floor, paired per case", per_case_ratio, "x"),
+            ("generate j2 total / case (in worker, round 1)", g2["total_s"], "s"),
+            ("generate j1 total / case, 10x bank, round 1", g10["total_s"], "s"),
+            (f"1x bank total / case, min of {n_rounds} rounds", b1, "s"),
+            (f"10x bank total / case, min of {n_rounds} rounds", b10, "s"),
+            ("10x / 1x bank, paired per case", paired_bank, "x"),
+            ("peak RSS increment / worker", mem_inc, " MiB"), ("peak RSS total / worker", mem_tot, " MiB"),
+            ("RSS after imports + bank", mem_base, " MiB"),
+            ("pastes / case", summary(c["pastes"] for c in cases1), ""),
+            ("inpaints / case", summary(c["inpaints"] for c in cases1), ""),
+            ("failed placement tries / case", summary(c["failed_tries"] for c in cases1), ""),
+            ("lesions in written label / case", lesions, "")]
+    tio_stats = None
+    if tio_res:
+        tio_stats = {k: summary(r[k] for r in tio_res["cases"]) for k in ("read_s", "deform_s", "write_s", "total_s")}
+        rows += [("TorchIO read", tio_stats["read_s"], "s"), ("TorchIO RandomElasticDeformation", tio_stats["deform_s"], "s"),
+                 ("TorchIO write (same gzip path)", tio_stats["write_s"], "s"),
+                 ("TorchIO total / case", tio_stats["total_s"], "s")]
+
+    print()
+    print(f"bench_generate: {n} cases of {'x'.join(map(str, shape))}, {len(bank.channel_names)} float32 channels, "
+          f"--load {args.load}" + (f" --load-range {args.load_range[0]:g} {args.load_range[1]:g}" if args.load_range else "")
+          + f", --folds {args.folds}, seed {args.seed}, gzip level {args.compression_level} "
+          f"({'isal' if has_fast_gzip() else 'stdlib gzip'}); {os.cpu_count()} CPUs, load average "
+          f"{results['machine']['loadavg_start'][0]:.2f} at start, {results['machine']['loadavg_end'][0]:.2f} at end")
+    print(f"bank 1x: {len(bank.lesions)} lesions, bank.json {results['bank_1x']['bank_json_bytes'] / 1e6:.2f} MB; "
+          f"bank 10x: {results['bank_x10']['lesions']} lesions, bank.json "
+          f"{results['bank_x10']['bank_json_bytes'] / 1e6:.2f} MB, arrays {results['bank_x10']['array_bytes'] / 1e6:.0f} MB; "
+          f"10x outputs byte-identical to 1x: {identical}")
+    print(f"lesions per written case: {[c['lesions_written'] for c in cases1]} ({in_band}/{n} in 5-30); "
+          f"base cases: {base_cases}")
+    print("times are per case, wall clock; median over cases (min, max) on a shared machine")
+    print()
+    w = 40
+    print(f"{'row':<{w}} {'median':>12} {'min':>12} {'max':>12}")
+    print("-" * (w + 39))
+    for name, s, unit in rows:
+        nd = 3 if unit in ("s", "x") else (0 if unit == " MiB" else 1)
+        print(f"{name:<{w}} {fmt(s['median'], unit, nd):>12} {fmt(s['min'], unit, nd):>12} {fmt(s['max'], unit, nd):>12}")
+    print("-" * (w + 39))
+    print(f"{'one case in memory (channels + label)':<{w}} {case_mib:>8.1f} MiB")
+    rw = lambda k: ", ".join(f"{v:.2f}" for v in walls[k])  # noqa: E731
+    print(f"{'whole generate call, jobs 1':<{w}} {wall1:>11.2f}s  ({thr1:.3f} cases/s; rounds {rw('jobs1')})")
+    print(f"{'whole generate call, jobs 2':<{w}} {wall2:>11.2f}s  ({thr2:.3f} cases/s; rounds {rw('jobs2')})")
+    print(f"{'whole generate call, jobs 1, 10x bank':<{w}} {wall10:>11.2f}s  (rounds {rw('jobs1_bank_x10')})")
+    print("(whole call = bank opening, run.json, worker start-up at jobs 2, all cases, manifest/dataset.json/"
+          "splits; originals left out)")
+    print()
+
+    checks = [
+        ("generate per case <= 1.5x I/O floor (jobs 1)", ratio_floor, ratio_floor <= TARGETS["generate_vs_floor"],
+         f"{g1['total_s']['median']:.3f}s / {fl['total_s']['median']:.3f}s = {ratio_floor:.2f}x"),
+        ("throughput jobs 2 >= 1.8x jobs 1", speedup, speedup >= TARGETS["jobs2_speedup"],
+         f"{thr2:.3f} / {thr1:.3f} cases/s = {speedup:.2f}x (fastest whole call of {n_rounds})"),
+        ("10x bank within 10% of 1x (per case)", bank_ratio, abs(bank_ratio - 1) <= TARGETS["bank10_within"],
+         f"{b10['median']:.3f}s / {b1['median']:.3f}s = {bank_ratio:.3f}x (medians of per-case min over "
+         f"{n_rounds} alternating round{'s' if n_rounds > 1 else ''})"),
+        ("peak memory per worker <= 3x one case", mem_inc["max"] / case_mib,
+         mem_inc["max"] / case_mib <= TARGETS["memory_vs_case"],
+         f"max increment {mem_inc['max']:.0f} MiB / {case_mib:.1f} MiB = {mem_inc['max'] / case_mib:.2f}x "
+         f"(total RSS {mem_tot['max']:.0f} MiB = {mem_tot['max'] / case_mib:.2f}x)"),
+    ]
+    if tio_stats:
+        vs = tio_stats["total_s"]["median"] / g1["total_s"]["median"]
+        checks.append(("lesionsynth >= 20x faster than TorchIO", vs, vs >= TARGETS["vs_torchio"],
+                       f"{tio_stats['total_s']['median']:.3f}s / {g1['total_s']['median']:.3f}s = {vs:.2f}x "
+                       f"(TorchIO {tio_res['version']}, SimpleITK threads {tio_res['sitk_threads']})"))
+    else:
+        checks.append(("lesionsynth >= 20x faster than TorchIO", None, None, "skipped (torchio not importable)"))
+    print("targets (issue 3)")
+    for name, _value, ok, detail in checks:
+        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"  {verdict}  {name:<46} {detail}")
+    if profile_text:
+        print()
+        print(profile_text)
+
+    results.update({
+        "shape": list(shape), "channels": len(bank.channel_names), "one_case_mib": case_mib,
+        "cases_jobs1": cases1, "cases_jobs2": cases2, "cases_bank_x10": cases10,
+        "rounds": {"n": n_rounds, "jobs1": rounds_1x, "jobs1_bank_x10": rounds_10x, "jobs2": rounds_j2,
+                   "best_1x_s": best1, "best_10x_s": best10, "walls_s": walls}, "io_floor": floor,
+        "memory": mem, "torchio": tio_res, "outputs_identical_1x_10x": identical,
+        "wall_s": {"jobs1": wall1, "jobs2": wall2, "jobs1_bank_x10": wall10},  # fastest of the rounds
+        "stats": {"generate_jobs1": g1, "generate_jobs2": g2, "generate_bank_x10": g10, "io_floor": fl,
+                  "torchio": tio_stats, "memory_increment_mib": mem_inc, "memory_total_mib": mem_tot,
+                  "lesions_written": lesions, "generate_vs_floor_paired": per_case_ratio,
+                  "bank_x10_vs_1x_paired": paired_bank},
+        "targets": [{"name": name, "value": value, "pass": ok, "detail": detail} for name, value, ok, detail in checks],
+        "profile": profile_text,
+    })
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
