@@ -119,7 +119,9 @@ def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
             for _ in range(factor):
                 fin.seek(0)
                 shutil.copyfileobj(fin, fout, 16 << 20)
-    shutil.copy2(src / index["likelihood"]["file"], dst / index["likelihood"]["file"])
+    for other in src.iterdir():  # likelihood map, body regions: per case, not per lesion
+        if other.name not in (IMAGES_FILE, MASKS_FILE, "bank.json"):
+            shutil.copy2(other, dst / other.name)
     lesions = []
     for les in index["lesions"]:
         for k in range(factor):

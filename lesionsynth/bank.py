@@ -321,8 +321,13 @@ class Bank:
             return None
         shape = tuple(info["shape"])
         n = int(np.prod(shape))
-        packed = np.fromfile(self.folder / REGIONS_FILE, dtype=np.uint8, count=(n + 7) // 8,
-                             offset=int(info["offset"]))
+        path = self.folder / REGIONS_FILE
+        try:
+            packed = np.fromfile(path, dtype=np.uint8, count=(n + 7) // 8, offset=int(info["offset"]))
+        except FileNotFoundError:
+            raise InputError(f"{path}: missing from the bank; rebuild it with build-bank") from None
+        if packed.size < (n + 7) // 8:
+            raise InputError(f"{path}: truncated; rebuild the bank with build-bank")
         coarse = np.unpackbits(packed, count=n).reshape(shape).astype(bool)
         return Region(tuple(int(v) for v in info["stride"]), coarse, ())
 

@@ -382,7 +382,9 @@ def _prepare_output(out: Path, record: dict, resume: bool, nnunet_folders: bool 
     """Create the output folder; refuse a non-empty one unless it is an unfinished run of the same config."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
+    # a shard starting at the same moment may be half-way through writing run.json: its temporary file
+    # alone does not make the folder someone else's
+    if out.exists() and any(not p.name.startswith(f".{RUN_FILE}.tmp") for p in out.iterdir()):
         previous = out / RUN_FILE
         if not previous.is_file():
             raise InputError(f"{out}: folder is not empty and is not a lesionsynth run; choose a new folder")
@@ -395,10 +397,10 @@ def _prepare_output(out: Path, record: dict, resume: bool, nnunet_folders: bool 
         if not resume:
             raise InputError(f"{out}: holds an earlier run of this configuration; add --resume to complete it")
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, record)  # first, so that a shard starting alongside sees whose folder it is
     if nnunet_folders:
         (out / "imagesTr").mkdir(exist_ok=True)
         (out / "labelsTr").mkdir(exist_ok=True)
-    write_json(out / RUN_FILE, record)
 
 
 def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], val_folds: list[list[str]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -84,7 +85,14 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
 
 
 def read_array(img: nib.Nifti1Image, path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
-    """The image's data (scaling applied) as `dtype`; InputError if the data block is truncated."""
+    """The image's data (scaling applied) as `dtype`; InputError if the data block is truncated.
+
+    When the file already holds `dtype` unscaled, the array is a read-only view of the bytes `load_nifti`
+    read (no second copy of the volume in memory); copy it before writing into it.
+    """
+    view = _unscaled_view(img, dtype)
+    if view is not None:
+        return view
     try:
         with nib.imageglobals.LoggingOutputSuppressor():
             return np.asarray(img.dataobj, dtype=dtype)
@@ -95,15 +103,32 @@ def read_array(img: nib.Nifti1Image, path: str | os.PathLike, dtype=np.float32) 
         raise InputError(f"{path}: cannot read voxel data ({text})") from None
 
 
+def _unscaled_view(img: nib.Nifti1Image, dtype) -> np.ndarray | None:
+    """The voxels as a view of the in-memory file, or None when scaling or a type change is needed."""
+    proxy = img.dataobj
+    holder = img.file_map.get("image")
+    fileobj = getattr(holder, "fileobj", None)
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or not isinstance(fileobj, io.BytesIO):
+        return None
+    if proxy.slope != 1.0 or proxy.inter != 0.0 or np.dtype(proxy.dtype) != np.dtype(dtype):
+        return None
+    count = int(np.prod(proxy.shape, dtype=np.int64))
+    buffer = fileobj.getvalue()  # the bytes object itself (getbuffer would copy it)
+    if len(buffer) < proxy.offset + count * np.dtype(dtype).itemsize:
+        return None  # truncated: let nibabel raise its error
+    flat = np.frombuffer(buffer, dtype=proxy.dtype, count=count, offset=int(proxy.offset))
+    return flat.reshape(proxy.shape, order=proxy.order).view(np.dtype(dtype).newbyteorder("="))
+
+
 def _short(exc: BaseException) -> str:
     """The first line of an exception's message (never a traceback), at most 200 characters."""
     text = str(exc).strip().splitlines()
     return text[0].strip()[:200] if text and text[0].strip() else type(exc).__name__
 
 
-def nifti_bytes(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,
-                dtype) -> bytes:
-    """Serialise an image with the given header (copied), affine and on-disk dtype."""
+def nifti_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,
+                dtype) -> nib.Nifti1Image:
+    """An image with the given header (copied), affine and on-disk dtype, ready to serialise."""
     hdr = header.copy() if header is not None else nib.Nifti1Header()
     hdr.set_data_dtype(dtype)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header=hdr)
@@ -112,7 +137,13 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header |
         img.set_qform(affine, code=int(header["qform_code"]) or 1)
         img.set_sform(affine, code=int(header["sform_code"]) or 1)
     img.header.set_slope_inter(1.0, 0.0) if np.issubdtype(np.dtype(dtype), np.integer) else None
-    return img.to_bytes()
+    return img
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,
+                dtype) -> bytes:
+    """Serialise an image with the given header (copied), affine and on-disk dtype."""
+    return nifti_image(data, affine, header, dtype).to_bytes()
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
@@ -137,13 +168,36 @@ def gzip_bytes(payload: bytes, level: int = DEFAULT_COMPRESSION_LEVEL) -> bytes:
     return gzip.compress(payload, compresslevel=level, mtime=0)
 
 
+def _gzip_writer(raw, level: int):
+    """A gzip stream onto the open file `raw`: zero mtime and no file name, so equal data gives equal bytes."""
+    if _fast_gzip is not None:
+        return _fast_gzip.GzipFile(filename="", mode="wb", compresslevel=min(max(level, 0), 3), fileobj=raw,
+                                   mtime=0)
+    return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
+
+
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                header: nib.Nifti1Header | None, dtype, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
-    """Write a NIfTI atomically; gzip when the name ends in .gz."""
-    payload = nifti_bytes(data, affine, header, dtype)
-    if str(path).endswith(".gz"):
-        payload = gzip_bytes(payload, compression_level)
-    write_bytes_atomic(path, payload)
+    """Write a NIfTI atomically (temporary name, fsync, rename); gzip when the name ends in .gz.
+
+    The voxels stream slice by slice through the compressor into the file, so no serialised or
+    compressed copy of the whole image is held in memory.
+    """
+    img = nifti_image(data, affine, header, dtype)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw:
+            stream = _gzip_writer(raw, compression_level) if str(path).endswith(".gz") else raw
+            img.to_file_map(img.make_file_map({"image": stream, "header": stream}))
+            if stream is not raw:
+                stream.close()  # writes the gzip trailer; leaves `raw` open
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:

@@ -203,6 +203,8 @@ def check_label_file(path, declared_labels=None, case_id: str | None = None):
     if low < 0 or high > MAX_LABEL:
         return img, None, problems, None
     label = data.astype(np.uint8, copy=False)
+    if not label.flags.writeable:  # a view of the file's bytes: generate edits the label in place
+        label = label.copy()
     counts_arr = _value_counts(label)
     counts = {int(v): int(n) for v, n in enumerate(counts_arr) if n}
     if declared_labels:
@@ -283,6 +285,7 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
             and affine_problem(label_img.affine) is None):
         reference = (label_img.shape[:3], label_img.affine, f"its label {Path(ref.label_path).name}")
     channels, headers = [], []
+    stack = None
     if ref.four_d:
         path = ref.image_paths[0]
         img, shape3, chans, probs = check_image_file(path, n_channels, channel_names, cid)
@@ -315,13 +318,17 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
                 if message:
                     problems.append(Problem(str(path), message, cid))
             if chans is not None:
-                channels.append(chans[0])
                 headers.append(img.header)
-            if not keep_data:
-                channels.clear()
+                if keep_data and not problems:
+                    # straight into one (C, X, Y, Z) array: no list of channels plus a stacked copy
+                    if stack is None:
+                        stack = np.empty((n_channels,) + tuple(chans[0].shape), dtype=np.float32)
+                    stack[len(headers) - 1] = chans[0]
+            img = chans = None  # let this file's bytes go before the next one is read
     case = None
     if keep_data and not problems:
-        stack = np.stack(channels).astype(np.float32, copy=False)
+        if stack is None:
+            stack = np.stack(channels).astype(np.float32, copy=False)
         case = Case(cid, stack, label, np.asarray(label_img.affine, dtype=np.float64), headers, label_img.header)
     return CaseCheck(case, problems, counts)
 
