@@ -69,3 +69,25 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
             yield -1
     finally:
         client.close()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by numpy back to the operating system (glibc only; a no-op elsewhere).
+
+    Freed volume-sized buffers otherwise stay in the heap (glibc raises its mmap threshold after the
+    first large free), so a worker's resident size keeps the high-water mark of reading the case while
+    it does the lesion work.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -19,6 +19,7 @@ from .io import load_case
 from .io.output import case_paths, copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
+from .parallel import release_freed_memory
 from .plan import MODES, AugmentConfig, case_rng, draw_volume_warp, plan_and_render_case
 from .prior import allowed_region, is_ct, placement_density
 from .render import PasteSettings, RenderContext
@@ -110,6 +111,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     ref = next(r for r in bank.case_refs() if r.case_id == base_id)
     target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
     case = load_case(ref, len(bank.channel_names))
+    release_freed_memory()  # the file buffers of the read
     t_read = time.perf_counter()
     volume_warp = draw_volume_warp(rng, cfg.augment) if cfg.volume_warp else None
     if volume_warp is not None:

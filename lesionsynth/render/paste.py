@@ -106,10 +106,13 @@ def brick_grid(land: np.ndarray, geo, margin_vox: np.ndarray) -> np.ndarray:
 
 
 def brick_voxels(bricks: np.ndarray, geo) -> np.ndarray:
-    """Target voxel indices (N, 3) of the set bricks."""
-    shape = geo.shape
-    full = np.repeat(np.repeat(np.repeat(bricks, BRICK, 0), BRICK, 1), BRICK, 2)[tuple(slice(0, n) for n in shape)]
-    return np.argwhere(full) + np.array([s.start for s in geo.box])
+    """Target voxel indices (N, 3) of the set bricks (brick by brick, not in C order)."""
+    cells = np.argwhere(bricks) * BRICK
+    within = np.indices((BRICK,) * 3).reshape(3, -1).T
+    voxels = (cells[:, None, :] + within[None, :, :]).reshape(-1, 3)
+    if any(n % BRICK for n in geo.shape):  # bricks on the far faces stick out of the box
+        voxels = voxels[np.all(voxels < np.array(geo.shape), axis=1)]
+    return voxels + np.array([s.start for s in geo.box])
 
 
 def _soft_on(bricks, geo, mapper, mask_f):
