@@ -71,16 +71,24 @@ class Component:
 
 
 def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> list[Component]:
-    """The connected lesion components of a label volume."""
-    comps, n = ndimage.label(lesion_mask(label, lesion_labels), structure=structure_for(connectivity))
-    if n == 0:
-        return []
-    sizes = np.bincount(comps.ravel())
+    """The connected lesion components of a label volume (labelled within the lesions' bounding box, and
+    sized box by box: no volume-sized int64 temporaries)."""
+    mask = lesion_mask(label, lesion_labels)
+    spans = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return []
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    offset = [s.start for s in spans]
+    comps, n = ndimage.label(mask[tuple(spans)], structure=structure_for(connectivity))
     out = []
     for k, box in enumerate(ndimage.find_objects(comps), start=1):
-        local = np.argwhere(comps[box] == k)[0]
-        out.append(Component([int(v + s.start) for v, s in zip(local, box)],
-                             [[int(s.start), int(s.stop)] for s in box], int(sizes[k])))
+        inside = comps[box] == k
+        local = np.argwhere(inside)[0]
+        out.append(Component([int(v + s.start + o) for v, s, o in zip(local, box, offset)],
+                             [[int(s.start + o), int(s.stop + o)] for s, o in zip(box, offset)],
+                             int(np.count_nonzero(inside))))
     return out
 
 
