@@ -207,3 +207,59 @@ def test_paste_leaves_no_detached_specks():
                                target.label.shape, op)[2]
         found_fragment_without_fix |= ndimage.label(soft >= 0.5, structure=structure_for(26))[1] > 1
     assert found_fragment_without_fix  # the situation really arises without keep_main_body
+
+
+def _dense_soft(image, mask, src_affine, src_centre, tgt_affine, tgt_shape, op, src_box):
+    """Reference: the soft mask computed on every voxel of the paste's (loose) box."""
+    from lesionsynth.render.transform import paste_geometry, source_coordinates
+
+    geo = paste_geometry(mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, 2.0)
+    field = elastic_field(geo.control, elastic_weights(geo.box, geo.extent, geo.control.shape[0]))
+    coords = source_coordinates(geo.box, geo.src_from_tgt, field, tgt_affine)
+    soft = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant", cval=0.0,
+                                   prefilter=False)
+    full = np.zeros(tgt_shape, dtype=np.float32)
+    full[geo.box] = soft
+    return full
+
+
+def _brick_problem(seed):
+    rng = np.random.default_rng(seed)
+    shape = (30, 26, 22)
+    g = np.indices(shape).astype(float)
+    mask = (((g[0] - 15) / 9) ** 2 + ((g[1] - 13) / 6) ** 2 + ((g[2] - 11) / 4) ** 2 < 1).astype(np.uint8)
+    mask[15, 13:24, 11] = 1  # a thin spur
+    image = rng.normal(100.0, 10.0, (2,) + shape).astype(np.float32)
+    src_affine = np.diag([0.9, 1.1, 1.3, 1.0])
+    src_affine[:3, :3] = rotation_matrix([10.0, -20.0, 5.0]) @ src_affine[:3, :3]
+    tgt_affine = np.diag([1.0, 0.8, 1.2, 1.0])
+    src_centre = apply_affine(src_affine, np.array([15.0, 13.0, 11.0]))
+    tgt_shape = (70, 80, 60)
+    op = {"centre_mm": apply_affine(tgt_affine, np.array([35.0, 40.0, 30.0])).tolist(),
+          "flip": [bool(v) for v in rng.random(3) < 0.5], "rotation_deg": rng.uniform(-45, 45, 3).tolist(),
+          "scale": float(rng.uniform(0.6, 1.7)),
+          "elastic_mm": np.clip(rng.normal(0.0, 1.5, (4, 4, 4, 3)), -3.0, 3.0).tolist()}
+    return image, mask, src_affine, src_centre, tgt_affine, tgt_shape, op, None, 2.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_brick_resampling_finds_every_soft_voxel(seed, monkeypatch):
+    """The soft mask computed on reachable bricks equals the one computed on every voxel of the box, and
+    so does the fallback taken when the landing estimate is off (forced here by shifting it)."""
+    import lesionsynth.render.paste as paste
+
+    args = _brick_problem(seed)
+    dense = _dense_soft(*args[:8])
+    box, channels, soft = resample_lesion(*args)
+    got = np.zeros_like(dense)
+    got[box] = soft
+    assert np.count_nonzero(dense) > 100
+    # float32 coordinates: values agree to ~1e-6; no voxel of the lesion is missed
+    np.testing.assert_allclose(got, dense, atol=1e-5)
+    assert not ((dense > 1e-4) & (got == 0)).any()
+    real = paste.landing_points
+    monkeypatch.setattr(paste, "landing_points", lambda *a: (real(*a)[0] + 6.0, real(*a)[1]))
+    box2, channels2, soft2 = resample_lesion(*args)
+    assert box2 == box
+    np.testing.assert_array_equal(soft2, soft)
+    np.testing.assert_array_equal(channels2, channels)

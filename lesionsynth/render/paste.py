@@ -149,15 +149,14 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     land, extra = landing_points(src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
     active, values, hit = _soft_on(bricks, geo, mapper, mask_f)
-    if hit.any():
-        inner = ndimage.binary_erosion(bricks, structure=np.ones((3, 3, 3), dtype=bool), border_value=1)
-        cells = (active[hit] - np.array([s.start for s in geo.box])) // BRICK
-        if not inner[tuple(cells.T)].all():
-            tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
-            # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
-            bricks = brick_grid(points.astype(np.float64) @ np.linalg.inv(geo.src_from_tgt)[:3, :3].T
-                                + np.linalg.inv(geo.src_from_tgt)[:3, 3], geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
-            active, values, hit = _soft_on(bricks, geo, mapper, mask_f)
+    inner = ndimage.binary_erosion(bricks, structure=np.ones((3, 3, 3), dtype=bool), border_value=1)
+    cells = (active[hit] - np.array([s.start for s in geo.box])) // BRICK
+    if not hit.any() or not inner[tuple(cells.T)].all():
+        tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
+        # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
+        rigid = np.linalg.inv(geo.src_from_tgt)
+        bricks = brick_grid(points @ rigid[:3, :3].T + rigid[:3, 3], geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
+        active, values, hit = _soft_on(bricks, geo, mapper, mask_f)
     if not hit.any():
         return None
     active, values = active[hit], values[hit]
