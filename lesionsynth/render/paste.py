@@ -115,9 +115,45 @@ def brick_voxels(bricks: np.ndarray, geo) -> np.ndarray:
     return voxels + np.array([s.start for s in geo.box])
 
 
-def _soft_on(bricks, geo, mapper, mask_f):
+class MaskSampler:
+    """Linear interpolation of a binary lesion mask at many points, interpolating only near its edge.
+
+    A point whose nearest voxel has all 26 neighbours set (or all clear) reads 1 (or 0) from every
+    corner of its interpolation cell, so only points near the mask's edge, or outside the crop, go
+    through scipy (`map_coordinates`, mode "constant").
+    """
+
+    def __init__(self, mask: np.ndarray, src_box=None):
+        self.mask_f = np.asarray(mask, dtype=np.float32)
+        self.shape = np.array(mask.shape)
+        box = src_box if src_box is not None else [[0, n] for n in mask.shape]
+        self.lo = np.maximum(np.array([int(b[0]) for b in box]) - 1, 0)
+        hi = np.minimum(np.array([int(b[1]) for b in box]) + 1, self.shape)
+        near = np.asarray(mask[tuple(slice(a, b) for a, b in zip(self.lo, hi))] > 0, dtype=np.uint8)
+        # 0: no set voxel within one step, 2: all voxels within one step set, 1: the edge
+        self.code = (ndimage.maximum_filter(near, size=3, mode="constant")
+                     + ndimage.minimum_filter(near, size=3, mode="constant"))
+        self.code_shape = np.array(self.code.shape)
+
+    def __call__(self, coords: np.ndarray) -> np.ndarray:
+        """Values at source coordinates (3, N)."""
+        nearest = np.rint(coords).astype(np.int64)
+        in_crop = np.all((nearest >= 0) & (nearest < self.shape[:, None]), axis=0)
+        local = nearest - self.lo[:, None]
+        in_code = in_crop & np.all((local >= 0) & (local < self.code_shape[:, None]), axis=0)
+        code = np.zeros(coords.shape[1], dtype=np.uint8)
+        flat = np.ravel_multi_index(tuple(local[:, in_code]), self.code.shape)
+        code[in_code] = self.code.reshape(-1).take(flat)
+        values = (code == 2).astype(np.float32)
+        exact = (code == 1) | ~in_crop
+        values[exact] = ndimage.map_coordinates(self.mask_f, coords[:, exact], order=1, mode="constant", cval=0.0,
+                                                prefilter=False)
+        return values
+
+
+def _soft_on(bricks, geo, mapper, sampler: MaskSampler):
     active = brick_voxels(bricks, geo)
-    values = ndimage.map_coordinates(mask_f, mapper(active), order=1, mode="constant", cval=0.0, prefilter=False)
+    values = sampler(mapper(active))
     return active, values, values > 0
 
 
@@ -143,12 +179,12 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
         return None
     mapper = PointMapper(geo, tgt_affine)
     fwd = np.abs(np.linalg.inv(geo.src_from_tgt)[:3, :3]).sum(axis=1)  # target voxels per source voxel step
-    mask_f = np.asarray(src_mask, dtype=np.float32)
+    sampler = MaskSampler(src_mask, src_box)
     # First try: bricks around where the mask lands with the elastic field (a close estimate), keeping a
     # guard band; if the lesion reaches the guard band, redo it with the rigorous bound of the field.
     land, extra = landing_points(src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
-    active, values, hit = _soft_on(bricks, geo, mapper, mask_f)
+    active, values, hit = _soft_on(bricks, geo, mapper, sampler)
     inner = ndimage.binary_erosion(bricks, structure=np.ones((3, 3, 3), dtype=bool), border_value=1)
     cells = (active[hit] - np.array([s.start for s in geo.box])) // BRICK
     if not hit.any() or not inner[tuple(cells.T)].all():
@@ -156,7 +192,7 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
         # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
         rigid = np.linalg.inv(geo.src_from_tgt)
         bricks = brick_grid(points @ rigid[:3, :3].T + rigid[:3, 3], geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
-        active, values, hit = _soft_on(bricks, geo, mapper, mask_f)
+        active, values, hit = _soft_on(bricks, geo, mapper, sampler)
     if not hit.any():
         return None
     active, values = active[hit], values[hit]
