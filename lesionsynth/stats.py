@@ -46,11 +46,6 @@ def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, 
     return out
 
 
-def median_and_noise(channel: np.ndarray, where: np.ndarray) -> tuple[float, float]:
-    """(median, noise sd) of one channel within `where` (see channel_stats)."""
-    return channel_stats(channel[None], where)[0]
-
-
 def noise_sd(channel: np.ndarray, where: np.ndarray) -> float:
-    """Robust voxel-noise estimate within `where` (see median_and_noise)."""
-    return median_and_noise(channel, where)[1]
+    """Robust voxel-noise estimate of one channel within `where` (see channel_stats)."""
+    return channel_stats(channel[None], where)[0][1]

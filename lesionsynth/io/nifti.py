@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -140,19 +141,15 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header |
     return img
 
 
-def nifti_bytes(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None,
-                dtype) -> bytes:
-    """Serialise an image with the given header (copied), affine and on-disk dtype."""
-    return nifti_image(data, affine, header, dtype).to_bytes()
-
-
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """An open binary file under a temporary name in `path`'s folder; on success it is flushed, fsynced
+    and renamed over `path`, on any error removed (no partial file is ever left under `path`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(payload)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -161,11 +158,10 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
         raise
 
 
-def gzip_bytes(payload: bytes, level: int = DEFAULT_COMPRESSION_LEVEL) -> bytes:
-    """Gzip with a fixed (zero) mtime so the same data always gives the same bytes."""
-    if _fast_gzip is not None:
-        return _fast_gzip.compress(payload, compresslevel=min(max(level, 0), 3), mtime=0)
-    return gzip.compress(payload, compresslevel=level, mtime=0)
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    with atomic_file(path) as fh:
+        fh.write(payload)
 
 
 def _gzip_writer(raw, level: int):
@@ -184,20 +180,11 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     compressed copy of the whole image is held in memory.
     """
     img = nifti_image(data, affine, header, dtype)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw:
-            stream = _gzip_writer(raw, compression_level) if str(path).endswith(".gz") else raw
-            img.to_file_map(img.make_file_map({"image": stream, "header": stream}))
-            if stream is not raw:
-                stream.close()  # writes the gzip trailer; leaves `raw` open
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as raw:
+        stream = _gzip_writer(raw, compression_level) if str(path).endswith(".gz") else raw
+        img.to_file_map(img.make_file_map({"image": stream, "header": stream}))
+        if stream is not raw:
+            stream.close()  # writes the gzip trailer; leaves `raw` open
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..errors import LesionsynthError
 from .dataset import Case
-from .nifti import save_nifti, write_bytes_atomic
+from .nifti import atomic_file, save_nifti, write_bytes_atomic
 
 
 def image_dtype(header) -> np.dtype:
@@ -72,12 +71,8 @@ def _copy_original_files(out: Path, case: Case, image_paths, ending: str, compre
     same_files = len(image_paths) == len(images) and all(str(p).endswith(ending) for p in image_paths)
     for c, dst in enumerate(images):
         if same_files and len(case.channel_headers[c].get_data_shape()) == 3:
-            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-            try:
-                shutil.copyfile(image_paths[c], tmp)
-                tmp.replace(dst)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_file(dst) as fh, open(image_paths[c], "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
         else:
             dtype = image_dtype(case.channel_headers[c])
             save_nifti(dst, case.channels[c], case.affine, case.channel_headers[c], dtype, compression_level)

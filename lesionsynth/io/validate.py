@@ -153,21 +153,27 @@ def _value_counts(label: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _open_and_check_header(path: Path, case_id: str | None):
+    """(image or None, problems) of a NIfTI file: whether it reads, its voxel type and its affine."""
+    try:
+        img = load_nifti(path)
+    except InputError as exc:
+        return None, [_problem_from_error(path, exc, case_id)]
+    problems = [Problem(str(path), message, case_id)
+                for message in (_voxel_type_problem(img), affine_problem(img.affine)) if message]
+    return img, problems
+
+
 def check_label_file(path, declared_labels=None, case_id: str | None = None):
     """Read and check a label file. Returns (image or None, uint8 3-D array or None, problems, counts)."""
     path = Path(path)
-    problems: list[Problem] = []
+    img, problems = _open_and_check_header(path, case_id)
+    if img is None:
+        return None, None, problems, None
 
     def fault(message: str) -> None:
         problems.append(Problem(str(path), message, case_id))
 
-    try:
-        img = load_nifti(path)
-    except InputError as exc:
-        return None, None, [_problem_from_error(path, exc, case_id)], None
-    for message in (_voxel_type_problem(img), affine_problem(img.affine)):
-        if message:
-            fault(message)
     shape3 = _spatial_shape(img.shape, None)
     if shape3 is None:
         fault(f"label must be 3-D, has shape {tuple(img.shape)}"
@@ -221,18 +227,13 @@ def check_image_file(path, four_d_channels: int | None = None, channel_names=Non
     """Read and check an image file: 3-D (or 4-D with `four_d_channels` channels for MSD).
     Returns (image or None, 3-D grid shape or None, list of 3-D float32 channel arrays or None, problems)."""
     path = Path(path)
-    problems: list[Problem] = []
+    img, problems = _open_and_check_header(path, case_id)
+    if img is None:
+        return None, None, None, problems
 
     def fault(message: str) -> None:
         problems.append(Problem(str(path), message, case_id))
 
-    try:
-        img = load_nifti(path)
-    except InputError as exc:
-        return None, None, None, [_problem_from_error(path, exc, case_id)]
-    for message in (_voxel_type_problem(img), affine_problem(img.affine)):
-        if message:
-            fault(message)
     shape3 = _spatial_shape(img.shape, four_d_channels)
     if shape3 is None:
         shape = tuple(int(s) for s in img.shape)

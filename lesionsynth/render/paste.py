@@ -57,25 +57,22 @@ def mask_voxels(src_mask: np.ndarray, src_box=None) -> np.ndarray:
     return np.argwhere(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)]) + start
 
 
-def landing_points(src_mask: np.ndarray, src_box, geo, mapper: PointMapper, block: int
+def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mapper: PointMapper, block: int
                    ) -> tuple[np.ndarray, float]:
-    """Target positions (N, 3) where the mask's voxels land, elastic field included, and the extra reach
-    (in source voxels) each position stands for.
+    """Target positions (N, 3) where the mask's voxels `points` land, elastic field included, and the extra
+    reach (in source voxels) each position stands for.
 
-    Large masks are summarised by 2x2x2 blocks (any voxel set; the block centre is within half a voxel of
-    each). The elastic part is one fixed-point step (t = t0 - A^-1 L d(t0)), close but not exact: callers
-    check the result against a guard band.
+    With `block` > 1 the mask is summarised by block x block x block cells (any voxel set; the cell centre
+    is within (block - 1) / 2 voxel of each). The elastic part is one fixed-point step
+    (t = t0 - A^-1 L d(t0)), close but not exact: callers check the result against a guard band.
     """
-    box = src_box if src_box is not None else [[0, n] for n in src_mask.shape]
-    sub = src_mask[tuple(slice(int(a), int(b)) for a, b in box)] > 0
-    origin = np.array([int(b[0]) for b in box], dtype=np.float64)
     extra = 0.0
     if block > 1:
-        sub = _block_any(sub, block)
-        points = np.argwhere(sub) * block + origin + (block - 1) / 2.0
+        box = src_box if src_box is not None else [[0, n] for n in src_mask.shape]
+        origin = np.array([int(b[0]) for b in box], dtype=np.float64)
+        cells = _block_any(src_mask[tuple(slice(int(a), int(b)) for a, b in box)] > 0, block)
+        points = np.argwhere(cells) * block + origin + (block - 1) / 2.0
         extra = (block - 1) / 2.0
-    else:
-        points = np.argwhere(sub) + origin
     fwd = np.linalg.inv(geo.src_from_tgt)
     land = points @ fwd[:3, :3].T + fwd[:3, 3]
     if mapper.small is not None and len(land):
@@ -182,7 +179,7 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     sampler = MaskSampler(src_mask, src_box)
     # First try: bricks around where the mask lands with the elastic field (a close estimate), keeping a
     # guard band; if the lesion reaches the guard band, redo it with the rigorous bound of the field.
-    land, extra = landing_points(src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
+    land, extra = landing_points(points, src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
     active, values, hit = _soft_on(bricks, geo, mapper, sampler)
     inner = ndimage.binary_erosion(bricks, structure=np.ones((3, 3, 3), dtype=bool), border_value=1)
