@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ IMAGES_FILE = "lesion_images.f32"
 MASKS_FILE = "lesion_masks.u8"
 LIKELIHOOD_FILE = "likelihood.nii.gz"
 REGIONS_FILE = "body_regions.u1"  # packed coarse body masks of the cases without region labels
+#: Bytes of per-lesion derived data (`Bank.derived`) a worker keeps between pastes.
+DERIVED_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ class Bank:
         self.config = self.index["config"]
         self._images = self._masks = None
         self._likelihood = None
+        self._derived: OrderedDict = OrderedDict()
+        self._derived_bytes = 0
 
     @property
     def lesion_labels(self) -> tuple[int, ...]:
@@ -311,6 +316,21 @@ class Bank:
         image = self._images[les["image_offset"]: les["image_offset"] + c * n].reshape((c,) + shape)
         mask = self._masks[les["mask_offset"]: les["mask_offset"] + n].reshape(shape)
         return image, mask
+
+    def derived(self, key, make):
+        """`make()`'s result (an object with `nbytes`), kept for the most recently used keys up to
+        DERIVED_BYTES in all: per-lesion data that every paste of a lesion needs (its mask voxels and edge
+        codes), because a worker draws the same donors again and again."""
+        hit = self._derived.get(key)
+        if hit is not None:
+            self._derived.move_to_end(key)
+            return hit
+        value = make()
+        self._derived[key] = value
+        self._derived_bytes += value.nbytes
+        while self._derived_bytes > DERIVED_BYTES and len(self._derived) > 1:
+            self._derived_bytes -= self._derived.popitem(last=False)[1].nbytes
+        return value
 
     def body_region(self, case_id: str) -> Region | None:
         """The stored body-foreground region of a base case (None if it has region labels or the bank

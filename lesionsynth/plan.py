@@ -97,12 +97,11 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
     """Cheap pre-check of a drawn paste before rendering it: map a sample of the lesion's voxels with the
     rigid part of the transform and test the region and overlap limits (with some slack for the elastic
     part and interpolation). Rejecting here saves resampling lesions that cannot be accepted."""
-    from .render.paste import mask_voxels
+    from .render import prepared_mask
     from .render.transform import forward_linear
 
     meta = bank.by_id[op["lesion_id"]]
-    _, mask = bank.lesion_arrays(op["lesion_id"])
-    pts = mask_voxels(mask, meta.get("mask_box"))
+    pts = prepared_mask(bank, op["lesion_id"]).points
     if len(pts) > max_points:
         pts = pts[:: len(pts) // max_points + 1]
     src_affine = np.asarray(meta["affine"])

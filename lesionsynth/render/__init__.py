@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inpaint import inpaint_patch
-from .paste import PasteSettings, Patch, paste_patch
+from .paste import PasteSettings, Patch, PreparedMask, paste_patch
 
 
 @dataclass
@@ -26,10 +26,18 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
     if op["op"] == "paste":
         image, mask = bank.lesion_arrays(op["lesion_id"])
         return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
-                           ctx.lesion_labels, ctx.region_fn, ctx.paste)
+                           ctx.lesion_labels, ctx.region_fn, ctx.paste, prepared_mask(bank, op["lesion_id"]))
     if op["op"] == "inpaint":
         return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")
+
+
+def prepared_mask(bank, lesion_id: str) -> PreparedMask:
+    """The bank lesion's PreparedMask, reused across pastes of the same lesion in this worker."""
+    def make():
+        return PreparedMask(bank.lesion_arrays(lesion_id)[1], bank.by_id[lesion_id].get("mask_box"))
+
+    return bank.derived(("prepared_mask", lesion_id), make)
 
 
 def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
@@ -44,4 +52,4 @@ def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops
     return channels, label
 
 
-__all__ = ["PasteSettings", "Patch", "RenderContext", "render_op", "render_plan"]
+__all__ = ["PasteSettings", "Patch", "PreparedMask", "RenderContext", "prepared_mask", "render_op", "render_plan"]

@@ -136,4 +136,4 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
         new_label[component] = nearest[component]
     else:
         new_label[component] = 0
-    return Patch(box, filled, new_label, component)
+    return Patch(box, component, new_label, channels=filled)

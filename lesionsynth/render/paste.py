@@ -14,15 +14,29 @@ from ..stats import channel_stats
 from .transform import PointMapper, paste_geometry
 
 
-@dataclass
 class Patch:
-    """New values for a box of a case; `core` marks the voxels that become lesion."""
+    """New values for a box of a case; `core` marks the voxels that become lesion.
 
-    box: tuple[slice, ...]
-    channels: np.ndarray   # (C, X, Y, Z) float32
-    label: np.ndarray      # (X, Y, Z) uint8
-    core: np.ndarray       # (X, Y, Z) bool
-    region_fraction: float = 1.0  # share of `core` inside the allowed region (pastes)
+    A paste's new channel values may be left to a `render` callable, run on first use: the planner
+    decides from `core` and `region_fraction` whether to keep a paste, so a rejected or re-scaled try
+    never pays for interpolating and blending its channels.
+    """
+
+    def __init__(self, box: tuple[slice, ...], core: np.ndarray, label: np.ndarray, channels: np.ndarray | None = None,
+                 region_fraction: float = 1.0, render=None):
+        self.box = box
+        self.core = core                        # (X, Y, Z) bool
+        self.label = label                      # (X, Y, Z) uint8
+        self.region_fraction = region_fraction  # share of `core` inside the allowed region (pastes)
+        self._channels = channels               # (C, X, Y, Z) float32, or None until `render` made it
+        self._render = render
+
+    @property
+    def channels(self) -> np.ndarray:
+        if self._channels is None:
+            self._channels = self._render()
+            self._render = None
+        return self._channels
 
     def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
         channels[(slice(None),) + self.box] = self.channels
@@ -117,11 +131,12 @@ class MaskSampler:
 
     A point whose nearest voxel has all 26 neighbours set (or all clear) reads 1 (or 0) from every
     corner of its interpolation cell, so only points near the mask's edge, or outside the crop, go
-    through scipy (`map_coordinates`, mode "constant").
+    through scipy (`map_coordinates`, mode "constant", on the mask's own 0/1 bytes: no float copy).
     """
 
     def __init__(self, mask: np.ndarray, src_box=None):
-        self.mask_f = np.asarray(mask, dtype=np.float32)
+        mask = np.asarray(mask)
+        self.mask = mask.view(np.uint8) if mask.dtype == bool else mask
         self.shape = np.array(mask.shape)
         box = src_box if src_box is not None else [[0, n] for n in mask.shape]
         self.lo = np.maximum(np.array([int(b[0]) for b in box]) - 1, 0)
@@ -143,9 +158,22 @@ class MaskSampler:
         code[in_code] = self.code.reshape(-1).take(flat)
         values = (code == 2).astype(np.float32)
         exact = (code == 1) | ~in_crop
-        values[exact] = ndimage.map_coordinates(self.mask_f, coords[:, exact], order=1, mode="constant", cval=0.0,
-                                                prefilter=False)
+        values[exact] = ndimage.map_coordinates(self.mask, coords[:, exact], output=np.float32, order=1,
+                                                mode="constant", cval=0.0, prefilter=False)
         return values
+
+
+class PreparedMask:
+    """What every paste of one bank lesion needs from its mask, computed once: the mask's voxels and its
+    edge-aware sampler (the bank keeps recently used ones, see `Bank.derived`)."""
+
+    def __init__(self, mask: np.ndarray, src_box=None):
+        self.points = mask_voxels(mask, src_box).astype(np.int32)
+        self.sampler = MaskSampler(mask, src_box)
+
+    @property
+    def nbytes(self) -> int:
+        return self.points.nbytes + self.sampler.code.nbytes
 
 
 def _soft_on(bricks, geo, mapper, sampler: MaskSampler):
@@ -160,29 +188,31 @@ def support_box(box, lo, hi, reach) -> tuple[slice, ...]:
                  for s, a, b, r in zip(box, lo, hi, reach))
 
 
-def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape,
-                    op: dict, src_box=None, support_mm: float = 0.0
-                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
-    """Resample the lesion's channels and mask onto the target grid: (box, channels, soft mask) or None.
+def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape, op: dict, src_box=None,
+                  support_mm: float = 0.0, prepared: PreparedMask | None = None
+                  ) -> tuple[tuple[slice, ...], np.ndarray, PointMapper] | None:
+    """The lesion's soft mask on the target grid: (box, soft mask, point mapper) or None if it misses.
 
-    The box holds the soft mask (> 0) grown by `support_mm`, and channels are only interpolated there
-    (zero elsewhere), which is all blending reads. Only target voxels the lesion can reach are computed,
-    so the cost follows the lesion's volume, not its bounding box.
+    The box holds the soft mask (> 0) grown by `support_mm` (all that blending reads); the mapper gives
+    the source coordinates of any target voxel, for interpolating the channels where they are needed.
+    Only target voxels the lesion can reach are computed, so the cost follows the lesion's volume, not
+    its bounding box.
     """
-    points = mask_voxels(src_mask, src_box)
+    prepared = prepared if prepared is not None else PreparedMask(src_mask, src_box)
+    points = prepared.points
     geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm,
                          points)
     if geo is None or not len(points):
         return None
     mapper = PointMapper(geo, tgt_affine)
     fwd = np.abs(np.linalg.inv(geo.src_from_tgt)[:3, :3]).sum(axis=1)  # target voxels per source voxel step
-    sampler = MaskSampler(src_mask, src_box)
+    sampler = prepared.sampler
     # First try: bricks around where the mask lands with the elastic field (a close estimate), keeping a
     # guard band; if the lesion reaches the guard band, redo it with the rigorous bound of the field.
     land, extra = landing_points(points, src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
     active, values, hit = _soft_on(bricks, geo, mapper, sampler)
-    inner = ndimage.binary_erosion(bricks, structure=np.ones((3, 3, 3), dtype=bool), border_value=1)
+    inner = ndimage.minimum_filter(bricks, size=3, mode="constant", cval=1)  # erosion, separable
     cells = (active[hit] - np.array([s.start for s in geo.box])) // BRICK
     if not hit.any() or not inner[tuple(cells.T)].all():
         tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
@@ -196,17 +226,41 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
     box = support_box(geo.box, active.min(axis=0), active.max(axis=0), reach)
     start = np.array([s.start for s in box])
-    shape = tuple(s.stop - s.start for s in box)
-    soft = np.zeros(shape, dtype=np.float32)
+    soft = np.zeros(tuple(s.stop - s.start for s in box), dtype=np.float32)
     soft[tuple((active - start).T)] = values
+    return box, soft, mapper
+
+
+def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarray) -> np.ndarray:
+    """(C, N) float32: the lesion's channels (linear, edge values beyond the crop) at target voxels (N, 3)."""
+    coords = mapper(voxels)
+    out = np.empty((src_image.shape[0], len(voxels)), dtype=np.float32)
+    for c in range(src_image.shape[0]):
+        ndimage.map_coordinates(np.asarray(src_image[c]), coords, output=out[c], order=1, mode="nearest",
+                                prefilter=False)
+    return out
+
+
+def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape,
+                    op: dict, src_box=None, support_mm: float = 0.0, prepared: PreparedMask | None = None
+                    ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+    """Resample the lesion's channels and mask onto the target grid: (box, channels, soft mask) or None.
+
+    As `resample_mask`, with the channels interpolated on the whole support: the soft mask (> 0) grown
+    by `support_mm` (zero elsewhere). `paste_patch` interpolates fewer voxels (only where the feathered
+    alpha reaches); this dense form is what the torch twin is compared with.
+    """
+    resampled = resample_mask(src_mask, src_affine, src_centre, tgt_affine, tgt_shape, op, src_box, support_mm,
+                              prepared)
+    if resampled is None:
+        return None
+    box, soft, mapper = resampled
+    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
     support = soft > 0
     if reach.max() > 0:  # a separable box max filter: much cheaper than binary_dilation with a 3-D structure
         support = ndimage.maximum_filter(support, size=tuple(2 * reach + 1), mode="constant")
-    coords = mapper(np.argwhere(support) + start)
-    channels = np.zeros((src_image.shape[0],) + shape, dtype=np.float32)
-    for c in range(src_image.shape[0]):
-        channels[c][support] = ndimage.map_coordinates(np.asarray(src_image[c]), coords, order=1, mode="nearest",
-                                                       prefilter=False)
+    channels = np.zeros((src_image.shape[0],) + soft.shape, dtype=np.float32)
+    channels[:, support] = sample_channels(src_image, mapper, np.argwhere(support) + [s.start for s in box])
     return box, channels, soft
 
 
@@ -225,23 +279,30 @@ def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: flo
     return new, channels[(slice(None),) + local], soft[local]
 
 
-def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, soft: np.ndarray, tissue: np.ndarray,
-                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Intensity-match, brighten, add noise and alpha-blend resampled lesion channels into `dest` (copies).
-
-    Only voxels the feathered alpha reaches are computed; the rest of the box keeps `dest`.
-    """
+def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices, alpha) of the box voxels the feathered soft mask reaches (alpha > 1e-6)."""
     alpha = ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing), mode="constant")
     idx = np.flatnonzero(alpha > 1e-6)
-    a = np.clip(alpha.ravel()[idx], 0.0, 1.0)
+    return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
+
+
+def blend_lesion(dest: np.ndarray, lesion_values, soft: np.ndarray, tissue: np.ndarray, spacing,
+                 src_stats: list[dict], op: dict, settings: PasteSettings) -> np.ndarray:
+    """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into `dest` (a copy).
+
+    `lesion_values(idx)` gives the resampled lesion channels (C, N) at flat box indices; it is asked only
+    for the voxels the feathered alpha reaches, and the rest of the box keeps `dest`.
+    """
+    idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
-    out = dest.copy()
-    dest_stats = channel_stats(dest, tissue)
+    out = np.array(dest, dtype=np.float32, order="C")  # a copy
+    dest_stats = channel_stats(out, tissue)
+    lesion = lesion_values(idx)
     for c in range(dest.shape[0]):
         dest_ref, dest_noise = dest_stats[c]
         src_ref = src_stats[c]["shell"]["median"]
         src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
-        values = lesion[c].ravel()[idx]
+        values = lesion[c]
         if settings.is_ct[c] or not np.isfinite(dest_ref):
             ref = src_ref  # CT keeps Hounsfield units
         else:
@@ -253,9 +314,7 @@ def blend_lesion(dest: np.ndarray, dest_label: np.ndarray, lesion: np.ndarray, s
         flat = out[c].reshape(-1)
         d = flat[idx]
         flat[idx] = d + a * (values - d)
-    label = dest_label.copy()
-    label[soft >= 0.5] = int(op["label_value"])
-    return out, label
+    return out
 
 
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
@@ -264,46 +323,80 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
     A bank lesion is one connected component, but rotation, scaling and the elastic field can leave
     slivers whose soft value crosses 0.5 apart from the body: they would become detached 1-3 voxel
     "lesions". Keep the largest 26-connected piece of soft >= 0.5 and the soft fringe within 2 voxels
-    of it (for the feathered edge); zero the rest.
+    of it (for the feathered edge); zero the rest. Only the pieces' bounding box is labelled.
     """
-    pieces, n = ndimage.label(soft >= 0.5, structure=np.ones((3, 3, 3), dtype=bool))
+    core = soft >= 0.5
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(core.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return soft
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
+    inner = tuple(slice(a, b) for a, b in zip(lo, hi))
+    pieces, n = ndimage.label(core[inner], structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return soft
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
-    body = pieces == sizes.argmax()
+    # the body's 2-voxel neighbourhood lies within the pieces' box grown by 2
+    outer = tuple(slice(max(a - 2, 0), min(b + 2, size)) for a, b, size in zip(lo, hi, soft.shape))
+    within = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+    body = np.zeros(tuple(s.stop - s.start for s in outer), dtype=bool)
+    body[within] = pieces == sizes.argmax()
+    other = np.zeros_like(body)
+    other[within] = pieces > 0
+    other &= ~body
     near = ndimage.maximum_filter(body, size=5, mode="constant")  # = two 3x3x3 dilations, but separable
-    return np.where(near & ((pieces == 0) | body), soft, 0.0).astype(np.float32)
+    out = np.zeros_like(soft)
+    out[outer] = np.where(near & ~other, soft[outer], np.float32(0.0))
+    return out
 
 
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
-                settings: PasteSettings) -> Patch | None:
+                settings: PasteSettings, prepared: PreparedMask | None = None) -> Patch | None:
     """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume.
 
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
+    The new channel values are computed when the patch's `channels` are first used (by `apply`), which
+    must happen before the case arrays change.
     """
     src_affine = np.asarray(lesion_meta["affine"], dtype=np.float64)
-    args = (lesion_image, lesion_mask, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
-            lesion_meta.get("mask_box"), feather_support_mm(settings))
+    support_mm = feather_support_mm(settings)
+    where = (lesion_meta["centroid_mm"], affine, label.shape, op, lesion_meta.get("mask_box"), support_mm)
     if settings.device == "cpu":
-        resampled = resample_lesion(*args)
+        resampled = resample_mask(lesion_mask, src_affine, *where, prepared)
+        if resampled is None:
+            return None
+        box, soft, mapper = resampled
+        start = np.array([s.start for s in box])
+        shape = soft.shape
+
+        def lesion_values(idx):
+            return sample_channels(lesion_image, mapper, np.column_stack(np.unravel_index(idx, shape)) + start)
     else:
         from .torch_backend import resample_lesion_torch
 
-        resampled = resample_lesion_torch(*args, device=settings.device)
-    if resampled is None:
-        return None
-    box, lesion, soft = resampled
+        resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device)
+        if resampled is None:
+            return None
+        box, lesion, soft = resampled
+
+        def lesion_values(idx):
+            return lesion.reshape(lesion.shape[0], -1)[:, idx]
     soft = keep_main_body(soft)
     core = soft >= 0.5
     if not core.any():
         return None
-    dest = channels[(slice(None),) + box]
     dest_label = label[box]
-    start = [s.start for s in box]
-    region = region_fn(dest_label, start)
-    tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
-    new_channels, new_label = blend_lesion(dest, dest_label, lesion, soft, tissue, spacing_of(affine),
-                                           lesion_meta["stats"], op, settings)
-    return Patch(box, new_channels, new_label, core, float(region[core].mean()))
+    region = region_fn(dest_label, [s.start for s in box])
+    new_label = dest_label.copy()
+    new_label[core] = int(op["label_value"])
+
+    def render() -> np.ndarray:
+        tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
+        return blend_lesion(channels[(slice(None),) + box], lesion_values, soft, tissue, spacing_of(affine),
+                            lesion_meta["stats"], op, settings)
+
+    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), render=render)
