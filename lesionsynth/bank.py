@@ -324,12 +324,12 @@ class Bank:
         hit = self._derived.get(key)
         if hit is not None:
             self._derived.move_to_end(key)
-            return hit
+            return hit[0]
         value = make()
-        self._derived[key] = value
-        self._derived_bytes += value.nbytes
+        self._derived[key] = (value, int(value.nbytes))
+        self._derived_bytes += self._derived[key][1]
         while self._derived_bytes > DERIVED_BYTES and len(self._derived) > 1:
-            self._derived_bytes -= self._derived.popitem(last=False)[1].nbytes
+            self._derived_bytes -= self._derived.popitem(last=False)[1][1]
         return value
 
     def body_region(self, case_id: str) -> Region | None:

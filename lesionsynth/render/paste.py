@@ -126,6 +126,29 @@ def brick_voxels(bricks: np.ndarray, geo) -> np.ndarray:
     return voxels + np.array([s.start for s in geo.box])
 
 
+def cube3(mask: np.ndarray, all_set: bool) -> np.ndarray:
+    """Whether any (or, with `all_set`, every) voxel of each 3x3x3 neighbourhood is set, voxels outside
+    the array counting as clear: ndimage's maximum (minimum) filter of size 3, mode "constant", done as
+    shifted ORs (ANDs) one axis at a time, several times faster on a lesion crop."""
+    out = np.array(mask, dtype=bool)
+    for axis in range(out.ndim):
+        before = out.copy()
+        lo = [slice(None)] * out.ndim
+        hi = [slice(None)] * out.ndim
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        if all_set:
+            out[tuple(lo)] &= before[tuple(hi)]
+            out[tuple(hi)] &= before[tuple(lo)]
+            first, last = list(lo), list(lo)
+            first[axis], last[axis] = 0, -1
+            out[tuple(first)] = False
+            out[tuple(last)] = False
+        else:
+            out[tuple(lo)] |= before[tuple(hi)]
+            out[tuple(hi)] |= before[tuple(lo)]
+    return out
+
+
 class MaskSampler:
     """Linear interpolation of a binary lesion mask at many points, interpolating only near its edge.
 
@@ -141,10 +164,9 @@ class MaskSampler:
         box = src_box if src_box is not None else [[0, n] for n in mask.shape]
         self.lo = np.maximum(np.array([int(b[0]) for b in box]) - 1, 0)
         hi = np.minimum(np.array([int(b[1]) for b in box]) + 1, self.shape)
-        near = np.asarray(mask[tuple(slice(a, b) for a, b in zip(self.lo, hi))] > 0, dtype=np.uint8)
+        near = mask[tuple(slice(a, b) for a, b in zip(self.lo, hi))] > 0
         # 0: no set voxel within one step, 2: all voxels within one step set, 1: the edge
-        self.code = (ndimage.maximum_filter(near, size=3, mode="constant")
-                     + ndimage.minimum_filter(near, size=3, mode="constant"))
+        self.code = cube3(near, all_set=False).view(np.uint8) + cube3(near, all_set=True).view(np.uint8)
         self.code_shape = np.array(self.code.shape)
 
     def __call__(self, coords: np.ndarray) -> np.ndarray:
@@ -164,16 +186,31 @@ class MaskSampler:
 
 
 class PreparedMask:
-    """What every paste of one bank lesion needs from its mask, computed once: the mask's voxels and its
-    edge-aware sampler (the bank keeps recently used ones, see `Bank.derived`)."""
+    """What every paste of one bank lesion needs from its mask, each part made on first use and then kept:
+    the mask's voxels and its edge-aware sampler (the bank keeps recently used ones, see `Bank.derived`)."""
 
     def __init__(self, mask: np.ndarray, src_box=None):
-        self.points = mask_voxels(mask, src_box).astype(np.int32)
-        self.sampler = MaskSampler(mask, src_box)
+        self.mask, self.src_box = mask, src_box
+        self._points = self._sampler = None
+
+    @property
+    def points(self) -> np.ndarray:
+        """Source voxel indices (N, 3) of the mask."""
+        if self._points is None:
+            self._points = mask_voxels(self.mask, self.src_box).astype(np.int32)
+        return self._points
+
+    @property
+    def sampler(self) -> MaskSampler:
+        if self._sampler is None:
+            self._sampler = MaskSampler(self.mask, self.src_box)
+        return self._sampler
 
     @property
     def nbytes(self) -> int:
-        return self.points.nbytes + self.sampler.code.nbytes
+        """Bytes it holds once both parts are made (the bank's cache budget counts this)."""
+        box = self.src_box if self.src_box is not None else [[0, n] for n in self.mask.shape]
+        return 12 * int(np.count_nonzero(self.mask)) + int(np.prod([int(b) - int(a) + 2 for a, b in box]))
 
 
 def _soft_on(bricks, geo, mapper, sampler: MaskSampler):
