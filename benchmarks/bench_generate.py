@@ -1,41 +1,46 @@
 """End-to-end speed and memory of `generate` on MNI-sized cases, against the issue's targets (issue 3).
 
     python benchmarks/bench_generate.py [--quick] [--cases N] [--data DIR] [--load high]
-                                        [--load-range LO HI] [--folds 1] [--seed 0]
+                                        [--load-range LO HI] [--folds 1] [--seed 0] [--codec gz|nii]
                                         [--compression-level 1] [--torchio-cases K] [--torchio-threads T]
-                                        [--memory-cases K]
-                                        [--rounds R] [--profile K] [--work DIR] [--keep]
-                                        [--json PATH]
+                                        [--memory-cases K] [--rounds R] [--pair-rounds P]
+                                        [--profile K] [--work DIR] [--keep] [--json PATH]
 
 Defaults: --data .cache/data/mni_lesions (6 cases, 197×233×189, 2 float32 channels + uint8 label),
 --cases 12, --load high, --folds 1 (with one fold every base case is used in turn, so 12 cases use each
-of the 6 originals twice), originals not copied into the output. `--quick`: 3 cases, 1 TorchIO case,
-1 memory case, 1 round (a smoke run, about a minute). A full run takes about 5 minutes on 2 cores.
+of the 6 originals twice), originals not copied into the output, --codec gz (the dataset as fetched,
+.nii.gz output at gzip level 1 through isal). `--codec nii` first stores an uncompressed copy of the dataset
+and writes .nii: generate, floor and TorchIO all read and write uncompressed files. `--quick`: 3 cases,
+1 TorchIO case, 1 memory case, 1 round (a smoke run, about a minute). A full run takes about 6 minutes.
 
 What is measured (all times are wall clock, `time.perf_counter`; the machine may be shared, so every
-row reports median, min and max over cases, and single runs of the whole call are noisy):
+row reports median, min and max over cases):
 
-1. `generate(..., jobs=1)`: per-case read / lesion work / write from the returned timings
+1. `generate(..., jobs=1)`, one whole run: per-case read / lesion work / write from the returned timings
    (measured inside `synthesize_case`: read = bank lookup + target draw + `load_case`; lesion = region,
-   placement density, the plan/render loop and the label count; write = `write_case`); first round.
-2. I/O floor: `lesionsynth.io.load_case` + `lesionsynth.io.output.write_case` (same compression level,
-   same dtypes, into a temp folder) on the same base case as each generated case, once per round right
-   after that round's --jobs 1 run; ratio = median over cases of the fastest generate time / median over
-   cases of the fastest floor time (both taken over the R rounds; round 1 alone is printed too).
+   placement density, the plan/render loop and the label count; write = `write_case`).
+2. Interleaved per case (`--pair-rounds P`, default 3): for each case, back to back in one process, the I/O
+   floor (`lesionsynth.io.load_case` + `lesionsynth.io.output.write_case` of its base case, same codec and
+   level, no lesion work), `synthesize_case` (what each generate worker runs per case) with the 1x bank,
+   and with the 10x bank; the order rotates from case to case and round to round. Per case the fastest of
+   the P rounds is kept. generate / floor = median over cases of generate / median over cases of the
+   floor (the target); the per-case paired ratio is printed too. Interleaving matters on a shared machine
+   whose speed drifts by 20-25 % over minutes: whole runs of one variant after another compare different
+   periods of the machine, measurements seconds apart compare the code.
 3. Throughput: wall clock of the whole `generate` call (bank opening, run.json, worker start-up at
    --jobs 2 (loky processes, imports, per-worker bank opening), all cases, manifest/dataset.json/splits;
    not the originals, which are left out) at --jobs 1 and --jobs 2 on the same N cases;
-   speed-up = (N / wall_j2) / (N / wall_j1), each wall the fastest of --rounds R runs (default 2).
-4. Bank size: the same run with a 10× bank. The 10× bank is bank.json with every lesion entry repeated
-   10 times (copies right after the original, new ids) and the crop files concatenated 10 times, each
-   copy's offsets pointing into its own copy of the arrays, so the bank really is 10× larger on disk
-   and in bank.json. Because each lesion's copies sit next to each other, the size-aware lesion draw
-   (one uniform through the cumulative weights) lands on a copy of the same lesion with the same random
-   stream, so every output case does the same lesion work (checked: the written images and labels are
-   compared byte for byte). The difference in per-case time is therefore only what bank size costs
-   (index parsing, per-case donor lists, per-paste weight lists, memory-mapped reads). Against the noise of
-   a shared machine, --rounds R (default 2) alternates 1x and 10x runs and compares, per case, the
-   fastest of the R runs (the first 1x round is the --jobs 1 run of item 1).
+   speed-up = (N / wall_j2) / (N / wall_j1), each wall the fastest of --rounds R runs (default 2),
+   the variants alternating.
+4. Bank size: the 10× bank is bank.json with every lesion entry repeated 10 times (copies right after the
+   original, new ids) and the crop files concatenated 10 times, each copy's offsets pointing into its own
+   copy of the arrays, so the bank really is 10× larger on disk and in bank.json. Because each lesion's
+   copies sit next to each other, the size-aware lesion draw (one uniform through the cumulative weights)
+   lands on a copy of the same lesion with the same random stream, so every output case does the same
+   lesion work (checked: a whole generate run with the 10x bank is compared byte for byte with the 1x
+   run). The difference in per-case time is therefore only what bank size costs (index parsing, per-case
+   donor lists, per-paste weight lists, memory-mapped reads, the worker's per-lesion cache holding 10×
+   more distinct lesions). Compared per case in the interleaved rounds (item 2).
 5. Peak memory of a worker: a fresh child process runs one case with `synthesize_case` and reports its
    peak resident set (VmHWM from /proc/self/status, i.e. the ru_maxrss of its own address space) after the
    imports and the bank (baseline) and after the case (peak); "increment" = peak - baseline, compared with
@@ -44,8 +49,8 @@ row reports median, min and max over cases, and single runs of the whole call ar
    unusable in a child on Linux: it starts from the parent's high-water mark, carried over the exec.)
 6. TorchIO (when importable): per-case read (`tio.Subject(...).load()`) → `tio.RandomElasticDeformation()`
    (defaults; SimpleITK with its default thread count, i.e. all cores, which favours TorchIO) → write
-   through lesionsynth's own `save_nifti` (same gzip path and level); speed-up = TorchIO median /
-   lesionsynth median per case at --jobs 1.
+   through lesionsynth's own `save_nifti` (same codec and level); speed-up = TorchIO median / the
+   median per-case total of generate's whole --jobs 1 run (item 1, not the best-of-rounds figure).
 
 Lesion counts: connected components (the bank's connectivity) of the written labels, after timing. On
 mni_lesions no load setting puts every case in 5-30 lesions: two base cases carry 36 and 54 lesions of
@@ -84,6 +89,7 @@ from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, synt
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK_FACTOR = 10
+ENDINGS = {"gz": ".nii.gz", "nii": ".nii"}
 
 TARGETS = {
     "generate_vs_floor": 1.5,   # generate per case ≤ 1.5 × I/O floor (jobs 1)
@@ -106,7 +112,22 @@ def summary(values) -> dict:
 def gen_config(args, n: int) -> GenerateConfig:
     return GenerateConfig(n=n, load=args.load, seed=args.seed, folds=args.folds,
                           load_range=tuple(args.load_range) if args.load_range else None,
-                          include_originals=False, compression_level=args.compression_level)
+                          include_originals=False, compression_level=args.compression_level,
+                          file_ending=ENDINGS[args.codec])
+
+
+def uncompressed_copy(src: Path, dst: Path) -> Path:
+    """The nnU-Net dataset `src` with every .nii.gz file stored as .nii (same NIfTI bytes, decompressed)."""
+    import gzip
+
+    spec = json.loads((src / "dataset.json").read_text())
+    spec["file_ending"] = ".nii"
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True)
+        for path in sorted((src / sub).glob("*.nii.gz")):
+            (dst / sub / path.name[: -len(".gz")]).write_bytes(gzip.decompress(path.read_bytes()))
+    (dst / "dataset.json").write_text(json.dumps(spec, indent=2))
+    return dst
 
 
 def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
@@ -163,7 +184,7 @@ def file_digests(out: Path) -> dict[str, str]:
             for sub in ("imagesTr", "labelsTr") for p in sorted((out / sub).iterdir())}
 
 
-def count_lesions(out: Path, records: list[dict], connectivity: int) -> list[int]:
+def count_lesions(out: Path, records: list[dict], connectivity: int, ending: str) -> list[int]:
     from scipy import ndimage
 
     from lesionsynth.geometry import structure_for
@@ -171,13 +192,13 @@ def count_lesions(out: Path, records: list[dict], connectivity: int) -> list[int
 
     counts = []
     for rec in records:
-        path = out / "labelsTr" / f"{rec['case_id']}.nii.gz"
+        path = out / "labelsTr" / f"{rec['case_id']}{ending}"
         label = read_array(load_nifti(path), path, np.uint8)
         counts.append(int(ndimage.label(label > 0, structure=structure_for(connectivity))[1]))
     return counts
 
 
-def io_floor(bank: Bank, base_cases: list[str], level: int, tmp: Path) -> list[dict]:
+def io_floor(bank: Bank, base_cases: list[str], level: int, tmp: Path, ending: str) -> list[dict]:
     """load_case + write_case of each base case, no lesion work."""
     refs = {r.case_id: r for r in bank.case_refs()}
     n_channels = len(bank.channel_names)
@@ -188,11 +209,56 @@ def io_floor(bank: Bank, base_cases: list[str], level: int, tmp: Path) -> list[d
         t0 = time.perf_counter()
         case = load_case(refs[base], n_channels)
         t1 = time.perf_counter()
-        write_case(tmp, f"floor{i:05d}", case.channels, case.label, case, ".nii.gz", level)
+        write_case(tmp, f"floor{i:05d}", case.channels, case.label, case, ending, level)
         t2 = time.perf_counter()
         rows.append({"base_case": base, "read_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0})
         del case
     return rows
+
+
+def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int, base_cases: list[str],
+                tmp: Path, level: int, ending: str) -> dict[str, list[list[dict]]]:
+    """Per case, back to back in this process: the I/O floor on its base case and `synthesize_case` (what
+    every generate worker runs per case) with each bank; the order rotates from case to case and round to
+    round. On a shared machine whose speed drifts over minutes, only measurements taken seconds apart can
+    be compared; a whole run of one variant, then of another, compares two periods of the machine."""
+    bank = Bank(banks["1x"])
+    refs = {r.case_id: r for r in bank.case_refs()}
+    val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
+    for name in ["floor", *banks]:
+        (tmp / name / "imagesTr").mkdir(parents=True)
+        (tmp / name / "labelsTr").mkdir()
+    n_channels = len(bank.channel_names)
+
+    def floor(i):
+        t0 = time.perf_counter()
+        case = load_case(refs[base_cases[i]], n_channels)
+        t1 = time.perf_counter()
+        write_case(tmp / "floor", f"floor{i:05d}", case.channels, case.label, case, ending, level)
+        t2 = time.perf_counter()
+        return {"read_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0}
+
+    def generate_with(name):
+        def run(i):
+            _, tm = synthesize_case(i, str(banks[name]), str(tmp / name), cfg, val_folds)
+            return {"read_s": tm["read_s"], "lesion_s": tm["lesion_s"], "write_s": tm["write_s"],
+                    "total_s": tm["read_s"] + tm["lesion_s"] + tm["write_s"]}
+        return run
+
+    variants = {"floor": floor, **{name: generate_with(name) for name in banks}}
+    names = list(variants)
+    out = {name: [[None] * n for _ in range(rounds)] for name in names}
+    for r in range(rounds):
+        for i in range(n):
+            k = (i + r) % len(names)
+            for name in names[k:] + names[:k]:
+                out[name][r][i] = variants[name](i)
+    return out
+
+
+def best_of_rounds(per_round: list[list[dict]], key: str = "total_s") -> list[float]:
+    """Per case, the fastest of the rounds (a shared machine only ever adds time)."""
+    return [min(rnd[i][key] for rnd in per_round) for i in range(len(per_round[0]))]
 
 
 CHILD = r"""
@@ -256,7 +322,7 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
     return rows
 
 
-def torchio_bench(bank: Bank, base_cases: list[str], level: int, tmp: Path, seed: int,
+def torchio_bench(bank: Bank, base_cases: list[str], level: int, tmp: Path, seed: int, ending: str,
                   threads: int = 0) -> dict | None:
     """TorchIO read → RandomElasticDeformation → write (lesionsynth's save_nifti) per case; `threads` > 0 sets
     SimpleITK's (and torch's) thread count, else their defaults (all cores)."""
@@ -290,10 +356,11 @@ def torchio_bench(bank: Bank, base_cases: list[str], level: int, tmp: Path, seed
         t2 = time.perf_counter()
         for c in range(len(ref.image_paths)):
             img = warped[f"ch{c}"]
-            save_nifti(tmp / "imagesTr" / f"tio{i:05d}_{c:04d}.nii.gz", img.data[0].numpy(), img.affine, None,
+            save_nifti(tmp / "imagesTr" / f"tio{i:05d}_{c:04d}{ending}", img.data[0].numpy(), img.affine, None,
                        np.float32, level)
         lab = warped["label"]
-        save_nifti(tmp / "labelsTr" / f"tio{i:05d}.nii.gz", lab.data[0].numpy(), lab.affine, None, np.uint8, level)
+        save_nifti(tmp / "labelsTr" / f"tio{i:05d}{ending}", lab.data[0].numpy(), lab.affine, None, np.uint8,
+                   level)
         t3 = time.perf_counter()
         rows.append({"base_case": base, "read_s": t1 - t0, "deform_s": t2 - t1, "write_s": t3 - t2,
                      "total_s": t3 - t0})
@@ -337,13 +404,19 @@ def main() -> int:
     parser.add_argument("--folds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compression-level", type=int, default=1)
+    parser.add_argument("--codec", choices=sorted(ENDINGS), default="gz",
+                        help="gz (default): the dataset as fetched and .nii.gz output; nii: an uncompressed copy of "
+                             "the dataset and .nii output, for the generate, floor and TorchIO runs alike")
     parser.add_argument("--torchio-cases", type=int, default=None, help="default 3 (quick: 1); 0 skips")
     parser.add_argument("--torchio-threads", type=int, default=0,
                         help="SimpleITK/torch threads for TorchIO (default 0: their default, all cores)")
     parser.add_argument("--memory-cases", type=int, default=None, help="default min(N, 6) (quick: 1)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="runs of each generate variant (jobs 1, jobs 1 with the 10x bank, jobs 2), alternating;"
-                             " the fastest is compared (default 2; quick: 1)")
+                        help="whole generate calls of each variant (jobs 1, jobs 1 with the 10x bank, jobs 2), "
+                             "alternating; the fastest gives the throughput (default 2; quick: 1)")
+    parser.add_argument("--pair-rounds", type=int, default=None,
+                        help="interleaved per-case rounds of floor, 1x bank and 10x bank; per case the fastest is "
+                             "compared (default 3; quick: 1)")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="cProfile K cases at the end")
     parser.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -352,6 +425,7 @@ def main() -> int:
     n = args.cases or (3 if args.quick else 12)
     n_tio = args.torchio_cases if args.torchio_cases is not None else (1 if args.quick else 3)
     n_rounds = max(1, args.rounds if args.rounds is not None else (1 if args.quick else 2))
+    n_pairs = max(1, args.pair_rounds if args.pair_rounds is not None else (1 if args.quick else 3))
     n_mem = args.memory_cases if args.memory_cases is not None else (1 if args.quick else min(n, 6))
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_generate."))
@@ -364,7 +438,10 @@ def main() -> int:
         # -- banks (building reads every case once, so all base files are in the page cache afterwards)
         bank1 = work / "bank"
         t = time.perf_counter()
-        build_bank(args.data, bank1, BankConfig(), jobs=2, progress=False)
+        data = Path(args.data)
+        if args.codec == "nii":
+            data = uncompressed_copy(data, work / "data_nii")
+        build_bank(data, bank1, BankConfig(), jobs=2, progress=False)
         results["bank_build_s"] = time.perf_counter() - t
         bank10 = work / f"bank_x{BANK_FACTOR}"
         t = time.perf_counter()
@@ -380,30 +457,28 @@ def main() -> int:
         # -- 1. generate at --jobs 1 (also the 1x bank run)
         wall1, cases1, res1 = run_generate(bank1, work / "out_j1", cfg, 1)
         log(f"generate jobs=1: {wall1:.1f}s for {n} cases")
-        counts = count_lesions(work / "out_j1", res1.records, int(bank.config["connectivity"]))
+        counts = count_lesions(work / "out_j1", res1.records, int(bank.config["connectivity"]), ENDINGS[args.codec])
         for c, k in zip(cases1, counts):
             c["lesions_written"] = k
         base_cases = [c["base_case"] for c in cases1]
 
-        # -- 2. I/O floor on the same base cases
-        floor = io_floor(bank, base_cases, args.compression_level, work / "floor")
-        shutil.rmtree(work / "floor")
-        log(f"I/O floor: {sum(r['total_s'] for r in floor):.1f}s for {n} cases")
+        # -- 2./4. floor, 1x and 10x bank per case, interleaved (see `interleaved`): the ratios come from here
+        pairs = interleaved({"1x": bank1, "10x": bank10}, cfg, n, n_pairs, base_cases, work / "pairs",
+                            args.compression_level, ENDINGS[args.codec])
+        shutil.rmtree(work / "pairs")
+        best_floor, best1, best10 = (best_of_rounds(pairs[k]) for k in ("floor", "1x", "10x"))
+        log(f"interleaved per case: {n_pairs} rounds of floor, 1x bank and 10x bank")
 
-        # -- 3./4. rounds: each runs 10x bank (jobs 1) and jobs 2; rounds after the first also rerun 1x jobs 1.
-        # Per case / per call the fastest of the rounds is compared (a shared machine only ever adds time).
-        rounds_1x, rounds_10x, rounds_j2, floor_rounds = [cases1], [], [], [floor]
+        # -- 3. whole generate calls: jobs 1 with the 10x bank (byte identity), jobs 2 and jobs 1 (throughput)
+        rounds_1x, rounds_10x, rounds_j2 = [cases1], [], []
         walls = {"jobs1": [wall1], "jobs1_bank_x10": [], "jobs2": []}
         identical = None
+
         def run_1x(r):
             w, c, _ = run_generate(bank1, work / f"out_r{r}_1x", cfg, 1)
             shutil.rmtree(work / f"out_r{r}_1x")
             walls["jobs1"].append(w)
             rounds_1x.append(c)
-
-        def run_floor(r):
-            floor_rounds.append(io_floor(bank, base_cases, args.compression_level, work / "floor"))
-            shutil.rmtree(work / "floor")
 
         def run_10x(r):
             nonlocal identical
@@ -421,17 +496,13 @@ def main() -> int:
             rounds_j2.append(c)
 
         for r in range(n_rounds):
-            # the order of the variants rotates from round to round, so none always runs in the same slot
-            # (on a shared machine the slot after a --jobs 2 run, say, can be systematically slower)
-            steps = [run_1x, run_floor, run_10x, run_j2] if r else [run_10x, run_j2]
+            # the order rotates from round to round, so no variant always runs in the same slot
+            steps = [run_1x, run_10x, run_j2] if r else [run_10x, run_j2]
             for step in steps[r % len(steps):] + steps[:r % len(steps)]:
                 step(r)
             log(f"round {r + 1}/{n_rounds}: jobs 1 {walls['jobs1'][-1]:.1f}s, jobs 1 10x bank "
                 f"{walls['jobs1_bank_x10'][-1]:.1f}s (outputs identical to 1x: {identical}), "
                 f"jobs 2 {walls['jobs2'][-1]:.1f}s")
-        best1 = [min(rnd[i]["total_s"] for rnd in rounds_1x) for i in range(n)]
-        best10 = [min(rnd[i]["total_s"] for rnd in rounds_10x) for i in range(n)]
-        best_floor = [min(rnd[i]["total_s"] for rnd in floor_rounds) for i in range(n)]
         cases10, cases2 = rounds_10x[0], rounds_j2[0]
         wall1, wall10, wall2 = min(walls["jobs1"]), min(walls["jobs1_bank_x10"]), min(walls["jobs2"])
 
@@ -447,7 +518,7 @@ def main() -> int:
         tio_res = None
         if n_tio > 0:
             tio_res = torchio_bench(bank, base_cases[:n_tio], args.compression_level, work / "tio", args.seed,
-                                    args.torchio_threads)
+                                    ENDINGS[args.codec], args.torchio_threads)
             shutil.rmtree(work / "tio", ignore_errors=True)
             log("TorchIO: " + ("not importable, skipped" if tio_res is None else f"{len(tio_res['cases'])} cases"))
 
@@ -462,11 +533,10 @@ def main() -> int:
 
     # ------------------------------------------------------------------------------------------ report
     g1, g10, g2 = case_stats(cases1), case_stats(cases10), case_stats(cases2)
-    fl = {k: summary(r[k] for r in floor) for k in ("read_s", "write_s", "total_s")}
-    # like the bank comparison: per case the fastest of the rounds, generate and floor alike
+    fl = {k: summary(r[k] for r in pairs["floor"][0]) for k in ("read_s", "write_s", "total_s")}
+    p1 = {k: summary(best_of_rounds(pairs["1x"], k)) for k in ("read_s", "lesion_s", "write_s", "total_s")}
     ratio_floor = statistics.median(best1) / statistics.median(best_floor)
-    ratio_floor_round1 = g1["total_s"]["median"] / fl["total_s"]["median"]
-    per_case_ratio = summary(c["total_s"] / f["total_s"] for c, f in zip(cases1, floor))
+    per_case_ratio = summary(a / b for a, b in zip(best1, best_floor))
     thr1, thr2 = n / wall1, n / wall2
     speedup = thr2 / thr1
     b1, b10 = summary(best1), summary(best10)
@@ -480,17 +550,22 @@ def main() -> int:
     lesions = summary(c["lesions_written"] for c in cases1)
     in_band = sum(5 <= c["lesions_written"] <= 30 for c in cases1)
 
-    rows = [("generate j1 read", g1["read_s"], "s"), ("generate j1 lesion work", g1["lesion_s"], "s"),
-            ("generate j1 write", g1["write_s"], "s"), ("generate j1 total / case", g1["total_s"], "s"),
-            ("I/O floor read (load_case)", fl["read_s"], "s"), ("I/O floor write (write_case)", fl["write_s"], "s"),
-            ("I/O floor total / case", fl["total_s"], "s"),
-            (f"I/O floor total / case, min of {n_rounds} rounds", summary(best_floor), "s"),
-            ("generate / floor, paired per case", per_case_ratio, "x"),
-            ("generate j2 total / case (in worker, round 1)", g2["total_s"], "s"),
-            ("generate j1 total / case, 10x bank, round 1", g10["total_s"], "s"),
-            (f"1x bank total / case, min of {n_rounds} rounds", b1, "s"),
-            (f"10x bank total / case, min of {n_rounds} rounds", b10, "s"),
-            ("10x / 1x bank, paired per case", paired_bank, "x"),
+    rows = [("generate j1 read (whole run)", g1["read_s"], "s"),
+            ("generate j1 lesion work (whole run)", g1["lesion_s"], "s"),
+            ("generate j1 write (whole run)", g1["write_s"], "s"),
+            ("generate j1 total / case (whole run)", g1["total_s"], "s"),
+            ("generate j2 total / case (in worker)", g2["total_s"], "s"),
+            ("generate j1 total / case, 10x bank", g10["total_s"], "s"),
+            (f"paired, min of {n_pairs}: floor read", summary(best_of_rounds(pairs["floor"], "read_s")), "s"),
+            (f"paired, min of {n_pairs}: floor write", summary(best_of_rounds(pairs["floor"], "write_s")), "s"),
+            (f"paired, min of {n_pairs}: floor total", summary(best_floor), "s"),
+            (f"paired, min of {n_pairs}: generate read", p1["read_s"], "s"),
+            (f"paired, min of {n_pairs}: generate lesion", p1["lesion_s"], "s"),
+            (f"paired, min of {n_pairs}: generate write", p1["write_s"], "s"),
+            (f"paired, min of {n_pairs}: generate total", b1, "s"),
+            (f"paired, min of {n_pairs}: 10x bank total", b10, "s"),
+            ("paired: generate / floor per case", per_case_ratio, "x"),
+            ("paired: 10x / 1x bank per case", paired_bank, "x"),
             ("peak RSS increment / worker", mem_inc, " MiB"), ("peak RSS total / worker", mem_tot, " MiB"),
             ("RSS after imports + bank", mem_base, " MiB"),
             ("pastes / case", summary(c["pastes"] for c in cases1), ""),
@@ -501,14 +576,16 @@ def main() -> int:
     if tio_res:
         tio_stats = {k: summary(r[k] for r in tio_res["cases"]) for k in ("read_s", "deform_s", "write_s", "total_s")}
         rows += [("TorchIO read", tio_stats["read_s"], "s"), ("TorchIO RandomElasticDeformation", tio_stats["deform_s"], "s"),
-                 ("TorchIO write (same gzip path)", tio_stats["write_s"], "s"),
+                 ("TorchIO write (same writer and codec)", tio_stats["write_s"], "s"),
                  ("TorchIO total / case", tio_stats["total_s"], "s")]
 
     print()
     print(f"bench_generate: {n} cases of {'x'.join(map(str, shape))}, {len(bank.channel_names)} float32 channels, "
           f"--load {args.load}" + (f" --load-range {args.load_range[0]:g} {args.load_range[1]:g}" if args.load_range else "")
-          + f", --folds {args.folds}, seed {args.seed}, gzip level {args.compression_level} "
-          f"({'isal' if has_fast_gzip() else 'stdlib gzip'}); {os.cpu_count()} CPUs, load average "
+          + f", --folds {args.folds}, seed {args.seed}, "
+          + (f"gzip level {args.compression_level} ({'isal' if has_fast_gzip() else 'stdlib gzip'})"
+             if args.codec == "gz" else "uncompressed .nii in and out")
+          + f"; {os.cpu_count()} CPUs, load average "
           f"{results['machine']['loadavg_start'][0]:.2f} at start, {results['machine']['loadavg_end'][0]:.2f} at end")
     print(f"bank 1x: {len(bank.lesions)} lesions, bank.json {results['bank_1x']['bank_json_bytes'] / 1e6:.2f} MB; "
           f"bank 10x: {results['bank_x10']['lesions']} lesions, bank.json "
@@ -537,12 +614,12 @@ def main() -> int:
     checks = [
         ("generate per case <= 1.5x I/O floor (jobs 1)", ratio_floor, ratio_floor <= TARGETS["generate_vs_floor"],
          f"{statistics.median(best1):.3f}s / {statistics.median(best_floor):.3f}s = {ratio_floor:.2f}x (medians of "
-         f"per-case min over {n_rounds} alternating rounds; round 1 alone {ratio_floor_round1:.2f}x)"),
+         f"per-case min over {n_pairs} interleaved rounds; paired per case {per_case_ratio['median']:.2f}x)"),
         ("throughput jobs 2 >= 1.8x jobs 1", speedup, speedup >= TARGETS["jobs2_speedup"],
          f"{thr2:.3f} / {thr1:.3f} cases/s = {speedup:.2f}x (fastest whole call of {n_rounds})"),
         ("10x bank within 10% of 1x (per case)", bank_ratio, abs(bank_ratio - 1) <= TARGETS["bank10_within"],
          f"{b10['median']:.3f}s / {b1['median']:.3f}s = {bank_ratio:.3f}x (medians of per-case min over "
-         f"{n_rounds} alternating round{'s' if n_rounds > 1 else ''})"),
+         f"{n_pairs} interleaved rounds; paired per case {paired_bank['median']:.3f}x)"),
         ("peak memory per worker <= 3x one case", mem_inc["max"] / case_mib,
          mem_inc["max"] / case_mib <= TARGETS["memory_vs_case"],
          f"max increment {mem_inc['max']:.0f} MiB / {case_mib:.1f} MiB = {mem_inc['max'] / case_mib:.2f}x "
@@ -554,7 +631,8 @@ def main() -> int:
                        f"{tio_stats['total_s']['median']:.3f}s / {g1['total_s']['median']:.3f}s = {vs:.2f}x "
                        f"(TorchIO {tio_res['version']}, SimpleITK threads {tio_res['sitk_threads']})"))
     else:
-        checks.append(("lesionsynth >= 20x faster than TorchIO", None, None, "skipped (torchio not importable)"))
+        why = "torchio not importable" if n_tio > 0 else "--torchio-cases 0"
+        checks.append(("lesionsynth >= 20x faster than TorchIO", None, None, f"skipped ({why})"))
     print("targets (issue 3)")
     for name, _value, ok, detail in checks:
         verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
@@ -567,7 +645,8 @@ def main() -> int:
         "shape": list(shape), "channels": len(bank.channel_names), "one_case_mib": case_mib,
         "cases_jobs1": cases1, "cases_jobs2": cases2, "cases_bank_x10": cases10,
         "rounds": {"n": n_rounds, "jobs1": rounds_1x, "jobs1_bank_x10": rounds_10x, "jobs2": rounds_j2,
-                   "best_1x_s": best1, "best_10x_s": best10, "best_floor_s": best_floor, "floor": floor_rounds, "walls_s": walls}, "io_floor": floor,
+                   "walls_s": walls},
+        "interleaved": {"n": n_pairs, **pairs, "best_1x_s": best1, "best_10x_s": best10, "best_floor_s": best_floor},
         "memory": mem, "torchio": tio_res, "outputs_identical_1x_10x": identical,
         "wall_s": {"jobs1": wall1, "jobs2": wall2, "jobs1_bank_x10": wall10},  # fastest of the rounds
         "stats": {"generate_jobs1": g1, "generate_jobs2": g2, "generate_bank_x10": g10, "io_floor": fl,

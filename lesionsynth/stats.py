@@ -15,6 +15,16 @@ def _sample(where: np.ndarray) -> np.ndarray:
     return idx
 
 
+def flat_view(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(1-D view of the array's memory, element step of each axis in it): for C- or Fortran-ordered arrays,
+    so voxels of a case held in NIfTI's (Fortran) order are read without a reordered copy. Any other
+    layout is copied to C order first."""
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        array = np.ascontiguousarray(array)
+    order = "C" if array.flags.c_contiguous else "F"
+    return array.reshape(-1, order=order), np.array(array.strides) // array.itemsize
+
+
 def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, float]]:
     """(median, noise sd) of each channel (C, X, Y, Z) within `where`; (nan, 0) if fewer than 10 voxels.
 
@@ -26,18 +36,21 @@ def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, 
     if idx.size < 10:
         return [(float("nan"), 0.0)] * channels.shape[0]
     ijk = np.unravel_index(idx, where.shape)
-    # flat offsets of the 3 clipped neighbour positions along each axis; 27 sums of them below
-    strides = np.cumprod((1,) + where.shape[:0:-1])[::-1]
-    along = [[np.clip(a + o, 0, n - 1) * st for o in (-1, 0, 1)] for a, n, st in zip(ijk, where.shape, strides)]
-    neighbours = [i + j + k for i in along[0] for j in along[1] for k in along[2]]
     values = np.empty((channels.shape[0], idx.size), dtype=np.float64)
     resid = np.empty_like(values)
+    offsets = {}
     for c in range(channels.shape[0]):
-        flat = np.ascontiguousarray(channels[c]).reshape(-1)
+        flat, steps = flat_view(channels[c])
+        key = tuple(steps.tolist())
+        if key not in offsets:
+            # flat offsets of the 3 clipped neighbour positions along each axis; 27 sums of them below
+            along = [[np.clip(a + o, 0, n - 1) * st for o in (-1, 0, 1)] for a, n, st in zip(ijk, where.shape, steps)]
+            offsets[key] = [i + j + k for i in along[0] for j in along[1] for k in along[2]]
+        neighbours = offsets[key]
         total = np.zeros(idx.size, dtype=np.float64)
         for n in neighbours:
             total += flat.take(n)
-        values[c] = flat.take(idx)
+        values[c] = flat.take(neighbours[13])  # the voxel itself (offset 0 on every axis)
         resid[c] = values[c] - total / 27.0
     out = []
     for v, r in zip(values, resid):

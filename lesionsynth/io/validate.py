@@ -143,10 +143,17 @@ def grid_problem(shape, affine, ref_shape, ref_affine, ref_name: str) -> str | N
     return f"affine differs from {ref_name} ({'; '.join(faults)})" if faults else None
 
 
-def _value_counts(label: np.ndarray) -> np.ndarray:
-    """Voxels per value of a uint8 array, in chunks (bincount would copy the whole array to int64)."""
-    flat = label.reshape(-1)
+def _value_counts(label: np.ndarray, high: int) -> np.ndarray:
+    """Voxels per value of a uint8 array whose largest value is `high`: a byte comparison per value when
+    there are few values (the usual label), else bincount in chunks (it converts to int64 as it goes)."""
+    flat = label.ravel(order="K")  # a view in any memory order
     counts = np.zeros(MAX_LABEL + 1, dtype=np.int64)
+    if high < 16:
+        counts[0] = flat.size
+        for v in range(1, high + 1):
+            counts[v] = np.count_nonzero(flat == v)
+            counts[0] -= counts[v]
+        return counts
     step = 1 << 22
     for i in range(0, flat.size, step):
         counts += np.bincount(flat[i:i + step], minlength=MAX_LABEL + 1)
@@ -210,8 +217,8 @@ def check_label_file(path, declared_labels=None, case_id: str | None = None):
         return img, None, problems, None
     label = data.astype(np.uint8, copy=False)
     if not label.flags.writeable:  # a view of the file's bytes: generate edits the label in place
-        label = label.copy()
-    counts_arr = _value_counts(label)
+        label = label.copy(order="K")  # in the file's voxel order: a straight copy
+    counts_arr = _value_counts(label, int(high))
     counts = {int(v): int(n) for v, n in enumerate(counts_arr) if n}
     if declared_labels:
         undeclared = sorted(set(counts) - set(int(v) for v in declared_labels))
@@ -259,14 +266,14 @@ def check_image_file(path, four_d_channels: int | None = None, channel_names=Non
         if four_d_channels is not None:
             name = channel_names[c] if channel_names and c < len(channel_names) else None
             what = f"channel {c}" + (f" ({name})" if name else "")
-        finite = np.isfinite(chan)
-        if not finite.all():
-            fault(f"{what} holds NaN or infinite values ({int(chan.size - np.count_nonzero(finite))} voxels)")
-            continue
         if chan.size == 0:
             fault(f"{what} has no voxels (shape {tuple(int(n) for n in img.shape)})")
             continue
-        low, high = float(chan.min()), float(chan.max())
+        low, high = float(chan.min()), float(chan.max())  # NaN propagates, so both finite = all finite
+        if not (np.isfinite(low) and np.isfinite(high)):
+            bad = int(chan.size - np.count_nonzero(np.isfinite(chan)))
+            fault(f"{what} holds NaN or infinite values ({bad} voxels)")
+            continue
         if low == high:
             fault(f"{what} is empty (all voxels are 0)" if low == 0 else f"{what} is constant (all voxels are {low:g})")
     return img, shape3, channels, problems
@@ -274,6 +281,15 @@ def check_image_file(path, four_d_channels: int | None = None, channel_names=Non
 
 # ----------------------------------------------------------------------------------------------------
 # cases
+
+
+def channel_stack(n_channels: int, shape) -> np.ndarray:
+    """An empty float32 (C, X, Y, Z) array whose channels each lie in NIfTI's voxel order (x fastest).
+
+    Files hold voxels in that (Fortran) order and nibabel reads them so; copying them into C-ordered
+    channels, and back when writing, would transpose every volume twice per case.
+    """
+    return np.empty((n_channels,) + tuple(shape)[::-1], dtype=np.float32).transpose(0, 3, 2, 1)
 
 
 def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data: bool = True,
@@ -323,13 +339,15 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
                 if keep_data and not problems:
                     # straight into one (C, X, Y, Z) array: no list of channels plus a stacked copy
                     if stack is None:
-                        stack = np.empty((n_channels,) + tuple(chans[0].shape), dtype=np.float32)
+                        stack = channel_stack(n_channels, chans[0].shape)
                     stack[len(headers) - 1] = chans[0]
             img = chans = None  # let this file's bytes go before the next one is read
     case = None
     if keep_data and not problems:
         if stack is None:
-            stack = np.stack(channels).astype(np.float32, copy=False)
+            stack = channel_stack(len(channels), channels[0].shape)
+            for c, chan in enumerate(channels):
+                stack[c] = chan
         case = Case(cid, stack, label, np.asarray(label_img.affine, dtype=np.float64), headers, label_img.header)
     return CaseCheck(case, problems, counts)
 

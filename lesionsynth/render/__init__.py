@@ -43,7 +43,7 @@ def prepared_mask(bank, lesion_id: str) -> PreparedMask:
 def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
                 ctx: RenderContext) -> tuple[np.ndarray, np.ndarray]:
     """Replay recorded operations on copies of a base case's arrays."""
-    channels, label = channels.copy(), label.copy()
+    channels, label = channels.copy(order="K"), label.copy(order="K")
     for op in ops:
         patch = render_op(channels, label, affine, op, bank, ctx)
         if patch is None:

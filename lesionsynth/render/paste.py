@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from ..geometry import spacing_of
 from ..labels import label_in
-from ..stats import channel_stats
+from ..stats import channel_stats, flat_view
 from .transform import PointMapper, paste_geometry
 
 
@@ -332,9 +332,13 @@ def blend_lesion(dest: np.ndarray, lesion_values, soft: np.ndarray, tissue: np.n
     """
     idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
-    out = np.array(dest, dtype=np.float32, order="C")  # a copy
+    out = np.array(dest, dtype=np.float32, order="K")  # a copy in the case's own voxel order
+    if not (out[0].flags.c_contiguous or out[0].flags.f_contiguous):
+        out = np.ascontiguousarray(out)  # an unusual layout: the flat views below must be views
     dest_stats = channel_stats(out, tissue)
     lesion = lesion_values(idx)
+    steps = flat_view(out[0])[1]
+    at = sum(i * st for i, st in zip(np.unravel_index(idx, soft.shape), steps))  # idx in `out`'s memory order
     for c in range(dest.shape[0]):
         dest_ref, dest_noise = dest_stats[c]
         src_ref = src_stats[c]["shell"]["median"]
@@ -348,9 +352,9 @@ def blend_lesion(dest: np.ndarray, lesion_values, soft: np.ndarray, tissue: np.n
             ref = dest_ref
         values = np.float32(ref) + np.float32(op["brightness"][c]) * (values - np.float32(ref))
         values = values + np.float32(op["noise_gain"] * dest_noise) * noise
-        flat = out[c].reshape(-1)
-        d = flat[idx]
-        flat[idx] = d + a * (values - d)
+        flat = flat_view(out[c])[0]
+        d = flat[at]
+        flat[at] = d + a * (values - d)
     return out
 
 
