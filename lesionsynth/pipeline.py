@@ -127,7 +127,8 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     donors = [les for les in bank.lesions if les["source_case"] in train_set
               and les["label_value"] in lesion_labels]
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
-                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in)
+                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in,
+                        region.contains, cfg.augment.min_region_fraction)
     channels, label = case.channels, case.label
     plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
                                 cfg.tolerance, cfg.mode, cfg.augment, region)

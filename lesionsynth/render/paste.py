@@ -225,28 +225,42 @@ def support_box(box, lo, hi, reach) -> tuple[slice, ...]:
                  for s, a, b, r in zip(box, lo, hi, reach))
 
 
+def estimated_landing(prepared: PreparedMask, src_affine, src_centre, tgt_affine, tgt_shape, op: dict,
+                      support_mm: float):
+    """(geometry, point mapper, estimated target positions (N, 3) of the mask's voxels, their extra reach)
+    of one paste, or None if it misses the volume (see `landing_points`)."""
+    points, mask, src_box = prepared.points, prepared.mask, prepared.src_box
+    geo = paste_geometry(mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm, points)
+    if geo is None or not len(points):
+        return None
+    mapper = PointMapper(geo, tgt_affine)
+    land, extra = landing_points(points, mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
+    return geo, mapper, land, extra
+
+
 def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape, op: dict, src_box=None,
-                  support_mm: float = 0.0, prepared: PreparedMask | None = None
+                  support_mm: float = 0.0, prepared: PreparedMask | None = None, land_check=None
                   ) -> tuple[tuple[slice, ...], np.ndarray, PointMapper] | None:
     """The lesion's soft mask on the target grid: (box, soft mask, point mapper) or None if it misses.
 
     The box holds the soft mask (> 0) grown by `support_mm` (all that blending reads); the mapper gives
     the source coordinates of any target voxel, for interpolating the channels where they are needed.
     Only target voxels the lesion can reach are computed, so the cost follows the lesion's volume, not
-    its bounding box.
+    its bounding box. `land_check(positions)`, if given, sees the estimated target positions (N, 3) of
+    the mask's voxels first; when it returns False nothing is resampled and the result is None.
     """
     prepared = prepared if prepared is not None else PreparedMask(src_mask, src_box)
-    points = prepared.points
-    geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm,
-                         points)
-    if geo is None or not len(points):
+    landing = estimated_landing(prepared, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
+    if landing is None:
         return None
-    mapper = PointMapper(geo, tgt_affine)
+    geo, mapper, land, extra = landing
+    if land_check is not None and not land_check(land):
+        return None
+    points = prepared.points
     fwd = np.abs(np.linalg.inv(geo.src_from_tgt)[:3, :3]).sum(axis=1)  # target voxels per source voxel step
     sampler = prepared.sampler
     # First try: bricks around where the mask lands with the elastic field (a close estimate), keeping a
     # guard band; if the lesion reaches the guard band, redo it with the rigorous bound of the field.
-    land, extra = landing_points(points, src_mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
     active, values, hit = _soft_on(bricks, geo, mapper, sampler)
     inner = ndimage.minimum_filter(bricks, size=3, mode="constant", cval=1)  # erosion, separable
@@ -396,8 +410,9 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
 
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
-                settings: PasteSettings, prepared: PreparedMask | None = None) -> Patch | None:
-    """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume.
+                settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None) -> Patch | None:
+    """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume
+    (or, on the numpy path, fails `land_check`, see `resample_mask`).
 
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
     The new channel values are computed when the patch's `channels` are first used (by `apply`), which
@@ -407,7 +422,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     support_mm = feather_support_mm(settings)
     where = (lesion_meta["centroid_mm"], affine, label.shape, op, lesion_meta.get("mask_box"), support_mm)
     if settings.device == "cpu":
-        resampled = resample_mask(lesion_mask, src_affine, *where, prepared)
+        resampled = resample_mask(lesion_mask, src_affine, *where, prepared, land_check)
         if resampled is None:
             return None
         box, soft, mapper = resampled
@@ -419,6 +434,12 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     else:
         from .torch_backend import resample_lesion_torch
 
+        if land_check is not None:  # the same early test as the numpy path, so both plan alike
+            prepared = prepared if prepared is not None else PreparedMask(lesion_mask, lesion_meta.get("mask_box"))
+            landing = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
+                                        support_mm)
+            if landing is None or not land_check(landing[2]):
+                return None
         resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device)
         if resampled is None:
             return None
