@@ -142,6 +142,7 @@ def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
 
 def grow_one_voxel(mask: np.ndarray) -> np.ndarray:
     """Dilation by the 6-neighbour cross (= ndimage.binary_dilation's default), by shifted ORs."""
+    mask = np.ascontiguousarray(mask)  # mixing memory orders below would make every OR a strided pass
     out = mask.copy()
     for axis in range(mask.ndim):
         lo = [slice(None)] * mask.ndim
@@ -192,7 +193,7 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     weights = None
     if likelihood is not None:
         if likelihood.shape == label.shape and np.allclose(likelihood_affine, affine, atol=1e-3):
-            lk = likelihood[sl]
+            lk = np.ascontiguousarray(likelihood[sl])  # a strided view would slow every pass over it
         else:
             lk = likelihood_on(c_aff, region.coarse.shape, likelihood, likelihood_affine)
         weights = np.where(allowed, lk, 0.0)

@@ -451,7 +451,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     core = soft >= 0.5
     if not core.any():
         return None
-    dest_label = label[box]
+    dest_label = np.ascontiguousarray(label[box])  # the box's own masks are C-ordered: no mixed-order passes
     region = region_fn(dest_label, [s.start for s in box])
     new_label = dest_label.copy()
     new_label[core] = int(op["label_value"])
