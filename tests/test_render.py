@@ -316,3 +316,19 @@ def test_paste_given_up_when_the_landing_check_fails():
     assert plain.box == checked.box
     np.testing.assert_array_equal(plain.channels, checked.channels)
     np.testing.assert_array_equal(plain.label, checked.label)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7])
+def test_natural_spline_weights_match_scipy(k):
+    """The elastic field's spline weights equal scipy's natural CubicSpline through unit values."""
+    from scipy.interpolate import CubicSpline
+
+    from lesionsynth.render.transform import natural_spline_weights
+
+    x = np.concatenate([np.linspace(0.0, k - 1.0, 501), np.arange(k, dtype=float)])
+    got = natural_spline_weights(x, k)
+    if k == 1:
+        np.testing.assert_array_equal(got, np.ones((x.size, 1)))
+        return
+    expected = CubicSpline(np.arange(k), np.eye(k), bc_type="natural")(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-14)
