@@ -201,24 +201,6 @@ def count_lesions(out: Path, records: list[dict], connectivity: int, ending: str
     return counts
 
 
-def io_floor(bank: Bank, base_cases: list[str], level: int, tmp: Path, ending: str) -> list[dict]:
-    """load_case + write_case of each base case, no lesion work."""
-    refs = {r.case_id: r for r in bank.case_refs()}
-    n_channels = len(bank.channel_names)
-    (tmp / "imagesTr").mkdir(parents=True)
-    (tmp / "labelsTr").mkdir()
-    rows = []
-    for i, base in enumerate(base_cases):
-        t0 = time.perf_counter()
-        case = load_case(refs[base], n_channels)
-        t1 = time.perf_counter()
-        write_case(tmp, f"floor{i:05d}", case.channels, case.label, case, ending, level)
-        t2 = time.perf_counter()
-        rows.append({"base_case": base, "read_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0})
-        del case
-    return rows
-
-
 def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int, base_cases: list[str],
                 tmp: Path, level: int, ending: str, torchio=None, torchio_cases=()) -> dict[str, list]:
     """Per case, back to back in this process: the I/O floor on its base case and `synthesize_case` (what
