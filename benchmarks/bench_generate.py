@@ -162,6 +162,12 @@ def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
             "array_bytes": sum((dst / f).stat().st_size for f in (IMAGES_FILE, MASKS_FILE))}
 
 
+def case_times(tm: dict) -> dict:
+    """read / lesion / write / total seconds of one case from `synthesize_case`'s timings."""
+    return {"read_s": tm["read_s"], "lesion_s": tm["lesion_s"], "write_s": tm["write_s"],
+            "total_s": tm["read_s"] + tm["lesion_s"] + tm["write_s"]}
+
+
 def run_generate(bank: Path, out: Path, cfg: GenerateConfig, jobs: int):
     t = time.perf_counter()
     result = generate(bank, out, cfg, jobs=jobs, progress=False)
@@ -170,9 +176,7 @@ def run_generate(bank: Path, out: Path, cfg: GenerateConfig, jobs: int):
     cases = []
     for rec in result.records:
         tm = timings[rec["case_id"]]
-        cases.append({"case_id": rec["case_id"], "base_case": rec["base_case"], "read_s": tm["read_s"],
-                      "lesion_s": tm["lesion_s"], "write_s": tm["write_s"],
-                      "total_s": tm["read_s"] + tm["lesion_s"] + tm["write_s"],
+        cases.append({"case_id": rec["case_id"], "base_case": rec["base_case"], **case_times(tm),
                       "pastes": rec["lesions_added"], "inpaints": rec["lesions_removed"],
                       "failed_tries": rec["failed_placements"], "reached": rec["reached"]})
     return wall, cases, result
@@ -226,9 +230,7 @@ def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int
 
     def generate_with(name):
         def run(i):
-            _, tm = synthesize_case(i, str(banks[name]), str(tmp / name), cfg, val_folds)
-            return {"read_s": tm["read_s"], "lesion_s": tm["lesion_s"], "write_s": tm["write_s"],
-                    "total_s": tm["read_s"] + tm["lesion_s"] + tm["write_s"]}
+            return case_times(synthesize_case(i, str(banks[name]), str(tmp / name), cfg, val_folds)[1])
         return run
 
     variants = {"floor": floor, **{name: generate_with(name) for name in banks}}
@@ -295,7 +297,7 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     conf = {"n": cfg.n, "load": cfg.load, "seed": cfg.seed, "folds": cfg.folds, "include_originals": False,
             "load_range": list(cfg.load_range) if cfg.load_range else None,
-            "compression_level": cfg.compression_level}
+            "compression_level": cfg.compression_level, "file_ending": cfg.file_ending}
     rows = []
     for i in indices:
         out = tmp / f"case{i}"

@@ -28,6 +28,17 @@ def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ affine[:3, :3].T + affine[:3, 3]
 
 
+def true_bounds(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box (one slice per axis) of the set voxels of `mask`, or None if none is set."""
+    bounds = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        bounds.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(bounds)
+
+
 def structure_for(connectivity: int) -> np.ndarray:
     """3-D neighbourhood for 6-, 18- or 26-connectivity."""
     rank = {6: 1, 18: 2, 26: 3}.get(int(connectivity))

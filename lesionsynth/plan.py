@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from .bank import lesion_mask
-from .geometry import structure_for, voxel_volume
+from .geometry import structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
 from .prior import PlacementDensity
 from .render import RenderContext, render_op
@@ -74,14 +74,11 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
     """The connected lesion components of a label volume (labelled within the lesions' bounding box, and
     sized box by box: no volume-sized int64 temporaries)."""
     mask = lesion_mask(label, lesion_labels)
-    spans = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not hit.size:
-            return []
-        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    spans = true_bounds(mask)
+    if spans is None:
+        return []
     offset = [s.start for s in spans]
-    comps, n = ndimage.label(mask[tuple(spans)], structure=structure_for(connectivity))
+    comps, n = ndimage.label(mask[spans], structure=structure_for(connectivity))
     out = []
     for k, box in enumerate(ndimage.find_objects(comps), start=1):
         inside = comps[box] == k

@@ -185,6 +185,18 @@ def test_axis_aligned_paste_with_integer_coordinates_keeps_the_whole_mask(flip):
                                atol=1e-3)
 
 
+def test_prepared_mask_voxels_give_the_same_resampling():
+    """The worker's cached mask voxels (int32, searched in the mask's box) stand in for a fresh search."""
+    from lesionsynth.render.paste import PreparedMask
+
+    args = _problem(3)
+    plain = tb.resample_lesion_torch(*args, device="cpu")
+    cached = tb.resample_lesion_torch(*args, device="cpu", prepared=PreparedMask(args[1], args[7]))
+    assert plain[0] == cached[0]
+    np.testing.assert_array_equal(plain[1], cached[1])
+    np.testing.assert_array_equal(plain[2], cached[2])
+
+
 def test_without_elastic_field_matches_numpy():
     args = _problem(30, elastic=False)
     _assert_same(resample_lesion(*args), tb.resample_lesion_torch(*args, device="cpu"), args)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..geometry import spacing_of
+from ..geometry import spacing_of, true_bounds
 from ..labels import label_in
 from ..stats import channel_stats, flat_view
 from .transform import PointMapper, paste_geometry
@@ -219,6 +219,11 @@ def _soft_on(bricks, geo, mapper, sampler: MaskSampler):
     return active, values, values > 0
 
 
+def support_reach(support_mm: float, tgt_affine) -> np.ndarray:
+    """Voxels per axis that `support_mm` spans on the target grid (rounded up)."""
+    return np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
+
+
 def support_box(box, lo, hi, reach) -> tuple[slice, ...]:
     """`box` shrunk to the voxels [lo, hi] (inclusive, absolute) grown by `reach` voxels."""
     return tuple(slice(max(s.start, int(a) - int(r)), min(s.stop, int(b) + int(r) + 1))
@@ -274,8 +279,7 @@ def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_
     if not hit.any():
         return None
     active, values = active[hit], values[hit]
-    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
-    box = support_box(geo.box, active.min(axis=0), active.max(axis=0), reach)
+    box = support_box(geo.box, active.min(axis=0), active.max(axis=0), support_reach(support_mm, tgt_affine))
     start = np.array([s.start for s in box])
     soft = np.zeros(tuple(s.stop - s.start for s in box), dtype=np.float32)
     soft[tuple((active - start).T)] = values
@@ -306,7 +310,7 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     if resampled is None:
         return None
     box, soft, mapper = resampled
-    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
+    reach = support_reach(support_mm, tgt_affine)
     support = soft > 0
     if reach.max() > 0:  # a separable box max filter: much cheaper than binary_dilation with a 3-D structure
         support = ndimage.maximum_filter(support, size=tuple(2 * reach + 1), mode="constant")
@@ -318,14 +322,13 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
 def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: float, tgt_affine):
     """(box, channels, soft) cut down to the soft mask (> 0) grown by `support_mm`, as `resample_lesion`
     returns them (the torch path computes its whole box); None if the soft mask is empty."""
-    nz = ndimage.find_objects((soft > 0).astype(np.uint8))
-    if not nz:
+    nz = true_bounds(soft > 0)
+    if nz is None:
         return None
     start = np.array([s.start for s in box])
-    lo = start + [s.start for s in nz[0]]
-    hi = start + [s.stop - 1 for s in nz[0]]
-    reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
-    new = support_box(box, lo, hi, reach)
+    lo = start + [s.start for s in nz]
+    hi = start + [s.stop - 1 for s in nz]
+    new = support_box(box, lo, hi, support_reach(support_mm, tgt_affine))
     local = tuple(slice(n.start - s, n.stop - s) for n, s in zip(new, start))
     return new, channels[(slice(None),) + local], soft[local]
 
@@ -381,21 +384,16 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
     of it (for the feathered edge); zero the rest. Only the pieces' bounding box is labelled.
     """
     core = soft >= 0.5
-    lo, hi = [], []
-    for axis in range(3):
-        hit = np.flatnonzero(core.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not hit.size:
-            return soft
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]) + 1)
-    inner = tuple(slice(a, b) for a, b in zip(lo, hi))
+    inner = true_bounds(core)
+    if inner is None:
+        return soft
     pieces, n = ndimage.label(core[inner], structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return soft
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
     # the body's 2-voxel neighbourhood lies within the pieces' box grown by 2
-    outer = tuple(slice(max(a - 2, 0), min(b + 2, size)) for a, b, size in zip(lo, hi, soft.shape))
+    outer = tuple(slice(max(i.start - 2, 0), min(i.stop + 2, size)) for i, size in zip(inner, soft.shape))
     within = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
     body = np.zeros(tuple(s.stop - s.start for s in outer), dtype=bool)
     body[within] = pieces == sizes.argmax()
@@ -434,13 +432,14 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     else:
         from .torch_backend import resample_lesion_torch
 
+        prepared = prepared if prepared is not None else PreparedMask(lesion_mask, lesion_meta.get("mask_box"))
         if land_check is not None:  # the same early test as the numpy path, so both plan alike
-            prepared = prepared if prepared is not None else PreparedMask(lesion_mask, lesion_meta.get("mask_box"))
             landing = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
                                         support_mm)
             if landing is None or not land_check(landing[2]):
                 return None
-        resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device)
+        resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device,
+                                          prepared=prepared)
         if resampled is None:
             return None
         box, lesion, soft = resampled

@@ -157,15 +157,16 @@ def _support(soft, reach):
 
 
 def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine,
-                          tgt_shape, op: dict, src_box=None, support_mm: float = 0.0, device: str = "cuda"
-                          ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+                          tgt_shape, op: dict, src_box=None, support_mm: float = 0.0, device: str = "cuda",
+                          prepared=None) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
     """torch twin of `paste.resample_lesion` (same arguments, plus `device`): (box, channels, soft) or None.
+    `prepared` (a `paste.PreparedMask` of this mask) supplies the mask's voxels when a worker has them.
 
     channels (C, X, Y, Z) and soft (X, Y, Z) are float32; channels are zero farther than `support_mm`
     from soft > 0, as in the numpy path.
     """
     torch = _torch()
-    points = mask_voxels(src_mask, src_box)
+    points = prepared.points if prepared is not None else mask_voxels(src_mask, src_box)
     geo = paste_geometry(src_mask.shape, src_box, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm,
                          points)
     if geo is None or not len(points):

@@ -134,15 +134,15 @@ def natural_spline_weights(x: np.ndarray, k: int) -> np.ndarray:
     column j is the spline through the unit values e_j (scipy's CubicSpline with bc_type="natural", which
     would cost ~0.4 s of import in every worker)."""
     x = np.asarray(x, dtype=np.float64)
+    if k == 1:
+        return np.ones((x.size, 1))
     values = np.eye(k)
     second = np.zeros((k, k))  # second derivatives at the knots, zero at both ends (natural)
     if k > 2:
         inner = 4.0 * np.eye(k - 2) + np.eye(k - 2, k=1) + np.eye(k - 2, k=-1)
         second[1:-1] = np.linalg.solve(inner, 6.0 * (values[2:] - 2.0 * values[1:-1] + values[:-2]))
-    i = np.clip(np.floor(x).astype(np.int64), 0, max(k - 2, 0))
+    i = np.clip(np.floor(x).astype(np.int64), 0, k - 2)
     t = (x - i)[:, None]
-    if k == 1:
-        return np.ones((x.size, 1))
     u = 1.0 - t
     return (u * values[i] + t * values[i + 1]
             + ((u ** 3 - u) * second[i] + (t ** 3 - t) * second[i + 1]) / 6.0)
