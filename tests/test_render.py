@@ -265,6 +265,71 @@ def test_brick_resampling_finds_every_soft_voxel(seed, monkeypatch):
     np.testing.assert_array_equal(channels2, channels)
 
 
+def _voxel_by_voxel(bricks, geo, mapper, prepared):
+    from lesionsynth.render.paste import BRICK, brick_voxels
+
+    voxels = brick_voxels(np.argwhere(bricks) * BRICK + [s.start for s in geo.box], geo)
+    values = prepared.sampler(mapper(voxels))
+    return {tuple(v): x for v, x in zip(voxels[values > 0], values[values > 0])}
+
+
+def _classified_bricks_problem(seed):
+    from lesionsynth.render.paste import BRICK, PreparedMask
+    from lesionsynth.render.transform import PointMapper, paste_geometry
+
+    image, mask, src_affine, src_centre, tgt_affine, tgt_shape, op, box, support = _brick_problem(seed)
+    if seed % 2:  # strong elastic fields as well as the usual ones
+        op["elastic_mm"] = (np.asarray(op["elastic_mm"]) * 2.5).tolist()
+    prepared = PreparedMask(mask, box)
+    geo = paste_geometry(mask.shape, box, src_affine, src_centre, tgt_affine, tgt_shape, op, support,
+                         prepared.points)
+    mapper = PointMapper(geo, tgt_affine)
+    bricks = np.ones(tuple(-(-n // BRICK) for n in geo.shape), dtype=bool)  # every brick of the box
+    return bricks, geo, mapper, prepared
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_classified_bricks_give_the_voxel_by_voxel_values(seed):
+    """Bricks classed as all-clear or all-set from one mapped point give exactly what mapping and sampling
+    each of their voxels gives (same voxels, same float32 values) on every brick of the paste's box."""
+    from lesionsynth.render.paste import soft_on_bricks
+
+    bricks, geo, mapper, prepared = _classified_bricks_problem(seed)
+    voxels, values = soft_on_bricks(bricks, geo, mapper, prepared)
+    got = {tuple(v): x for v, x in zip(voxels, values)}
+    assert len(got) == len(voxels)
+    assert got == _voxel_by_voxel(bricks, geo, mapper, prepared)
+    assert sum(x == 1.0 for x in got.values()) > 50  # some bricks were classed all-set
+
+
+def test_brick_classes_need_their_spread(monkeypatch):
+    """Without the spread of a brick's voxels around its reference point the classes are wrong somewhere:
+    the test above can fail."""
+    import lesionsynth.render.paste as paste
+
+    monkeypatch.setattr(paste, "brick_spread", lambda mapper: np.zeros(3))
+    wrong = 0
+    for seed in range(8):
+        bricks, geo, mapper, prepared = _classified_bricks_problem(seed)
+        voxels, values = paste.soft_on_bricks(bricks, geo, mapper, prepared)
+        wrong += {tuple(v): x for v, x in zip(voxels, values)} != _voxel_by_voxel(bricks, geo, mapper, prepared)
+    assert wrong >= 4
+
+
+def test_count_in_boxes_counts_mask_voxels():
+    from lesionsynth.render.paste import PreparedMask
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((20, 18, 16), np.uint8)
+    mask[4:15, 3:12, 5:14] = rng.random((11, 9, 9)) < 0.6
+    prepared = PreparedMask(mask, [[4, 15], [3, 12], [5, 14]])
+    lo = rng.integers(-4, 22, size=(3, 300))
+    hi = lo + rng.integers(-1, 12, size=(3, 300))
+    want = [int(mask[tuple(slice(max(a, 0), max(b + 1, 0)) for a, b in zip(lo[:, i], hi[:, i]))].sum())
+            if (hi[:, i] >= lo[:, i]).all() else 0 for i in range(300)]
+    assert prepared.count_in_boxes(lo, hi).tolist() == want
+
+
 def test_landing_estimate_rarely_gives_up_an_acceptable_paste():
     """The early region test sees where the mask's voxels are estimated to land. On random pastes of a small
     lesion with a thin spur (the hardest case: many edge voxels), with a half-space region holding 88-100 %

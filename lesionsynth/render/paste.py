@@ -116,14 +116,42 @@ def brick_grid(land: np.ndarray, geo, margin_vox: np.ndarray) -> np.ndarray:
     return ndimage.maximum_filter(bricks, size=tuple(2 * grow + 1), mode="constant")
 
 
-def brick_voxels(bricks: np.ndarray, geo) -> np.ndarray:
-    """Target voxel indices (N, 3) of the set bricks (brick by brick, not in C order)."""
-    cells = np.argwhere(bricks) * BRICK
+def brick_voxels(origins: np.ndarray, geo) -> np.ndarray:
+    """Target voxel indices (N, 3) of the bricks whose first voxels are `origins` (absolute, (B, 3)), brick
+    by brick (not in C order); voxels of bricks that stick out of the box's far faces are left out."""
     within = np.indices((BRICK,) * 3).reshape(3, -1).T
-    voxels = (cells[:, None, :] + within[None, :, :]).reshape(-1, 3)
-    if any(n % BRICK for n in geo.shape):  # bricks on the far faces stick out of the box
-        voxels = voxels[np.all(voxels < np.array(geo.shape), axis=1)]
-    return voxels + np.array([s.start for s in geo.box])
+    voxels = (origins[:, None, :] + within[None, :, :]).reshape(-1, 3)
+    if any(n % BRICK for n in geo.shape):
+        voxels = voxels[np.all(voxels < np.array([s.stop for s in geo.box]), axis=1)]
+    return voxels
+
+
+def brick_spread(mapper: PointMapper) -> np.ndarray:
+    """Per source axis, how far (source voxels) the coordinates of a brick's voxels can lie from its
+    reference point: the mapped first voxel shifted by half a voxel along each target axis.
+
+    The linear part moves them by at most half a voxel step per axis; the elastic field's change across
+    one voxel step is bounded from its spline weights (`field_step_bound_mm`). The small constant covers
+    float32 rounding of the computed coordinates."""
+    spread = 0.5 * (BRICK - 1) * np.abs(mapper.m[:3, :3]).sum(axis=1)
+    if mapper.small is not None:
+        spread = spread + (BRICK - 1) * (np.abs(mapper.lin) @ field_step_bound_mm(mapper.small, mapper.wx))
+    return spread + 1e-3
+
+
+def field_step_bound_mm(small: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """(3,) bound of how much each field component changes over one voxel step along x, y and z together
+    (sum of the three axes' largest steps), from `field_yz` and the x weights."""
+    small = small.astype(np.float64)
+    wx = wx.astype(np.float64)
+    peak = np.abs(small).reshape(small.shape[0], -1).max(axis=1)
+    step_x = np.abs(np.diff(wx, axis=0)).sum(axis=1).max() if wx.shape[0] > 1 else 0.0
+    w_sum = np.abs(wx).sum(axis=1).max()
+    bound = step_x * peak
+    for axis in (2, 3):
+        if small.shape[axis] > 1:
+            bound = bound + w_sum * np.abs(np.diff(small, axis=axis)).reshape(small.shape[0], -1).max(axis=1)
+    return bound * 1.001
 
 
 def cube3(mask: np.ndarray, all_set: bool) -> np.ndarray:
@@ -191,7 +219,7 @@ class PreparedMask:
 
     def __init__(self, mask: np.ndarray, src_box=None):
         self.mask, self.src_box = mask, src_box
-        self._points = self._sampler = None
+        self._points = self._sampler = self._table = None
 
     @property
     def points(self) -> np.ndarray:
@@ -207,16 +235,64 @@ class PreparedMask:
         return self._sampler
 
     @property
-    def nbytes(self) -> int:
-        """Bytes it holds once both parts are made (the bank's cache budget counts this)."""
+    def box(self) -> np.ndarray:
+        """(3, 2) the lesion's box in the crop, [lo, hi) per axis (the whole crop if none was given)."""
         box = self.src_box if self.src_box is not None else [[0, n] for n in self.mask.shape]
-        return 12 * int(np.count_nonzero(self.mask)) + int(np.prod([int(b) - int(a) + 2 for a, b in box]))
+        return np.array([[int(a), int(b)] for a, b in box], dtype=np.int64)
+
+    def count_in_boxes(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Set mask voxels in each box [lo, hi] (inclusive source voxel indices, (3, N) each, any values)."""
+        if self._table is None:  # summed-area table over the lesion's box, zero row first on each axis
+            inside = self.mask[tuple(slice(a, b) for a, b in self.box)] > 0
+            table = np.zeros(tuple(n + 1 for n in inside.shape), dtype=np.int32)
+            table[1:, 1:, 1:] = inside.cumsum(axis=0, dtype=np.int32).cumsum(axis=1).cumsum(axis=2)
+            self._table = table
+        size = np.array(self._table.shape)[:, None] - 1
+        a = np.clip(lo - self.box[:, :1], 0, size)       # table corners: voxels [a, b) of the box
+        b = np.clip(hi - self.box[:, :1] + 1, 0, size)
+        b = np.maximum(a, b)
+        flat = self._table.reshape(-1)
+        strides = np.array(self._table.strides) // self._table.itemsize
+        total = np.zeros(lo.shape[1], dtype=np.int64)
+        for corner in np.ndindex(2, 2, 2):
+            at = sum(np.where(c, b[i], a[i]) * strides[i] for i, c in enumerate(corner))
+            sign = 1 if (3 - sum(corner)) % 2 == 0 else -1
+            total += sign * flat.take(at)
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds once all parts are made (the bank's cache budget counts this)."""
+        shape = self.box[:, 1] - self.box[:, 0]
+        return (12 * int(np.count_nonzero(self.mask)) + int(np.prod(shape + 2))
+                + 4 * int(np.prod(shape + 1)))
 
 
-def _soft_on(bricks, geo, mapper, sampler: MaskSampler):
-    active = brick_voxels(bricks, geo)
-    values = sampler(mapper(active))
-    return active, values, values > 0
+def soft_on_bricks(bricks: np.ndarray, geo, mapper: PointMapper, prepared: PreparedMask
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(target voxels (N, 3), soft values (N,)) of the voxels of the set `bricks` where the mask reads > 0.
+
+    Each brick is classed first from one mapped point: if the source box its voxels can read from
+    (`brick_spread` plus the sampler's reach) holds no mask voxel, all read 0; if it is all mask, all read
+    exactly 1 (`MaskSampler` gives 1 wherever the nearest voxel's neighbourhood is all set). Only the
+    bricks on the mask's edge are mapped and sampled voxel by voxel, so the cost follows the lesion's
+    surface, not its volume.
+    """
+    origins = np.argwhere(bricks) * BRICK + np.array([s.start for s in geo.box])
+    centre_shift = 0.5 * (BRICK - 1) * mapper.m[:3, :3].sum(axis=1)
+    ref = mapper(origins).astype(np.float64) + centre_shift[:, None]
+    # a voxel's sampler value depends on the mask within 1 of its rounded coordinate
+    reach = brick_spread(mapper)[:, None] + 1.5
+    lo, hi = np.ceil(ref - reach).astype(np.int64), np.floor(ref + reach).astype(np.int64)
+    count = prepared.count_in_boxes(lo, hi)
+    full = count == np.prod(hi - lo + 1, axis=0)
+    edge = (count > 0) & ~full
+    edge_voxels = brick_voxels(origins[edge], geo)
+    values = prepared.sampler(mapper(edge_voxels))
+    hit = values > 0
+    full_voxels = brick_voxels(origins[full], geo)
+    return (np.concatenate([edge_voxels[hit], full_voxels]),
+            np.concatenate([values[hit], np.ones(len(full_voxels), dtype=np.float32)]))
 
 
 def support_reach(support_mm: float, tgt_affine) -> np.ndarray:
@@ -263,22 +339,20 @@ def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_
         return None
     points = prepared.points
     fwd = np.abs(np.linalg.inv(geo.src_from_tgt)[:3, :3]).sum(axis=1)  # target voxels per source voxel step
-    sampler = prepared.sampler
     # First try: bricks around where the mask lands with the elastic field (a close estimate), keeping a
     # guard band; if the lesion reaches the guard band, redo it with the rigorous bound of the field.
     bricks = brick_grid(land, geo, fwd * (1.0 + extra) + 1.01 + GUARD)
-    active, values, hit = _soft_on(bricks, geo, mapper, sampler)
+    active, values = soft_on_bricks(bricks, geo, mapper, prepared)
     inner = ndimage.minimum_filter(bricks, size=3, mode="constant", cval=1)  # erosion, separable
-    cells = (active[hit] - np.array([s.start for s in geo.box])) // BRICK
-    if not hit.any() or not inner[tuple(cells.T)].all():
+    cells = (active - np.array([s.start for s in geo.box])) // BRICK
+    if not len(active) or not inner[tuple(cells.T)].all():
         tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
         # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
         rigid = np.linalg.inv(geo.src_from_tgt)
         bricks = brick_grid(points @ rigid[:3, :3].T + rigid[:3, 3], geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
-        active, values, hit = _soft_on(bricks, geo, mapper, sampler)
-    if not hit.any():
+        active, values = soft_on_bricks(bricks, geo, mapper, prepared)
+    if not len(active):
         return None
-    active, values = active[hit], values[hit]
     box = support_box(geo.box, active.min(axis=0), active.max(axis=0), support_reach(support_mm, tgt_affine))
     start = np.array([s.start for s in box])
     soft = np.zeros(tuple(s.stop - s.start for s in box), dtype=np.float32)
