@@ -130,28 +130,34 @@ def brick_spread(mapper: PointMapper) -> np.ndarray:
     """Per source axis, how far (source voxels) the coordinates of a brick's voxels can lie from its
     reference point: the mapped first voxel shifted by half a voxel along each target axis.
 
-    The linear part moves them by at most half a voxel step per axis; the elastic field's change across
-    one voxel step is bounded from its spline weights (`field_step_bound_mm`). The small constant covers
-    float32 rounding of the computed coordinates."""
+    The linear part moves them by at most half a voxel step per axis; the elastic part by at most its
+    largest change over one voxel step along each target axis (`elastic_step_bound`). The small constant
+    covers float32 rounding of the computed coordinates."""
     spread = 0.5 * (BRICK - 1) * np.abs(mapper.m[:3, :3]).sum(axis=1)
     if mapper.small is not None:
-        spread = spread + (BRICK - 1) * (np.abs(mapper.lin) @ field_step_bound_mm(mapper.small, mapper.wx))
+        spread = spread + (BRICK - 1) * 1.001 * elastic_step_bound(mapper.small, mapper.wx, mapper.lin).sum(axis=0)
     return spread + 1e-3
 
 
-def field_step_bound_mm(small: np.ndarray, wx: np.ndarray) -> np.ndarray:
-    """(3,) bound of how much each field component changes over one voxel step along x, y and z together
-    (sum of the three axes' largest steps), from `field_yz` and the x weights."""
-    small = small.astype(np.float64)
+def elastic_step_bound(small: np.ndarray, wx: np.ndarray, lin: np.ndarray) -> np.ndarray:
+    """(3 target axes, 3 source axes): bounds of how much the elastic part of the source coordinates
+    (`lin` @ field) changes over one voxel step along each target axis anywhere in the box.
+
+    The field is sum_i wx[x, i] * small[:, i, y, z]. Along y and z, each control plane i contributes its
+    largest step times |wx[x, i]|; along x, the weights' steps sum to zero (the spline weights sum to
+    one), so each plane contributes its largest distance from the planes' mid-range at its (y, z)."""
+    planes = np.einsum("rc,cikl->rikl", lin, small.astype(np.float64))  # (3, K, Y, Z) source voxels
     wx = wx.astype(np.float64)
-    peak = np.abs(small).reshape(small.shape[0], -1).max(axis=1)
-    step_x = np.abs(np.diff(wx, axis=0)).sum(axis=1).max() if wx.shape[0] > 1 else 0.0
-    w_sum = np.abs(wx).sum(axis=1).max()
-    bound = step_x * peak
-    for axis in (2, 3):
-        if small.shape[axis] > 1:
-            bound = bound + w_sum * np.abs(np.diff(small, axis=axis)).reshape(small.shape[0], -1).max(axis=1)
-    return bound * 1.001
+    bound = np.zeros((3, 3))
+    if wx.shape[0] > 1:
+        mid = 0.5 * (planes.max(axis=1) + planes.min(axis=1))
+        spread = np.abs(planes - mid[:, None]).reshape(3, planes.shape[1], -1).max(axis=2)  # (3, K)
+        bound[0] = (np.abs(np.diff(wx, axis=0)) @ spread.T).max(axis=0)
+    for axis in (1, 2):
+        if planes.shape[axis + 1] > 1:
+            step = np.abs(np.diff(planes, axis=axis + 1)).reshape(3, planes.shape[1], -1).max(axis=2)
+            bound[axis] = (np.abs(wx) @ step.T).max(axis=0)
+    return bound
 
 
 def cube3(mask: np.ndarray, all_set: bool) -> np.ndarray:
