@@ -19,7 +19,7 @@ from .geometry import apply_affine, ball, crop_affine, spacing_of, structure_for
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .labels import label_in
-from .prior import Grid, Region, allowed_region, finish_likelihood, reference_grid, region_world_points, splat
+from .prior import Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, reference_grid, region_world_points, splat
 from .stats import noise_sd
 
 BANK_FORMAT = 1
@@ -286,6 +286,7 @@ class Bank:
         self.config = self.index["config"]
         self._images = self._masks = None
         self._likelihood = None
+        self._coarse_likelihood = None
         self._derived: OrderedDict = OrderedDict()
         self._derived_bytes = 0
 
@@ -350,6 +351,14 @@ class Bank:
             raise InputError(f"{path}: truncated; rebuild the bank with build-bank")
         coarse = np.unpackbits(packed, count=n).reshape(shape).astype(bool)
         return Region(tuple(int(v) for v in info["stride"]), coarse, ())
+
+    def coarse_likelihood(self, stride, affine: np.ndarray, shape, coarse_shape) -> np.ndarray:
+        """The likelihood map on a case's coarse grid (`prior.coarse_likelihood`), kept for the last grid
+        asked for: the cases of a dataset on a shared grid all ask for the same. Do not modify it."""
+        key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape))
+        if self._coarse_likelihood is None or self._coarse_likelihood[0] != key:
+            self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, *self.likelihood()))
+        return self._coarse_likelihood[1]
 
     def likelihood(self) -> tuple[np.ndarray, np.ndarray]:
         """(map, affine) of the lesion likelihood map, loaded once."""

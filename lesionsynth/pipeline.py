@@ -121,8 +121,8 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     region = bank.body_region(base_id) if volume_warp is None else None
     if region is None:
         region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
-    likelihood, lk_affine = bank.likelihood()
-    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood, lk_affine)
+    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape)
+    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood)
     train_set = set(train)
     donors = [les for les in bank.lesions if les["source_case"] in train_set
               and les["label_value"] in lesion_labels]

@@ -158,14 +158,16 @@ class PlacementDensity:
     """A sampling distribution over coarse voxels of one target case."""
 
     affine: np.ndarray          # coarse grid affine
-    cdf: np.ndarray             # cumulative weights over flat coarse indices (last = 1)
+    cdf: np.ndarray             # cumulative weights of the coarse voxels `flat` (last = 1)
     shape: tuple[int, int, int]
     fallback: str | None        # why the likelihood map was not used, if it was not
+    flat: np.ndarray | None = None  # flat coarse indices the cdf runs over (None: all of them, in order)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """A world point: a coarse voxel by weight, then uniform within that voxel."""
-        flat = int(np.searchsorted(self.cdf, rng.random(), side="right"))
-        flat = min(flat, self.cdf.size - 1)
+        at = int(np.searchsorted(self.cdf, rng.random(), side="right"))
+        at = min(at, self.cdf.size - 1)
+        flat = at if self.flat is None else int(self.flat[at])
         idx = np.array(np.unravel_index(flat, self.shape), dtype=np.float64)
         idx += rng.uniform(-0.5, 0.5, size=3)
         return apply_affine(self.affine, idx)
@@ -181,9 +183,19 @@ def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarra
                                     order=1, mode="constant", cval=0.0, prefilter=False)
 
 
+def coarse_likelihood(stride, affine: np.ndarray, shape, coarse_shape, likelihood: np.ndarray,
+                      likelihood_affine: np.ndarray) -> np.ndarray:
+    """The likelihood map on the coarse grid (every `stride`-th voxel) of a case grid (affine, shape)."""
+    if likelihood.shape == tuple(shape) and np.allclose(likelihood_affine, affine, atol=1e-3):
+        # a strided view would slow every pass over it
+        return np.ascontiguousarray(likelihood[tuple(slice(None, None, s) for s in stride)])
+    return likelihood_on(coarse_affine(affine, stride), coarse_shape, likelihood, likelihood_affine)
+
+
 def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, lesion_labels,
-                      likelihood: np.ndarray | None, likelihood_affine: np.ndarray | None) -> PlacementDensity:
-    """Likelihood map on the target's coarse grid × allowed region × not on an existing lesion."""
+                      likelihood: np.ndarray | None) -> PlacementDensity:
+    """Likelihood map on the target's coarse grid (`coarse_likelihood`, None if there is none) × allowed
+    region × not on an existing lesion."""
     stride = region.stride
     c_aff = coarse_affine(affine, stride)
     sl = tuple(slice(None, None, s) for s in stride)
@@ -192,11 +204,7 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     fallback = None
     weights = None
     if likelihood is not None:
-        if likelihood.shape == label.shape and np.allclose(likelihood_affine, affine, atol=1e-3):
-            lk = np.ascontiguousarray(likelihood[sl])  # a strided view would slow every pass over it
-        else:
-            lk = likelihood_on(c_aff, region.coarse.shape, likelihood, likelihood_affine)
-        weights = np.where(allowed, lk, 0.0)
+        weights = np.where(allowed, likelihood, 0.0)
         if not (weights > 0).any():
             weights, fallback = None, "likelihood map is zero in the allowed region; sampled the region uniformly"
     else:
@@ -206,14 +214,17 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
         if not weights.any():
             weights = region.coarse.astype(np.float64)
             fallback = "allowed region fully covered by lesions; sampled the whole region"
-    cdf = np.cumsum(weights.ravel(), dtype=np.float64)
-    if cdf[-1] <= 0:
-        cdf = np.linspace(1.0 / cdf.size, 1.0, cdf.size)
-        fallback = "empty allowed region; sampled the whole volume"
+    # the cumulative sum over the voxels of non-zero weight only: the same sums (adding zeros changes no
+    # float) and the same draws, on a fraction of the grid
+    flat = np.flatnonzero(weights)
+    if flat.size == 0:
+        return PlacementDensity(c_aff, np.linspace(1.0 / weights.size, 1.0, weights.size), region.coarse.shape,
+                                "empty allowed region; sampled the whole volume")
+    cdf = np.cumsum(weights.ravel()[flat], dtype=np.float64)
     cdf /= cdf[-1]
-    return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback)
+    return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback, flat)
 
 
 __all__ = ["Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
-           "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density", "reference_grid",
+           "coarse_likelihood", "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density", "reference_grid",
            "region_world_points", "splat", "voxel_volume"]

@@ -35,8 +35,8 @@ def test_case_loop_invariants(organ_bank, seed, base, target_factor, mode):
     base_label = case.label.copy()
     lesion_labels = bank.lesion_labels
     region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
-    likelihood, lk_affine = bank.likelihood()
-    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood, lk_affine)
+    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape)
+    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood)
     ctx = RenderContext(lesion_labels, 26, PasteSettings(tuple(is_ct(n) for n in bank.channel_names)),
                         region.mask_in)
     max_load = bank.real_loads().max()

@@ -11,7 +11,7 @@ from scipy import ndimage
 from ..geometry import spacing_of, true_bounds
 from ..labels import label_in
 from ..stats import channel_stats, flat_view
-from .transform import PointMapper, paste_geometry
+from .transform import PointMapper, paste_geometry, rigid_landing
 
 
 class Patch:
@@ -71,10 +71,10 @@ def mask_voxels(src_mask: np.ndarray, src_box=None) -> np.ndarray:
     return np.argwhere(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)]) + start
 
 
-def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mapper: PointMapper, block: int
-                   ) -> tuple[np.ndarray, float]:
+def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mapper: PointMapper, block: int,
+                   rigid: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Target positions (N, 3) where the mask's voxels `points` land, elastic field included, and the extra
-    reach (in source voxels) each position stands for.
+    reach (in source voxels) each position stands for. `rigid`, if given, is `rigid_landing` of `points`.
 
     With `block` > 1 the mask is summarised by block x block x block cells (any voxel set; the cell centre
     is within (block - 1) / 2 voxel of each). The elastic part is one fixed-point step
@@ -88,7 +88,7 @@ def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mappe
         points = np.argwhere(cells) * block + origin + (block - 1) / 2.0
         extra = (block - 1) / 2.0
     fwd = np.linalg.inv(geo.src_from_tgt)
-    land = points @ fwd[:3, :3].T + fwd[:3, 3]
+    land = rigid if block == 1 and rigid is not None else rigid_landing(points, geo.src_from_tgt)
     if mapper.small is not None and len(land):
         start = np.array([s.start for s in geo.box])
         at = np.clip(np.rint(land).astype(np.int64), start, start + np.array(geo.shape) - 1)
@@ -321,7 +321,8 @@ def estimated_landing(prepared: PreparedMask, src_affine, src_centre, tgt_affine
     if geo is None or not len(points):
         return None
     mapper = PointMapper(geo, tgt_affine)
-    land, extra = landing_points(points, mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1)
+    land, extra = landing_points(points, mask, src_box, geo, mapper, 2 if len(points) > 20000 else 1,
+                                 geo.points_landing)
     return geo, mapper, land, extra
 
 
@@ -354,8 +355,8 @@ def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_
     if not len(active) or not inner[tuple(cells.T)].all():
         tgt_inv = np.abs(np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3]))
         # a source voxel is seen one voxel around it; the elastic field moves it by at most bound_mm
-        rigid = np.linalg.inv(geo.src_from_tgt)
-        bricks = brick_grid(points @ rigid[:3, :3].T + rigid[:3, 3], geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
+        rigid = geo.points_landing if geo.points_landing is not None else rigid_landing(points, geo.src_from_tgt)
+        bricks = brick_grid(rigid, geo, fwd + tgt_inv @ mapper.bound_mm + 1.01)
         active, values = soft_on_bricks(bricks, geo, mapper, prepared)
     if not len(active):
         return None

@@ -74,6 +74,7 @@ class PasteGeometry:
     extent: tuple[np.ndarray, np.ndarray]   # the transformed lesion in target voxel coordinates
     box: tuple[slice, ...]                  # target voxels to compute
     src_from_tgt: np.ndarray                # 4x4 target voxel → source voxel (without the elastic part)
+    points_landing: np.ndarray | None = None  # (N, 3) where the given source points land, without the field
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,22 +94,27 @@ def paste_geometry(src_shape, src_box, src_affine, src_centre, tgt_affine, tgt_s
     extent = lesion_extent(src_box if src_box is not None else src_shape, src_affine, src_centre, tgt_affine,
                            *transform)
     src_from_tgt = source_from_target(src_affine, src_centre, tgt_affine, *transform)
-    reach = extent
+    reach, landing = extent, None
     if src_points is not None and len(src_points):
-        reach = points_extent(src_points, src_from_tgt)
+        landing = rigid_landing(src_points, src_from_tgt)
+        reach = points_extent(landing, src_from_tgt)
     box = target_box(reach, tgt_affine, elastic_pad_mm(control) + support_mm, tgt_shape)
     if box is None:
         return None
-    return PasteGeometry(control, extent, box, src_from_tgt)
+    return PasteGeometry(control, extent, box, src_from_tgt, landing)
 
 
-def points_extent(src_points: np.ndarray, src_from_tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) target voxel coordinates reached by the source voxels `src_points` (N, 3), each with the
-    one-voxel neighbourhood in which linear interpolation still sees it."""
+def rigid_landing(src_points: np.ndarray, src_from_tgt: np.ndarray) -> np.ndarray:
+    """(N, 3) target voxel coordinates where the source voxels `src_points` land, without the elastic field."""
     fwd = np.linalg.inv(np.asarray(src_from_tgt, dtype=np.float64))
-    t = np.asarray(src_points, dtype=np.float64) @ fwd[:3, :3].T + fwd[:3, 3]
-    half = np.abs(fwd[:3, :3]).sum(axis=1)
-    return t.min(axis=0) - half, t.max(axis=0) + half
+    return np.asarray(src_points, dtype=np.float64) @ fwd[:3, :3].T + fwd[:3, 3]
+
+
+def points_extent(landing: np.ndarray, src_from_tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) target voxel coordinates reached by source voxels landing at `landing` (N, 3, see
+    `rigid_landing`), each with the one-voxel neighbourhood in which linear interpolation still sees it."""
+    half = np.abs(np.linalg.inv(np.asarray(src_from_tgt, dtype=np.float64))[:3, :3]).sum(axis=1)
+    return landing.min(axis=0) - half, landing.max(axis=0) + half
 
 
 def elastic_pad_mm(control_mm) -> float:
