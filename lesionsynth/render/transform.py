@@ -192,6 +192,7 @@ class PointMapper:
         if geo.control.size:
             weights = elastic_weights(geo.box, geo.extent, geo.control.shape[0])
             self.wx, self.small = weights[0], field_yz(geo.control, weights)
+            self.wx_rows = np.ascontiguousarray(self.wx.T)
             self.lin = self.m[:3, :3] @ np.linalg.inv(np.asarray(tgt_affine, dtype=np.float64)[:3, :3])
             self.bound_mm = field_bound_mm(self.small, self.wx)
 
@@ -202,8 +203,11 @@ class PointMapper:
         if self.small is not None:
             rel = index - self.start
             _, k, ny, nz = self.small.shape
-            yz = self.small.reshape(3 * k, ny * nz).take(rel[:, 1] * nz + rel[:, 2], axis=1).reshape(3, k, -1)
-            field = np.einsum("cin,in->cn", yz, self.wx.take(rel[:, 0], axis=0).T, optimize=False)
+            yz = self.small.reshape(3 * k, ny * nz).take(rel[:, 1] * nz + rel[:, 2], axis=1)  # rows (c, i)
+            w = self.wx_rows.take(rel[:, 0], axis=1)
+            field = yz[0::k] * w[0]  # sum over the control planes i, in order
+            for i in range(1, k):
+                field += yz[i::k] * w[i]
             coords += self.lin @ field
         return coords.astype(np.float32)
 
