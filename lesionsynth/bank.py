@@ -153,7 +153,6 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
     Writes `bank.json` (index and metadata), the lesion crops as flat memory-mappable arrays, and the
     lesion likelihood map as NIfTI. Nothing is left behind if it fails.
     """
-    from joblib import Parallel, delayed
     from tqdm import tqdm
 
     from .parallel import check_backend, execution
@@ -175,9 +174,8 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
             if v not in declared:
                 raise InputError(f"{dataset}: label {v} is not declared in dataset.json labels {spec.labels}")
     n_channels = len(spec.channel_names)
-    tasks = (delayed(_scan_case)(ref, n_channels, spec.channel_names, config) for ref in spec.cases)
-    with execution(backend, scheduler, jobs) as n_jobs:
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
+    with execution(backend, scheduler, jobs) as runner:
+        results = runner.map(_scan_case, [(ref, n_channels, spec.channel_names, config) for ref in spec.cases])
         results = list(tqdm(results, total=len(spec.cases), desc="build-bank", unit="case", disable=not progress))
     if not any(r["lesions"] for r in results):
         raise InputError(f"{dataset}: no lesion found with label(s) {list(config.lesion_labels)}"

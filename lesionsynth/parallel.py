@@ -1,11 +1,17 @@
-"""Parallel execution: joblib on this machine (loky), or on a Dask cluster through joblib's Dask backend."""
+"""Parallel execution: worker processes on this machine (forked, or joblib's loky), or a Dask cluster through
+joblib's Dask backend."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
-from .errors import InputError
+from .errors import InputError, LesionsynthError
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BACKENDS = ("local", "dask")
@@ -44,18 +50,83 @@ def check_backend(backend: str, scheduler: str | None) -> None:
                              "(pip install 'lesionsynth[dask]')") from None
 
 
-@contextlib.contextmanager
-def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 1):
-    """Context in which `joblib.Parallel(n_jobs=...)` runs the per-case work; yields the n_jobs to use.
+class Runner:
+    """Runs calls of one function in order, in this process, in local worker processes, or through joblib
+    (`execution` makes one). `map(fn, calls)` yields fn(*args) for each args tuple, in the calls' order."""
 
-    local: joblib's loky processes on this machine, one native thread each. dask: the Dask cluster at
-    `scheduler` (e.g. tcp://host:8786) via joblib's Dask backend; its workers must see the same file
-    system paths (bank, dataset, output). No scheduler of our own.
+    def __init__(self, jobs: int, fork: bool):
+        self.jobs, self.fork = jobs, fork
+        self._pool = None
+
+    def map(self, fn, calls: Iterable[tuple]) -> Iterator:
+        if self.jobs == 1:
+            return (fn(*args) for args in calls)
+        if self.fork:
+            return self._pool_map(fn, calls)
+        from joblib import Parallel, delayed
+
+        return Parallel(n_jobs=self.jobs, return_as="generator")(delayed(fn)(*args) for args in calls)
+
+    def _pool_map(self, fn, calls):
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_one_native_thread)
+        futures = [self._pool.submit(fn, *args) for args in calls]
+        try:
+            for future in futures:
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    raise LesionsynthError(
+                        "a worker process died (killed, e.g. out of memory?); rerun, perhaps with fewer --jobs "
+                        "(generate --resume keeps the cases already written)") from None
+        finally:
+            for future in futures:
+                future.cancel()  # after an error (or an early stop) the rest is not run
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def fork_workers_usable(device: str = "cpu") -> bool:
+    """Whether local workers may be forked from this process: Linux (where fork is safe with numpy's
+    thread pools, unlike macOS) and no CUDA, which a forked child cannot use."""
+    return sys.platform.startswith("linux") and device == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _one_native_thread() -> None:
+    """Worker start: one BLAS/OpenMP thread (a forked worker inherits the parent's pools, which the
+    environment variables set for spawned workers no longer size)."""
+    from threadpoolctl import threadpool_limits
+
+    global _thread_limits
+    _thread_limits = threadpool_limits(1)
+
+
+_thread_limits = None
+
+
+@contextlib.contextmanager
+def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 1, device: str = "cpu"):
+    """Context in which the per-case work runs; yields a `Runner`.
+
+    local: this process at jobs 1; else `jobs` worker processes on this machine, one native thread each:
+    forked from this one where that is safe (`fork_workers_usable`: they start in milliseconds with
+    everything imported), else joblib's loky processes (each starts a fresh interpreter and imports the
+    package, about a second). dask: the Dask cluster at `scheduler` (e.g. tcp://host:8786) via joblib's
+    Dask backend; its workers must see the same file system paths (bank, dataset, output). No scheduler
+    of our own.
     """
     check_backend(backend, scheduler)
     if backend == "local":
-        with worker_threads_limited(jobs):
-            yield jobs
+        runner = Runner(jobs, fork=jobs > 1 and fork_workers_usable(device))
+        try:
+            with worker_threads_limited(jobs):
+                yield runner
+        finally:
+            runner.close()
         return
     from dask.distributed import Client
     import joblib
@@ -66,7 +137,7 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
         raise InputError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc})") from None
     try:
         with joblib.parallel_config(backend="dask"):
-            yield -1
+            yield Runner(-1, fork=False)
     finally:
         client.close()
 

@@ -268,7 +268,6 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
     the same time into the same folder, and whichever finds every case done writes the final files.
     """
-    from joblib import Parallel, delayed
     from tqdm import tqdm
 
     from .parallel import check_backend, execution
@@ -297,17 +296,15 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     timings: list[dict] = []
     progress_file = out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.jsonl"
     progress_file.parent.mkdir(exist_ok=True)
-    with execution(backend, scheduler, jobs) as n_jobs:
-        parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+    with execution(backend, scheduler, jobs, device) as runner:
         if cfg.include_originals:
             missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, bank, cfg, True))]
-            tasks = (delayed(_copy_original_task)(r, str(bank_dir), str(out), cfg) for r in missing)
-            for _ in tqdm(parallel(tasks), total=len(missing), desc="originals", unit="case", disable=not progress):
+            copies = runner.map(_copy_original_task, [(r, str(bank_dir), str(out), cfg) for r in missing])
+            for _ in tqdm(copies, total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
-        tasks = (delayed(synthesize_case)(i, str(bank_dir), str(out), cfg, val_folds, device) for i in todo)
+        cases = runner.map(synthesize_case, [(i, str(bank_dir), str(out), cfg, val_folds, device) for i in todo])
         with open(progress_file, "a") as log:
-            for rec, timing in tqdm(parallel(tasks), total=len(todo), desc="generate", unit="case",
-                                    disable=not progress):
+            for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 done[rec["case_index"]] = rec

@@ -453,15 +453,13 @@ def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1, 
 
     n_channels = len(spec.channel_names)
     decl = tuple(declared) or None
-    from joblib import Parallel, delayed
     from tqdm import tqdm
 
-    from ..parallel import worker_threads_limited
+    from ..parallel import execution
 
     tasks = [("case", ref) for ref in spec.cases] + _loose_files(spec)
-    with worker_threads_limited(jobs):
-        checks = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_check_task)(kind, item, n_channels, decl, spec.channel_names) for kind, item in tasks)
+    with execution(jobs=jobs) as runner:
+        checks = runner.map(_check_task, [(kind, item, n_channels, decl, spec.channel_names) for kind, item in tasks])
         results = list(tqdm(checks, total=len(tasks), desc="check", unit="file", disable=not progress))
     label_counts = []
     for probs, counts in results:

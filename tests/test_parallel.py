@@ -1,0 +1,101 @@
+"""The local runner: forked workers give the same results in order, pass errors on, limit native threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from lesionsynth.errors import InputError, LesionsynthError
+from lesionsynth.parallel import Runner, execution, fork_workers_usable
+
+needs_fork = pytest.mark.skipif(not fork_workers_usable(), reason="forked workers are used on Linux only")
+
+
+def _square_and_pid(x):
+    return x * x, os.getpid()
+
+
+def _fail_on(x, bad):
+    if x == bad:
+        raise InputError(f"case {x}: bad input")
+    return x
+
+
+def _die_on(x, bad):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def _record(x, folder):
+    time.sleep(0.05)
+    (folder / f"{x}.done").write_text("")
+    if x == 0:
+        raise InputError("first call fails")
+    return x
+
+
+def _native_threads(_):
+    from threadpoolctl import threadpool_info
+
+    return sorted({info["num_threads"] for info in threadpool_info()})
+
+
+@needs_fork
+def test_forked_workers_return_results_in_order():
+    with execution(jobs=2) as runner:
+        assert runner.fork
+        results = list(runner.map(_square_and_pid, [(x,) for x in range(20)]))
+    assert [r[0] for r in results] == [x * x for x in range(20)]
+    pids = {r[1] for r in results}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    with execution(jobs=1) as runner:
+        assert [r[0] for r in runner.map(_square_and_pid, [(x,) for x in range(5)])] == [0, 1, 4, 9, 16]
+
+
+@needs_fork
+def test_worker_error_keeps_its_type_and_message():
+    with execution(jobs=2) as runner:
+        with pytest.raises(InputError, match="case 3: bad input"):
+            list(runner.map(_fail_on, [(x, 3) for x in range(6)]))
+
+
+@needs_fork
+def test_killed_worker_gives_one_clear_error():
+    with execution(jobs=2) as runner:
+        with pytest.raises(LesionsynthError, match="worker process died"):
+            list(runner.map(_die_on, [(x, 2) for x in range(6)]))
+
+
+@needs_fork
+def test_calls_after_an_error_are_not_run(tmp_path):
+    runner = Runner(2, fork=True)
+    try:
+        with pytest.raises(InputError):
+            list(runner.map(_record, [(x, tmp_path) for x in range(40)]))
+    finally:
+        runner.close()
+    assert len(list(tmp_path.glob("*.done"))) < 10
+
+
+@needs_fork
+def test_forked_workers_use_one_native_thread():
+    with execution(jobs=2) as runner:
+        assert list(runner.map(_native_threads, [(0,), (1,)])) in ([[1], [1]], [[], []])
+
+
+def test_loky_workers_where_forking_is_not_used():
+    """Elsewhere (macOS, Windows, CUDA) the workers are joblib's loky processes: same results, same order."""
+    runner = Runner(2, fork=False)
+    try:
+        results = list(runner.map(_square_and_pid, [(x,) for x in range(8)]))
+        with pytest.raises(InputError, match="case 1: bad input"):
+            list(runner.map(_fail_on, [(x, 1) for x in range(4)]))
+    finally:
+        runner.close()
+    assert [r[0] for r in results] == [x * x for x in range(8)]
+    assert os.getpid() not in {r[1] for r in results}
+    assert not fork_workers_usable("cuda")
