@@ -4,6 +4,7 @@ joblib's Dask backend."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import sys
@@ -71,7 +72,15 @@ class Runner:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
                                              initializer=_one_native_thread)
-        futures = [self._pool.submit(fn, *args) for args in calls]
+            # the workers start at the first submit; objects frozen then are not traversed by the
+            # workers' garbage collector, which would otherwise copy every page of them (copy-on-write)
+            gc.freeze()
+            try:
+                futures = [self._pool.submit(fn, *args) for args in calls]
+            finally:
+                gc.unfreeze()
+        else:
+            futures = [self._pool.submit(fn, *args) for args in calls]
         try:
             for future in futures:
                 try:

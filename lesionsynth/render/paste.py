@@ -66,9 +66,14 @@ GUARD = 1
 def mask_voxels(src_mask: np.ndarray, src_box=None) -> np.ndarray:
     """Source voxel indices (N, 3) of the mask's non-zero voxels (searching `src_box` only, if given)."""
     if src_box is None:
-        return np.argwhere(src_mask)
-    start = np.array([int(b[0]) for b in src_box])
-    return np.argwhere(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)]) + start
+        src_box = [[0, n] for n in src_mask.shape]
+    # a contiguous copy of the box and flat indices: faster than np.argwhere on the strided view
+    inside = np.ascontiguousarray(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)])
+    flat = np.flatnonzero(inside)
+    points = np.empty((flat.size, 3), dtype=np.int64)
+    for axis, (index, b) in enumerate(zip(np.unravel_index(flat, inside.shape), src_box)):
+        points[:, axis] = index + int(b[0])
+    return points
 
 
 def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mapper: PointMapper, block: int,
@@ -249,9 +254,15 @@ class PreparedMask:
     def count_in_boxes(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Set mask voxels in each box [lo, hi] (inclusive source voxel indices, (3, N) each, any values)."""
         if self._table is None:  # summed-area table over the lesion's box, zero row first on each axis
-            inside = self.mask[tuple(slice(a, b) for a, b in self.box)] > 0
-            table = np.zeros(tuple(n + 1 for n in inside.shape), dtype=np.int32)
-            table[1:, 1:, 1:] = inside.cumsum(axis=0, dtype=np.int32).cumsum(axis=1).cumsum(axis=2)
+            table = np.zeros(tuple(int(b - a) + 1 for a, b in self.box), dtype=np.int32)
+            sums = table[1:, 1:, 1:]
+            sums[...] = self.mask[tuple(slice(a, b) for a, b in self.box)] > 0
+            # plane by plane along the first two axes: several times faster than cumsum along them
+            for i in range(1, sums.shape[0]):
+                sums[i] += sums[i - 1]
+            for j in range(1, sums.shape[1]):
+                sums[:, j] += sums[:, j - 1]
+            np.cumsum(sums, axis=2, out=sums)
             self._table = table
         size = np.array(self._table.shape)[:, None] - 1
         a = np.clip(lo - self.box[:, :1], 0, size)       # table corners: voxels [a, b) of the box
