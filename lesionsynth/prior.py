@@ -67,9 +67,15 @@ class Region:
         """Region mask over a full-resolution crop that starts at voxel `start`."""
         if self.region_labels:
             return label_in(label_crop, self.region_labels)
-        grids = [(np.arange(n) + s) // st for n, s, st in zip(label_crop.shape, start, self.stride)]
-        grids = [np.minimum(g, m - 1) for g, m in zip(grids, self.coarse.shape)]
-        return self.coarse[np.ix_(*grids)]
+        if 0 in label_crop.shape:
+            return np.zeros(label_crop.shape, dtype=bool)
+        grids = [np.minimum((np.arange(n) + s) // st, m - 1)
+                 for n, s, st, m in zip(label_crop.shape, start, self.stride, self.coarse.shape)]
+        # the coarse block under the crop, repeated along one axis at a time (cheaper than one 3-D gather)
+        block = self.coarse[tuple(slice(int(g[0]), int(g[-1]) + 1) for g in grids)]
+        for axis, g in enumerate(grids):
+            block = block.take(g - g[0], axis=axis)
+        return block
 
 
 def allowed_region(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, channel_names,

@@ -397,3 +397,22 @@ def test_natural_spline_weights_match_scipy(k):
         return
     expected = CubicSpline(np.arange(k), np.eye(k), bc_type="natural")(x)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-14)
+
+
+def test_block_any_and_region_mask_match_their_plain_forms():
+    """The strided-OR block summary and the region mask by per-axis takes equal the straightforward
+    reshape-any and 3-D gather, odd shapes and crops reaching past the coarse grid included."""
+    from lesionsynth.prior import Region
+    from lesionsynth.render.paste import _block_any
+
+    rng = np.random.default_rng(5)
+    for shape in [(7, 8, 9), (10, 10, 10), (1, 5, 3)]:
+        mask = rng.random(shape) < 0.1
+        padded = np.pad(mask, [(0, n % 2) for n in shape])
+        x, y, z = (n // 2 for n in padded.shape)
+        np.testing.assert_array_equal(_block_any(mask, 2), padded.reshape(x, 2, y, 2, z, 2).any(axis=(1, 3, 5)))
+    region = Region((2, 3, 1), rng.random((12, 9, 20)) < 0.5, ())
+    for start, shape in [((0, 0, 0), (24, 27, 20)), ((5, 7, 3), (9, 4, 11)), ((20, 25, 15), (10, 8, 9))]:
+        grids = [np.minimum((np.arange(n) + s) // st, m - 1)
+                 for n, s, st, m in zip(shape, start, region.stride, region.coarse.shape)]
+        np.testing.assert_array_equal(region.mask_in(np.zeros(shape, np.uint8), start), region.coarse[np.ix_(*grids)])

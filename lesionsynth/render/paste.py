@@ -105,9 +105,12 @@ def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mappe
 def _block_any(mask: np.ndarray, block: int) -> np.ndarray:
     """Whether any voxel is set in each block x block x block cell (the last cells may be partial)."""
     pad = [(0, (-n) % block) for n in mask.shape]
-    m = np.pad(mask, pad)
-    x, y, z = (n // block for n in m.shape)
-    return m.reshape(x, block, y, block, z, block).any(axis=(1, 3, 5))
+    m = np.pad(mask, pad) if any(p for _, p in pad) else mask
+    cells = None
+    for offset in np.ndindex(*(block,) * m.ndim):  # OR of the strided sub-grids (a reshaped any is slower)
+        part = m[tuple(slice(o, None, block) for o in offset)]
+        cells = part.copy() if cells is None else cells | part
+    return cells
 
 
 def brick_grid(land: np.ndarray, geo, margin_vox: np.ndarray) -> np.ndarray:
