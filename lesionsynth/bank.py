@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from . import __version__
 from .errors import InputError
-from .geometry import apply_affine, ball, crop_affine, spacing_of, structure_for, voxel_volume
+from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .labels import label_in
@@ -88,7 +88,7 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
         label_crop = case.label[sl]
         values, counts = np.unique(label_crop[mask], return_counts=True)
         label_value = int(values[counts.argmax()])
-        shell = ndimage.binary_dilation(mask, structure=shell_ball) & ~any_lesion[sl]
+        shell = dilate(mask, shell_ball) & ~any_lesion[sl]
         start = np.array([s.start for s in sl])
         centroid_vox = np.argwhere(mask).mean(axis=0) + start
         crop = case.channels[(slice(None),) + sl]

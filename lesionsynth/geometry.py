@@ -55,6 +55,43 @@ def ball(radius_mm: float, spacing) -> np.ndarray:
     return sum(g ** 2 for g in grids) <= radius_mm ** 2 + 1e-9
 
 
+def dilate(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """`ndimage.binary_dilation(mask, structure)` (voxels outside the array clear), faster for a symmetric
+    3-D structure whose columns along the last axis are runs centred on the middle (a ball, the 6- or
+    26-neighbourhood; None: the 6-neighbourhood): the mask is dilated along the last axis for each run
+    length, and those are OR-ed at the columns' offsets, all by shifted ORs. Any other structure goes to
+    ndimage."""
+    mask = np.asarray(mask, dtype=bool)
+    structure = ndimage.generate_binary_structure(3, 1) if structure is None else np.asarray(structure, dtype=bool)
+    if (mask.ndim != 3 or structure.ndim != 3 or np.any(np.array(structure.shape) % 2 == 0)
+            or not structure.any() or not np.array_equal(structure, structure[::-1, ::-1, ::-1])):
+        return ndimage.binary_dilation(mask, structure=structure)
+    half = np.array(structure.shape) // 2
+    runs = {}  # (offset along axis 0, along axis 1) -> half length of the run along axis 2
+    for (i, j), column in np.ndenumerate(structure.any(axis=2)):
+        if column:
+            on = np.flatnonzero(structure[i, j])
+            h = int(half[2] - on[0])
+            if len(on) != 2 * h + 1:
+                return ndimage.binary_dilation(mask, structure=structure)
+            runs[(i - half[0], j - half[1])] = h
+    mask = np.ascontiguousarray(mask)  # mixed memory orders would make every OR below a strided pass
+    along = {0: mask}  # the mask dilated by [-h, h] along the last axis, by shifted ORs
+    grown = mask
+    for h in range(1, max(runs.values()) + 1):
+        grown = grown.copy()
+        grown[:, :, h:] |= mask[:, :, :-h]
+        grown[:, :, :-h] |= mask[:, :, h:]
+        along[h] = grown
+    out = np.zeros_like(mask)
+    for (di, dj), h in runs.items():
+        nx, ny = mask.shape[0] - abs(di), mask.shape[1] - abs(dj)
+        if nx > 0 and ny > 0:
+            out[max(di, 0):max(di, 0) + nx, max(dj, 0):max(dj, 0) + ny] |= \
+                along[h][max(-di, 0):max(-di, 0) + nx, max(-dj, 0):max(-dj, 0) + ny]
+    return out
+
+
 def coarse_stride(spacing, target_mm: float = 2.0) -> tuple[int, int, int]:
     """Per-axis stride that brings voxels to about `target_mm` (never below 1)."""
     return tuple(max(1, int(round(target_mm / s))) for s in np.asarray(spacing, dtype=np.float64))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .geometry import apply_affine, coarse_stride, crop_affine, spacing_of, voxel_volume
+from .geometry import apply_affine, coarse_stride, crop_affine, dilate, spacing_of, voxel_volume
 from .labels import label_in
 
 #: Default physical size of the coarse grid used for regions and placement (mm).
@@ -147,16 +147,8 @@ def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
 # --- placement ----------------------------------------------------------------------------------------
 
 def grow_one_voxel(mask: np.ndarray) -> np.ndarray:
-    """Dilation by the 6-neighbour cross (= ndimage.binary_dilation's default), by shifted ORs."""
-    mask = np.ascontiguousarray(mask)  # mixing memory orders below would make every OR a strided pass
-    out = mask.copy()
-    for axis in range(mask.ndim):
-        lo = [slice(None)] * mask.ndim
-        hi = [slice(None)] * mask.ndim
-        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        out[tuple(lo)] |= mask[tuple(hi)]
-        out[tuple(hi)] |= mask[tuple(lo)]
-    return out
+    """Dilation by the 6-neighbour cross (= ndimage.binary_dilation's default)."""
+    return dilate(mask)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 import skfmm
 from scipy import ndimage
 
-from ..geometry import ball, spacing_of, structure_for
+from ..geometry import ball, dilate, spacing_of, structure_for
 from ..labels import label_in
 from ..stats import noise_sd
 from .paste import Patch
@@ -38,7 +38,7 @@ def fill_order_distance(hole: np.ndarray, spacing) -> np.ndarray:
     Only the hole and the known voxels next to it take part (the rest is masked out of the march): the
     distance inside the hole depends on nothing else, and the box around a lesion is mostly tissue.
     """
-    near = ndimage.binary_dilation(hole)
+    near = dilate(hole)
     phi = np.ma.MaskedArray(np.where(hole, -1.0, 1.0), mask=~near)
     dist = skfmm.distance(phi, dx=np.asarray(spacing, dtype=np.float64))
     return np.where(hole, -np.ma.getdata(dist), 0.0)
@@ -117,8 +117,8 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
     component = component_in_box(label, box, op["seed_voxel"], lesion_labels, connectivity)
     crop_label = label[box]
     lesion_any = label_in(crop_label, lesion_labels)
-    hole = component | (ndimage.binary_dilation(component, structure=ball(op["rim_mm"], spacing)) & ~lesion_any)
-    ring = ndimage.binary_dilation(hole, structure=ball(RING_MM, spacing)) & ~hole & ~lesion_any
+    hole = component | (dilate(component, ball(op["rim_mm"], spacing)) & ~lesion_any)
+    ring = dilate(hole, ball(RING_MM, spacing)) & ~hole & ~lesion_any
     crop = channels[(slice(None),) + box]
     filled, dist = fast_marching_fill(crop, hole, spacing)
     rng = np.random.default_rng(int(op["texture_seed"]))
