@@ -55,6 +55,23 @@ def ball(radius_mm: float, spacing) -> np.ndarray:
     return sum(g ** 2 for g in grids) <= radius_mm ** 2 + 1e-9
 
 
+def dilate_box(mask: np.ndarray, reach) -> np.ndarray:
+    """Binary dilation by the box of `reach` voxels each way along each axis (voxels outside the array
+    clear): `ndimage.maximum_filter(mask, size=2 * reach + 1, mode="constant")`, by shifted ORs."""
+    out = np.array(mask, dtype=bool)  # a copy in the mask's own memory order
+    for axis, r in enumerate(int(v) for v in np.broadcast_to(reach, (out.ndim,))):
+        if r <= 0 or out.shape[axis] < 2:
+            continue
+        before = out.copy()
+        for k in range(1, min(r, out.shape[axis] - 1) + 1):
+            lo = [slice(None)] * out.ndim
+            hi = [slice(None)] * out.ndim
+            lo[axis], hi[axis] = slice(0, -k), slice(k, None)
+            out[tuple(lo)] |= before[tuple(hi)]
+            out[tuple(hi)] |= before[tuple(lo)]
+    return out
+
+
 def dilate(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     """`ndimage.binary_dilation(mask, structure)` (voxels outside the array clear), faster for a symmetric
     3-D structure whose columns along the last axis are runs centred on the middle (a ball, the 6- or

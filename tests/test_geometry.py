@@ -27,3 +27,14 @@ def test_dilate_by_other_structures_equals_ndimage(structure):
     want = ndimage.binary_dilation(mask) if structure is None else ndimage.binary_dilation(mask, structure=structure)
     np.testing.assert_array_equal(dilate(mask, structure), want)
     np.testing.assert_array_equal(dilate(np.asfortranarray(mask), structure), want)
+
+
+@pytest.mark.parametrize("reach", [0, 1, 2, (1, 0, 3), (4, 2, 9)])
+def test_dilate_box_equals_a_maximum_filter(reach):
+    from lesionsynth.geometry import dilate_box
+
+    mask = np.random.default_rng(2).random((9, 12, 7)) < 0.04
+    size = tuple(2 * np.broadcast_to(reach, (3,)) + 1)
+    want = ndimage.maximum_filter(mask, size=size, mode="constant")
+    np.testing.assert_array_equal(dilate_box(mask, reach), want)
+    np.testing.assert_array_equal(dilate_box(np.asfortranarray(mask), reach), want)
