@@ -19,7 +19,8 @@ from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, struc
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .labels import label_in
-from .prior import Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, reference_grid, region_world_points, splat
+from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, reference_grid,
+                    region_world_points, splat)
 from .stats import noise_sd
 
 BANK_FORMAT = 1

@@ -63,24 +63,28 @@ class Runner:
         if self.jobs == 1:
             return (fn(*args) for args in calls)
         if self.fork:
-            return self._pool_map(fn, calls)
+            # submitted now, not when the results are first asked for: the workers are forked before the
+            # caller starts anything else (a progress bar's thread, say)
+            return self._results(self._submit(fn, calls))
         from joblib import Parallel, delayed
 
         return Parallel(n_jobs=self.jobs, return_as="generator")(delayed(fn)(*args) for args in calls)
 
-    def _pool_map(self, fn, calls):
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_one_native_thread)
-            # the workers start at the first submit; objects frozen then are not traversed by the
-            # workers' garbage collector, which would otherwise copy every page of them (copy-on-write)
-            gc.freeze()
-            try:
-                futures = [self._pool.submit(fn, *args) for args in calls]
-            finally:
-                gc.unfreeze()
-        else:
-            futures = [self._pool.submit(fn, *args) for args in calls]
+    def _submit(self, fn, calls) -> list:
+        if self._pool is not None:
+            return [self._pool.submit(fn, *args) for args in calls]
+        self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_one_native_thread)
+        # the workers start at the first submit; objects frozen then are not traversed by the workers'
+        # garbage collector, which would otherwise copy every page holding them (copy-on-write)
+        gc.freeze()
+        try:
+            return [self._pool.submit(fn, *args) for args in calls]
+        finally:
+            gc.unfreeze()
+
+    @staticmethod
+    def _results(futures: list) -> Iterator:
         try:
             for future in futures:
                 try:

@@ -224,5 +224,5 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
 
 
 __all__ = ["Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
-           "coarse_likelihood", "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density", "reference_grid",
-           "region_world_points", "splat", "voxel_volume"]
+           "coarse_likelihood", "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
+           "reference_grid", "region_world_points", "splat", "voxel_volume"]
