@@ -114,11 +114,7 @@ def _one_native_thread() -> None:
     environment variables set for spawned workers no longer size)."""
     from threadpoolctl import threadpool_limits
 
-    global _thread_limits
-    _thread_limits = threadpool_limits(1)
-
-
-_thread_limits = None
+    threadpool_limits(1)  # applies at once, for the rest of the process
 
 
 @contextlib.contextmanager

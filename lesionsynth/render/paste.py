@@ -63,16 +63,26 @@ BRICK = 2
 GUARD = 1
 
 
+def lesion_box(shape, src_box=None) -> np.ndarray:
+    """(3, 2) int64 [lo, hi) per axis of the lesion in its crop: `src_box` (the bank's mask_box), or the
+    whole crop of `shape` if it is None."""
+    return np.array(src_box if src_box is not None else [[0, n] for n in shape], dtype=np.int64).reshape(-1, 2)
+
+
+def box_slices(box: np.ndarray) -> tuple[slice, ...]:
+    """The slices of a (3, 2) [lo, hi) box."""
+    return tuple(slice(int(a), int(b)) for a, b in box)
+
+
 def mask_voxels(src_mask: np.ndarray, src_box=None) -> np.ndarray:
     """Source voxel indices (N, 3) of the mask's non-zero voxels (searching `src_box` only, if given)."""
-    if src_box is None:
-        src_box = [[0, n] for n in src_mask.shape]
+    box = lesion_box(src_mask.shape, src_box)
     # a contiguous copy of the box and flat indices: faster than np.argwhere on the strided view
-    inside = np.ascontiguousarray(src_mask[tuple(slice(int(a), int(b)) for a, b in src_box)])
+    inside = np.ascontiguousarray(src_mask[box_slices(box)])
     flat = np.flatnonzero(inside)
     points = np.empty((flat.size, 3), dtype=np.int64)
-    for axis, (index, b) in enumerate(zip(np.unravel_index(flat, inside.shape), src_box)):
-        points[:, axis] = index + int(b[0])
+    for axis, index in enumerate(np.unravel_index(flat, inside.shape)):
+        points[:, axis] = index + box[axis, 0]
     return points
 
 
@@ -87,9 +97,9 @@ def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mappe
     """
     extra = 0.0
     if block > 1:
-        box = src_box if src_box is not None else [[0, n] for n in src_mask.shape]
-        origin = np.array([int(b[0]) for b in box], dtype=np.float64)
-        cells = _block_any(src_mask[tuple(slice(int(a), int(b)) for a, b in box)] > 0, block)
+        box = lesion_box(src_mask.shape, src_box)
+        origin = box[:, 0].astype(np.float64)
+        cells = _block_any(src_mask[box_slices(box)] > 0, block)
         points = np.argwhere(cells) * block + origin + (block - 1) / 2.0
         extra = (block - 1) / 2.0
     fwd = np.linalg.inv(geo.src_from_tgt)
@@ -97,8 +107,8 @@ def landing_points(points: np.ndarray, src_mask: np.ndarray, src_box, geo, mappe
     if mapper.small is not None and len(land):
         start = np.array([s.start for s in geo.box])
         at = np.clip(np.rint(land).astype(np.int64), start, start + np.array(geo.shape) - 1)
-        rigid = geo.src_from_tgt[:3, :3] @ at.T + geo.src_from_tgt[:3, 3:4]
-        land = land - (fwd[:3, :3] @ (mapper(at).astype(np.float64) - rigid)).T
+        at_src = geo.src_from_tgt[:3, :3] @ at.T + geo.src_from_tgt[:3, 3:4]  # `at` in the source, rigidly
+        land = land - (fwd[:3, :3] @ (mapper(at).astype(np.float64) - at_src)).T
     return land, extra
 
 
@@ -193,9 +203,9 @@ class MaskSampler:
         mask = np.asarray(mask)
         self.mask = mask.view(np.uint8) if mask.dtype == bool else mask
         self.shape = np.array(mask.shape)
-        box = src_box if src_box is not None else [[0, n] for n in mask.shape]
-        self.lo = np.maximum(np.array([int(b[0]) for b in box]) - 1, 0)
-        hi = np.minimum(np.array([int(b[1]) for b in box]) + 1, self.shape)
+        box = lesion_box(mask.shape, src_box)
+        self.lo = np.maximum(box[:, 0] - 1, 0)
+        hi = np.minimum(box[:, 1] + 1, self.shape)
         near = mask[tuple(slice(a, b) for a, b in zip(self.lo, hi))] > 0
         # 0: no set voxel within one step, 2: all voxels within one step set, 1: the edge
         self.code = cube3(near, all_set=False).view(np.uint8) + cube3(near, all_set=True).view(np.uint8)
@@ -223,6 +233,7 @@ class PreparedMask:
 
     def __init__(self, mask: np.ndarray, src_box=None):
         self.mask, self.src_box = mask, src_box
+        self.box = lesion_box(mask.shape, src_box)  # (3, 2) [lo, hi) of the lesion in the crop
         self._points = self._sampler = self._table = None
 
     @property
@@ -238,18 +249,12 @@ class PreparedMask:
             self._sampler = MaskSampler(self.mask, self.src_box)
         return self._sampler
 
-    @property
-    def box(self) -> np.ndarray:
-        """(3, 2) the lesion's box in the crop, [lo, hi) per axis (the whole crop if none was given)."""
-        box = self.src_box if self.src_box is not None else [[0, n] for n in self.mask.shape]
-        return np.array([[int(a), int(b)] for a, b in box], dtype=np.int64)
-
     def count_in_boxes(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Set mask voxels in each box [lo, hi] (inclusive source voxel indices, (3, N) each, any values)."""
         if self._table is None:  # summed-area table over the lesion's box, zero row first on each axis
             table = np.zeros(tuple(int(b - a) + 1 for a, b in self.box), dtype=np.int32)
             sums = table[1:, 1:, 1:]
-            sums[...] = self.mask[tuple(slice(a, b) for a, b in self.box)] > 0
+            sums[...] = self.mask[box_slices(self.box)] > 0
             # plane by plane along the first two axes: several times faster than cumsum along them
             for i in range(1, sums.shape[0]):
                 sums[i] += sums[i - 1]
