@@ -269,7 +269,8 @@ def _voxel_by_voxel(bricks, geo, mapper, prepared):
     from lesionsynth.render.paste import BRICK, brick_voxels
 
     voxels = brick_voxels(np.argwhere(bricks) * BRICK + [s.start for s in geo.box], geo)
-    values = prepared.sampler(mapper(voxels))
+    values = ndimage.map_coordinates(prepared.mask.astype(np.float64), mapper(voxels), order=1, mode="constant",
+                                     cval=0.0, prefilter=False).astype(np.float32)
     return {tuple(v): x for v, x in zip(voxels[values > 0], values[values > 0])}
 
 
@@ -416,12 +417,3 @@ def test_block_any_and_region_mask_match_their_plain_forms():
         grids = [np.minimum((np.arange(n) + s) // st, m - 1)
                  for n, s, st, m in zip(shape, start, region.stride, region.coarse.shape)]
         np.testing.assert_array_equal(region.mask_in(np.zeros(shape, np.uint8), start), region.coarse[np.ix_(*grids)])
-
-
-@pytest.mark.parametrize("shape", [(6, 7, 5), (1, 4, 4), (2, 3, 9)])
-def test_cube3_equals_size_3_max_and_min_filters(shape):
-    from lesionsynth.render.paste import cube3
-
-    mask = np.random.default_rng(4).random(shape) < 0.7
-    np.testing.assert_array_equal(cube3(mask, False), ndimage.maximum_filter(mask, size=3, mode="constant"))
-    np.testing.assert_array_equal(cube3(mask, True), ndimage.minimum_filter(mask, size=3, mode="constant", cval=0))

@@ -177,64 +177,23 @@ def elastic_step_bound(small: np.ndarray, wx: np.ndarray, lin: np.ndarray) -> np
     return bound
 
 
-def cube3(mask: np.ndarray, all_set: bool) -> np.ndarray:
-    """Whether any (or, with `all_set`, every) voxel of each 3x3x3 neighbourhood is set, voxels outside
-    the array counting as clear: ndimage's maximum (minimum) filter of size 3, mode "constant"."""
-    if not all_set:
-        return dilate_box(mask, 1)
-    out = ~dilate_box(~np.asarray(mask, dtype=bool), 1)
-    for axis in range(out.ndim):  # a face voxel has clear neighbours outside
-        face = [slice(None)] * out.ndim
-        for end in (0, -1):
-            face[axis] = end
-            out[tuple(face)] = False
-    return out
-
-
-class MaskSampler:
-    """Linear interpolation of a binary lesion mask at many points, interpolating only near its edge.
-
-    A point whose nearest voxel has all 26 neighbours set (or all clear) reads 1 (or 0) from every
-    corner of its interpolation cell, so only points near the mask's edge, or outside the crop, go
-    through scipy (`map_coordinates`, mode "constant", on the mask's own 0/1 bytes: no float copy).
-    """
-
-    def __init__(self, mask: np.ndarray, src_box=None):
-        mask = np.asarray(mask)
-        self.mask = mask.view(np.uint8) if mask.dtype == bool else mask
-        self.shape = np.array(mask.shape)
-        box = lesion_box(mask.shape, src_box)
-        self.lo = np.maximum(box[:, 0] - 1, 0)
-        hi = np.minimum(box[:, 1] + 1, self.shape)
-        near = mask[tuple(slice(a, b) for a, b in zip(self.lo, hi))] > 0
-        # 0: no set voxel within one step, 2: all voxels within one step set, 1: the edge
-        self.code = cube3(near, all_set=False).view(np.uint8) + cube3(near, all_set=True).view(np.uint8)
-        self.code_shape = np.array(self.code.shape)
-
-    def __call__(self, coords: np.ndarray) -> np.ndarray:
-        """Values at source coordinates (3, N)."""
-        nearest = np.rint(coords).astype(np.int64)
-        in_crop = np.all((nearest >= 0) & (nearest < self.shape[:, None]), axis=0)
-        local = nearest - self.lo[:, None]
-        in_code = in_crop & np.all((local >= 0) & (local < self.code_shape[:, None]), axis=0)
-        code = np.zeros(coords.shape[1], dtype=np.uint8)
-        flat = np.ravel_multi_index(tuple(local[:, in_code]), self.code.shape)
-        code[in_code] = self.code.reshape(-1).take(flat)
-        values = (code == 2).astype(np.float32)
-        exact = (code == 1) | ~in_crop
-        values[exact] = ndimage.map_coordinates(self.mask, coords[:, exact], output=np.float32, order=1,
-                                                mode="constant", cval=0.0, prefilter=False)
-        return values
+def sample_mask(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation (float32) of a 0/1 lesion mask at source coordinates (3, N), zero outside the
+    crop. Read on the mask's own bytes (no float copy). Where all 8 corners of a point's cell are set the
+    value is exactly 1.0 (scipy sums the weights in float64), where none is, exactly 0.0."""
+    mask = np.asarray(mask)
+    return ndimage.map_coordinates(mask.view(np.uint8) if mask.dtype == bool else mask, coords, output=np.float32,
+                                   order=1, mode="constant", cval=0.0, prefilter=False)
 
 
 class PreparedMask:
     """What every paste of one bank lesion needs from its mask, each part made on first use and then kept:
-    the mask's voxels and its edge-aware sampler (the bank keeps recently used ones, see `Bank.derived`)."""
+    the mask's voxels and a summed-area table of it (the bank keeps recently used ones, see `Bank.derived`)."""
 
     def __init__(self, mask: np.ndarray, src_box=None):
         self.mask, self.src_box = mask, src_box
         self.box = lesion_box(mask.shape, src_box)  # (3, 2) [lo, hi) of the lesion in the crop
-        self._points = self._sampler = self._table = None
+        self._points = self._table = None
 
     @property
     def points(self) -> np.ndarray:
@@ -242,12 +201,6 @@ class PreparedMask:
         if self._points is None:
             self._points = mask_voxels(self.mask, self.src_box).astype(np.int32)
         return self._points
-
-    @property
-    def sampler(self) -> MaskSampler:
-        if self._sampler is None:
-            self._sampler = MaskSampler(self.mask, self.src_box)
-        return self._sampler
 
     def count_in_boxes(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Set mask voxels in each box [lo, hi] (inclusive source voxel indices, (3, N) each, any values)."""
@@ -279,8 +232,7 @@ class PreparedMask:
     def nbytes(self) -> int:
         """Bytes it holds once all parts are made (the bank's cache budget counts this)."""
         shape = self.box[:, 1] - self.box[:, 0]
-        return (12 * int(np.count_nonzero(self.mask)) + int(np.prod(shape + 2))
-                + 4 * int(np.prod(shape + 1)))
+        return 12 * int(np.count_nonzero(self.mask)) + 4 * int(np.prod(shape + 1))
 
 
 def soft_on_bricks(bricks: np.ndarray, geo, mapper: PointMapper, prepared: PreparedMask
@@ -288,22 +240,22 @@ def soft_on_bricks(bricks: np.ndarray, geo, mapper: PointMapper, prepared: Prepa
     """(target voxels (N, 3), soft values (N,)) of the voxels of the set `bricks` where the mask reads > 0.
 
     Each brick is classed first from one mapped point: if the source box its voxels can read from
-    (`brick_spread` plus the sampler's reach) holds no mask voxel, all read 0; if it is all mask, all read
-    exactly 1 (`MaskSampler` gives 1 wherever the nearest voxel's neighbourhood is all set). Only the
+    (`brick_spread` plus one voxel, the reach of linear interpolation) holds no mask voxel, all read 0; if
+    it is all mask, all read exactly 1 (see `sample_mask`). Only the
     bricks on the mask's edge are mapped and sampled voxel by voxel, so the cost follows the lesion's
     surface, not its volume.
     """
     origins = np.argwhere(bricks) * BRICK + np.array([s.start for s in geo.box])
     centre_shift = 0.5 * (BRICK - 1) * mapper.m[:3, :3].sum(axis=1)
     ref = mapper(origins).astype(np.float64) + centre_shift[:, None]
-    # a voxel's sampler value depends on the mask within 1 of its rounded coordinate
-    reach = brick_spread(mapper)[:, None] + 1.5
+    # a voxel's value depends on the 8 corners of its interpolation cell, all within 1 of its coordinate
+    reach = brick_spread(mapper)[:, None] + 1.0
     lo, hi = np.ceil(ref - reach).astype(np.int64), np.floor(ref + reach).astype(np.int64)
     count = prepared.count_in_boxes(lo, hi)
     full = count == np.prod(hi - lo + 1, axis=0)
     edge = (count > 0) & ~full
     edge_voxels = brick_voxels(origins[edge], geo)
-    values = prepared.sampler(mapper(edge_voxels))
+    values = sample_mask(prepared.mask, mapper(edge_voxels))
     hit = values > 0
     full_voxels = brick_voxels(origins[full], geo)
     return (np.concatenate([edge_voxels[hit], full_voxels]),
