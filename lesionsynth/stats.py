@@ -25,9 +25,11 @@ def flat_view(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return array.reshape(-1, order=order), np.array(array.strides) // array.itemsize
 
 
-def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, float]]:
+def channel_stats(channels: np.ndarray, where: np.ndarray, origin=None) -> list[tuple[float, float]]:
     """(median, noise sd) of each channel (C, X, Y, Z) within `where`; (nan, 0) if fewer than 10 voxels.
 
+    `where` covers the box of the channels that starts at voxel `origin` (default: all of them); the
+    statistics stay inside that box (neighbours beyond its faces are clipped to it).
     Noise = MAD of the voxel minus its 3x3x3 mean (corrected for the mean containing the voxel itself),
     a robust estimate of white noise that ignores smooth intensity changes. Only the sampled voxels and
     their neighbours are read, so the cost does not grow with the size of the channels.
@@ -36,6 +38,7 @@ def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, 
     if idx.size < 10:
         return [(float("nan"), 0.0)] * channels.shape[0]
     ijk = np.unravel_index(idx, where.shape)
+    origin = (0,) * where.ndim if origin is None else tuple(int(o) for o in origin)
     values = np.empty((channels.shape[0], idx.size), dtype=np.float64)
     resid = np.empty_like(values)
     offsets = {}
@@ -44,7 +47,8 @@ def channel_stats(channels: np.ndarray, where: np.ndarray) -> list[tuple[float, 
         key = tuple(steps.tolist())
         if key not in offsets:
             # flat offsets of the 3 clipped neighbour positions along each axis; 27 sums of them below
-            along = [[np.clip(a + o, 0, n - 1) * st for o in (-1, 0, 1)] for a, n, st in zip(ijk, where.shape, steps)]
+            along = [[(np.clip(a + o, 0, n - 1) + s0) * st for o in (-1, 0, 1)]
+                     for a, n, s0, st in zip(ijk, where.shape, origin, steps)]
             offsets[key] = [i + j + k for i in along[0] for j in along[1] for k in along[2]]
         neighbours = offsets[key]
         total = np.zeros(idx.size, dtype=np.float64)

@@ -380,8 +380,14 @@ def test_paste_given_up_when_the_landing_check_fails():
     assert seen == [int(mask.sum())]
     plain, checked = paste_patch(*args), paste_patch(*args, land_check=lambda land: True)
     assert plain.box == checked.box
-    np.testing.assert_array_equal(plain.channels, checked.channels)
     np.testing.assert_array_equal(plain.label, checked.label)
+    got = []
+    for patch in (plain, checked):
+        channels, label = target.channels.copy(), target.label.copy()
+        patch.apply(channels, label)
+        got.append(channels)
+    np.testing.assert_array_equal(*got)
+    assert (got[0] != target.channels).any()
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7])

@@ -17,29 +17,28 @@ from .transform import PointMapper, paste_geometry, rigid_landing
 class Patch:
     """New values for a box of a case; `core` marks the voxels that become lesion.
 
-    A paste's new channel values may be left to a `render` callable, run on first use: the planner
-    decides from `core` and `region_fraction` whether to keep a paste, so a rejected or re-scaled try
-    never pays for interpolating and blending its channels.
+    A paste's new channel values are left to a `blend` callable that writes them into the case's channels
+    when the patch is applied: the planner decides from `core` and `region_fraction` whether to keep a
+    paste, so a rejected or re-scaled try never pays for interpolating and blending its channels, and a
+    kept one writes only the voxels its feathered edge reaches (no copy of the box).
     """
 
     def __init__(self, box: tuple[slice, ...], core: np.ndarray, label: np.ndarray, channels: np.ndarray | None = None,
-                 region_fraction: float = 1.0, render=None):
+                 region_fraction: float = 1.0, blend=None):
         self.box = box
         self.core = core                        # (X, Y, Z) bool
         self.label = label                      # (X, Y, Z) uint8
         self.region_fraction = region_fraction  # share of `core` inside the allowed region (pastes)
-        self._channels = channels               # (C, X, Y, Z) float32, or None until `render` made it
-        self._render = render
-
-    @property
-    def channels(self) -> np.ndarray:
-        if self._channels is None:
-            self._channels = self._render()
-            self._render = None
-        return self._channels
+        self.channels = channels                # (C, X, Y, Z) float32 new values of the box, or None
+        self._blend = blend                     # blend(case channels) writes the new values in place
 
     def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
-        channels[(slice(None),) + self.box] = self.channels
+        """Write the patch into the case arrays (once: a blend reads the channels it changes)."""
+        if self._blend is not None:
+            self._blend(channels)
+            self._blend = None
+        else:
+            channels[(slice(None),) + self.box] = self.channels
         label[self.box] = self.label
 
 
@@ -391,23 +390,22 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
     return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
 
 
-def blend_lesion(dest: np.ndarray, lesion_values, soft: np.ndarray, tissue: np.ndarray, spacing,
-                 src_stats: list[dict], op: dict, settings: PasteSettings) -> np.ndarray:
-    """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into `dest` (a copy).
+def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
+                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings) -> None:
+    """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into the case's `channels`
+    (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
 
     `lesion_values(idx)` gives the resampled lesion channels (C, N) at flat box indices; it is asked only
-    for the voxels the feathered alpha reaches, and the rest of the box keeps `dest`.
+    for the voxels the feathered alpha reaches, and only those voxels are written.
     """
     idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
-    out = np.array(dest, dtype=np.float32, order="K")  # a copy in the case's own voxel order
-    if not (out[0].flags.c_contiguous or out[0].flags.f_contiguous):
-        out = np.ascontiguousarray(out)  # an unusual layout: the flat views below must be views
-    dest_stats = channel_stats(out, tissue)
+    start = [s.start for s in box]
+    dest_stats = channel_stats(channels, tissue, start)
     lesion = lesion_values(idx)
-    steps = flat_view(out[0])[1]
-    at = sum(i * st for i, st in zip(np.unravel_index(idx, soft.shape), steps))  # idx in `out`'s memory order
-    for c in range(dest.shape[0]):
+    ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
+    offsets = {}
+    for c in range(channels.shape[0]):
         dest_ref, dest_noise = dest_stats[c]
         src_ref = src_stats[c]["shell"]["median"]
         src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
@@ -420,10 +418,18 @@ def blend_lesion(dest: np.ndarray, lesion_values, soft: np.ndarray, tissue: np.n
             ref = dest_ref
         values = np.float32(ref) + np.float32(op["brightness"][c]) * (values - np.float32(ref))
         values = values + np.float32(op["noise_gain"] * dest_noise) * noise
-        flat = flat_view(out[c])[0]
-        d = flat[at]
-        flat[at] = d + a * (values - d)
-    return out
+        channel = channels[c]
+        if channel.flags.c_contiguous or channel.flags.f_contiguous:
+            flat, steps = flat_view(channel)  # a view: writes reach the case
+            key = tuple(steps.tolist())
+            if key not in offsets:
+                offsets[key] = sum(i * st for i, st in zip(ijk, steps))  # the voxels in the channel's memory order
+            at = offsets[key]
+            d = flat[at]
+            flat[at] = d + a * (values - d)
+        else:  # an unusual layout: index it voxel by voxel
+            d = channel[tuple(ijk)]
+            channel[tuple(ijk)] = d + a * (values - d)
 
 
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
@@ -464,8 +470,8 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     (or, on the numpy path, fails `land_check`, see `resample_mask`).
 
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
-    The new channel values are computed when the patch's `channels` are first used (by `apply`), which
-    must happen before the case arrays change.
+    The channel values are blended by `apply`, from and into the channels it is given (`channels` here
+    only keeps the signature of `inpaint_patch`); apply it before the case arrays change otherwise.
     """
     src_affine = np.asarray(lesion_meta["affine"], dtype=np.float64)
     support_mm = feather_support_mm(settings)
@@ -506,9 +512,9 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     new_label = dest_label.copy()
     new_label[core] = int(op["label_value"])
 
-    def render() -> np.ndarray:
+    def blend(case_channels: np.ndarray) -> None:
         tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
-        return blend_lesion(channels[(slice(None),) + box], lesion_values, soft, tissue, spacing_of(affine),
-                            lesion_meta["stats"], op, settings)
+        blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
+                     settings)
 
-    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), render=render)
+    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend)
