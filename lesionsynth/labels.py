@@ -6,14 +6,22 @@ import numpy as np
 
 
 def label_in(label: np.ndarray, values) -> np.ndarray:
-    """Boolean mask of the voxels whose label is one of `values` (a lookup table for uint8 labels:
-    several times faster than np.isin on the volumes and crops this runs on)."""
+    """Boolean mask of the voxels whose label is one of `values` (in the label's own memory order).
+
+    uint8 labels: one vectorised comparison per value for a few values (tens of times faster than a
+    lookup table, which np.isin also beats only on small arrays), a lookup table for many."""
     label = np.asarray(label)
     values = np.asarray(values).ravel()
     if label.dtype == np.uint8:
+        wanted = sorted({int(v) for v in values if v == int(v) and 0 <= v <= 255})
+        if len(wanted) <= 8:
+            out = np.zeros(label.shape, dtype=bool) if not wanted else label == wanted[0]
+            for v in wanted[1:]:
+                out |= label == v
+            return out
         table = np.zeros(256, dtype=bool)
-        table[values[(values >= 0) & (values <= 255)].astype(np.intp)] = True
-        return table[label]
+        table[wanted] = True
+        return table.take(label)
     return np.isin(label, values)
 
 

@@ -200,25 +200,28 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     free = ~grow_one_voxel(label_in(label[sl], lesion_labels))
     allowed = region.coarse & free[tuple(slice(0, n) for n in region.coarse.shape)]
     fallback = None
-    weights = None
+    values = None  # the weights of the voxels `flat`
     if likelihood is not None:
-        weights = np.where(allowed, likelihood, 0.0)
-        if not (weights > 0).any():
-            weights, fallback = None, "likelihood map is zero in the allowed region; sampled the region uniformly"
+        flat = np.flatnonzero(allowed & (likelihood > 0))  # on the bool grid: no float weight grid
+        if flat.size:
+            values = np.ascontiguousarray(likelihood).ravel().take(flat)
+        else:
+            fallback = "likelihood map is zero in the allowed region; sampled the region uniformly"
     else:
         fallback = "no likelihood map; sampled the region uniformly"
-    if weights is None:
-        weights = allowed.astype(np.float64)
-        if not weights.any():
-            weights = region.coarse.astype(np.float64)
+    if values is None:
+        flat = np.flatnonzero(allowed)
+        if not flat.size:
+            flat = np.flatnonzero(region.coarse)
             fallback = "allowed region fully covered by lesions; sampled the whole region"
+        if flat.size == 0:
+            size = int(np.prod(region.coarse.shape))
+            return PlacementDensity(c_aff, np.linspace(1.0 / size, 1.0, size), region.coarse.shape,
+                                    "empty allowed region; sampled the whole volume")
+        values = np.ones(flat.size)
     # the cumulative sum over the voxels of non-zero weight only: the same sums (adding zeros changes no
     # float) and the same draws, on a fraction of the grid
-    flat = np.flatnonzero(weights)
-    if flat.size == 0:
-        return PlacementDensity(c_aff, np.linspace(1.0 / weights.size, 1.0, weights.size), region.coarse.shape,
-                                "empty allowed region; sampled the whole volume")
-    cdf = np.cumsum(weights.ravel()[flat], dtype=np.float64)
+    cdf = np.cumsum(values, dtype=np.float64)
     cdf /= cdf[-1]
     return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback, flat)
 
