@@ -210,7 +210,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
                     break
-                old_lesion = lesion_mask(np.ascontiguousarray(label[patch.box]), lesion_labels)  # as core's order
+                old = patch.old_label if patch.old_label is not None else np.ascontiguousarray(label[patch.box])
+                old_lesion = lesion_mask(old, lesion_labels)  # in core's (C) order
                 core = patch.core
                 n_core = int(core.sum())
                 in_region = patch.region_fraction

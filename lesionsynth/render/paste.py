@@ -24,8 +24,9 @@ class Patch:
     """
 
     def __init__(self, box: tuple[slice, ...], core: np.ndarray, label: np.ndarray, channels: np.ndarray | None = None,
-                 region_fraction: float = 1.0, blend=None):
+                 region_fraction: float = 1.0, blend=None, old_label: np.ndarray | None = None):
         self.box = box
+        self.old_label = old_label              # (X, Y, Z) the case's label in the box before, if kept
         self.core = core                        # (X, Y, Z) bool
         self.label = label                      # (X, Y, Z) uint8
         self.region_fraction = region_fraction  # share of `core` inside the allowed region (pastes)
@@ -517,4 +518,4 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
         blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
                      settings)
 
-    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend)
+    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label)
