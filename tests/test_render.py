@@ -100,6 +100,34 @@ def test_paste_keeps_everything_outside_its_box():
         assert np.abs(channels[c][core] - target.channels[c][core]).mean() > 10
 
 
+def test_paste_blends_in_place_alike_in_any_channel_layout():
+    """The blend writes into the case's channels: C-, Fortran- and odd-strided channel arrays get the same
+    values, and a paste's patch cannot be applied twice (its blend reads the channels it changes)."""
+    case = _case()
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(seed=3, radius=0.1)
+    op = _identity_op(lesion, noise_gain=0.5, brightness=[1.1, 0.9])
+    results = []
+    for layout in ("C", "F", "strided"):
+        if layout == "strided":  # every other voxel of a larger array: neither C nor Fortran contiguous
+            big = np.zeros((2,) + tuple(2 * n for n in target.channels.shape[1:]), dtype=np.float32)
+            channels = big[:, ::2, ::2, ::2]
+            channels[...] = target.channels
+        else:
+            channels = np.array(target.channels, order=layout)
+        patch = paste_patch(channels, target.label, target.affine, image, mask, lesion, op, (1,), _all_region,
+                            PasteSettings((False, False)))
+        label = target.label.copy()
+        patch.apply(channels, label)
+        results.append(np.array(channels))
+        with pytest.raises(RuntimeError, match="only once"):
+            patch.apply(channels, label)
+    assert (results[0] != target.channels).any()
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+
+
 def test_ct_paste_keeps_hounsfield_units():
     case = _case(lesion_value=40.0, body_value=-800.0)  # a nodule in lung
     lesion = extract_lesions(case, BankConfig())[0]

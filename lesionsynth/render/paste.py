@@ -26,18 +26,21 @@ class Patch:
     def __init__(self, box: tuple[slice, ...], core: np.ndarray, label: np.ndarray, channels: np.ndarray | None = None,
                  region_fraction: float = 1.0, blend=None, old_label: np.ndarray | None = None):
         self.box = box
-        self.old_label = old_label              # (X, Y, Z) the case's label in the box before, if kept
+        self.old_label = old_label              # (X, Y, Z) the case's label in the box before (pastes)
         self.core = core                        # (X, Y, Z) bool
         self.label = label                      # (X, Y, Z) uint8
         self.region_fraction = region_fraction  # share of `core` inside the allowed region (pastes)
         self.channels = channels                # (C, X, Y, Z) float32 new values of the box, or None
         self._blend = blend                     # blend(case channels) writes the new values in place
+        self._applied = False
 
     def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
         """Write the patch into the case arrays (once: a blend reads the channels it changes)."""
         if self._blend is not None:
+            if self._applied:
+                raise RuntimeError("a paste's patch can be applied only once (its blend reads what it changes)")
             self._blend(channels)
-            self._blend = None
+            self._applied = True
         else:
             channels[(slice(None),) + self.box] = self.channels
         label[self.box] = self.label
@@ -250,9 +253,8 @@ def soft_on_bricks(bricks: np.ndarray, geo, mapper: PointMapper, prepared: Prepa
 
     Each brick is classed first from one mapped point: if the source box its voxels can read from
     (`brick_spread` plus one voxel, the reach of linear interpolation) holds no mask voxel, all read 0; if
-    it is all mask, all read exactly 1 (see `sample_mask`). Only the
-    bricks on the mask's edge are mapped and sampled voxel by voxel, so the cost follows the lesion's
-    surface, not its volume.
+    it is all mask, all read exactly 1 (see `sample_mask`). Only the bricks on the mask's edge are mapped
+    and sampled voxel by voxel, so the cost follows the lesion's surface, not its volume.
     """
     origins = np.argwhere(bricks) * BRICK + np.array([s.start for s in geo.box])
     centre_shift = 0.5 * (BRICK - 1) * mapper.m[:3, :3].sum(axis=1)
