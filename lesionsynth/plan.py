@@ -210,8 +210,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
                     break
-                old = patch.old_label if patch.old_label is not None else np.ascontiguousarray(label[patch.box])
-                old_lesion = lesion_mask(old, lesion_labels)  # in core's (C) order
+                old_lesion = lesion_mask(patch.old_label, lesion_labels)  # in core's (C) order
                 core = patch.core
                 n_core = int(core.sum())
                 in_region = patch.region_fraction

@@ -146,11 +146,6 @@ def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
 
 # --- placement ----------------------------------------------------------------------------------------
 
-def grow_one_voxel(mask: np.ndarray) -> np.ndarray:
-    """Dilation by the 6-neighbour cross (= ndimage.binary_dilation's default)."""
-    return dilate(mask)
-
-
 @dataclass
 class PlacementDensity:
     """A sampling distribution over coarse voxels of one target case."""
@@ -197,14 +192,14 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     stride = region.stride
     c_aff = coarse_affine(affine, stride)
     sl = tuple(slice(None, None, s) for s in stride)
-    free = ~grow_one_voxel(label_in(label[sl], lesion_labels))
+    free = ~dilate(label_in(label[sl], lesion_labels))  # one voxel (6-neighbour cross) off the lesions
     allowed = region.coarse & free[tuple(slice(0, n) for n in region.coarse.shape)]
     fallback = None
     values = None  # the weights of the voxels `flat`
     if likelihood is not None:
         flat = np.flatnonzero(allowed & (likelihood > 0))  # on the bool grid: no float weight grid
         if flat.size:
-            values = np.ascontiguousarray(likelihood).ravel().take(flat)
+            values = likelihood.ravel().take(flat)
         else:
             fallback = "likelihood map is zero in the allowed region; sampled the region uniformly"
     else:

@@ -39,6 +39,10 @@ def channel_stats(channels: np.ndarray, where: np.ndarray, origin=None) -> list[
         return [(float("nan"), 0.0)] * channels.shape[0]
     ijk = np.unravel_index(idx, where.shape)
     origin = (0,) * where.ndim if origin is None else tuple(int(o) for o in origin)
+    if not all(ch.flags.c_contiguous or ch.flags.f_contiguous for ch in channels):
+        # an unusual layout: flat_view would copy each whole channel; copy only the box
+        box = tuple(slice(o, o + n) for o, n in zip(origin, where.shape))
+        channels, origin = np.ascontiguousarray(channels[(slice(None),) + box]), (0,) * where.ndim
     values = np.empty((channels.shape[0], idx.size), dtype=np.float64)
     resid = np.empty_like(values)
     offsets = {}
