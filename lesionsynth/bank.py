@@ -21,6 +21,9 @@ from .io.nifti import save_nifti
 from .labels import label_in
 from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, reference_grid,
                     region_world_points, splat)
+from .space import (ALIGNED_OVERLAP, POOR_OVERLAP, SPACES, RegImage, Registration, closest_case, foreground_overlap,
+                    map_onto, provisional_reference, reference_grid_of, register_case, registration_image,
+                    world_overlap)
 from .stats import noise_sd
 
 BANK_FORMAT = 1
@@ -28,6 +31,7 @@ IMAGES_FILE = "lesion_images.f32"
 MASKS_FILE = "lesion_masks.u8"
 LIKELIHOOD_FILE = "likelihood.nii.gz"
 REGIONS_FILE = "body_regions.u1"  # packed coarse body masks of the cases without region labels
+TEMPLATE_REGION_FILE = "template_region.nii.gz"  # the template's tissue prior on the likelihood grid
 #: Bytes of per-lesion derived data (`Bank.derived`) a worker keeps between pastes.
 DERIVED_BYTES = 16 * 2**20
 
@@ -45,6 +49,10 @@ class BankConfig:
     likelihood_sigma_mm: float = 4.0
     likelihood_floor: float = 0.01
     likelihood_spacing_mm: float = 2.0  # grid spacing when cases lie on different grids
+    space: str = "auto"             # common space: auto, world or register (see space.py)
+    template: str | None = None     # a template image to register to (else the case closest to the others)
+    template_region: str | None = None  # tissue prior (probability map) in the template's space
+    exclude_cases: tuple[str, ...] = ()  # cases left out (e.g. one whose registration is poor)
 
 
 def lesion_mask(label: np.ndarray, lesion_labels) -> np.ndarray:
@@ -116,6 +124,18 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
     return lesions
 
 
+def intensity_reference(channels: np.ndarray, region: Region) -> list[float]:
+    """Per channel, the median over the case's coarse allowed region: the unit in which the context match
+    compares tissue across cases, so that a scanner's intensity gain does not matter."""
+    sl = tuple(slice(None, None, s) for s in region.stride)
+    out = []
+    for channel in channels:
+        coarse = channel[sl][tuple(slice(0, n) for n in region.coarse.shape)]
+        values = coarse[region.coarse] if region.coarse.any() else coarse.ravel()
+        out.append(round(float(np.median(values)), 6))
+    return out
+
+
 def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig) -> dict:
     """Worker: load one case, cut its lesions, and collect what the likelihood map needs."""
     case = load_case(ref, n_channels)
@@ -124,6 +144,7 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
     region = allowed_region(case.channels, case.label, case.affine, channel_names, config.region_labels)
     lesion_idx = np.argwhere(lesion_mask(case.label, config.lesion_labels))
     return {
+        "reg_image": registration_image(case.channels[0], case.affine, channel_names[0]),
         "case": {
             "case_id": case.case_id,
             "images": [str(Path(p).resolve()) for p in ref.image_paths],
@@ -135,6 +156,7 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
             "load_voxels": load_voxels,
             "lesion_count": len(lesions),
             "region_from_labels": bool(region.region_labels),
+            "intensity_ref": intensity_reference(case.channels, region),
         },
         "lesions": lesions,
         "lesion_world": apply_affine(case.affine, lesion_idx).astype(np.float32),
@@ -174,17 +196,33 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
         for v in list(config.lesion_labels) + list(config.region_labels):
             if v not in declared:
                 raise InputError(f"{dataset}: label {v} is not declared in dataset.json labels {spec.labels}")
+    if config.space not in SPACES:
+        raise InputError(f"--space {config.space!r}: choose one of {', '.join(SPACES)}")
+    if config.template_region and not config.template:
+        raise InputError("--template-region needs --template (the image the tissue prior is aligned with)")
+    if config.template and config.space == "world":
+        raise InputError("--template needs --space register or auto (the cases are registered to it)")
+    template = _read_template(config) if config.template else None
+    spec.cases = _without_excluded(spec.cases, config.exclude_cases, dataset)
     n_channels = len(spec.channel_names)
     with execution(backend, scheduler, jobs) as runner:
         results = runner.map(_scan_case, [(ref, n_channels, spec.channel_names, config) for ref in spec.cases])
         results = list(tqdm(results, total=len(spec.cases), desc="build-bank", unit="case", disable=not progress))
-    if not any(r["lesions"] for r in results):
-        raise InputError(f"{dataset}: no lesion found with label(s) {list(config.lesion_labels)}"
-                         f" and volume ≥ {config.min_volume_mm3} mm³")
+        if not any(r["lesions"] for r in results):
+            raise InputError(f"{dataset}: no lesion found with label(s) {list(config.lesion_labels)}"
+                             f" and volume ≥ {config.min_volume_mm3} mm³")
+        space = common_space(results, config, template, runner, progress)
+    poor = [(r["case"]["case_id"], r["case"]["registration"]["foreground_overlap"]) for r in results
+            if r["case"].get("registration", {}).get("status") == "poor"]
+    if poor:
+        named = ", ".join(f"{cid} (overlap {ov:.2f})" for cid, ov in poor)
+        raise InputError(f"{dataset}: registration to the reference {space['reference_name']} is poor for {named}"
+                         f" (foreground overlap < {POOR_OVERLAP}): check those cases, leave them out with "
+                         f"--exclude-case ID, or build with --space world")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_bank(staging, spec, results, config, extra_run_info or {})
+        _write_bank(staging, spec, results, config, extra_run_info or {}, space)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -194,7 +232,111 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
     return out
 
 
-def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, extra: dict) -> None:
+def _without_excluded(cases: list[CaseRef], excluded, dataset) -> list[CaseRef]:
+    known = {ref.case_id for ref in cases}
+    unknown = sorted(set(excluded) - known)
+    if unknown:
+        raise InputError(f"--exclude-case {unknown[0]}: no such case in {dataset}")
+    kept = [ref for ref in cases if ref.case_id not in set(excluded)]
+    if not kept:
+        raise InputError(f"{dataset}: every case is excluded")
+    return kept
+
+
+def _read_template(config: BankConfig) -> dict:
+    """The template image (first volume if 4-D) as a registration image, and its tissue prior if given."""
+    from .io.nifti import load_nifti, read_array
+
+    def volume(path_text: str) -> tuple[np.ndarray, np.ndarray]:
+        path = Path(path_text)
+        if not path.is_file():
+            raise InputError(f"{path}: template file not found")
+        img = load_nifti(path)
+        data = np.asarray(read_array(img, path), dtype=np.float32)
+        if data.ndim == 4:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise InputError(f"{path}: a template must be a 3-D image, got shape {data.shape}")
+        if not np.isfinite(data).all():
+            raise InputError(f"{path}: template holds NaN or infinite voxels")
+        return data, np.asarray(img.affine, dtype=np.float64)
+
+    image, affine = volume(config.template)
+    out = {"image": registration_image(image, affine, "template"), "path": str(Path(config.template).resolve())}
+    if config.template_region:
+        prior, prior_affine = volume(config.template_region)
+        peak = float(prior.max())
+        if peak <= 0:
+            raise InputError(f"{config.template_region}: the tissue prior is zero everywhere")
+        # probability maps come as 0-1, 0-100 or 0-255
+        out["region"] = (np.clip(prior / (1.0 if peak <= 1.0 else peak), 0.0, 1.0), prior_affine)
+        out["region_path"] = str(Path(config.template_region).resolve())
+    return out
+
+
+def common_space(results: list[dict], config: BankConfig, template: dict | None, runner, progress: bool) -> dict:
+    """Decide the bank's common space and register the cases when it is `register`.
+
+    Stores per case `registration` (see `space.Registration.as_json`) in `results[i]["case"]` and returns
+    the bank.json `space` record (mode, why, the reference). With no template the reference is chosen
+    group-wise: every case is registered to the case of median foreground volume, then the case closest to
+    the others becomes the reference and the transforms are composed onto it.
+    """
+    from tqdm import tqdm
+
+    images: list[RegImage] = [r.pop("reg_image") for r in results]
+    grids = [Grid(tuple(r["case"]["shape"]), np.array(r["case"]["affine"])) for r in results]
+    mode, why = config.space, "asked for"
+    if mode == "auto":
+        if template is not None:
+            mode, why = "register", "auto: a template was given"
+        elif reference_grid(grids, config.likelihood_spacing_mm)[1]:
+            mode, why = "world", "auto: all cases share one grid"
+        else:
+            first = provisional_reference(images)
+            worst = min(world_overlap(images[first], img) for img in images)
+            mode, why = (("world", f"auto: the cases are aligned in world space (foreground overlap ≥ {worst:.2f})")
+                         if worst >= ALIGNED_OVERLAP else
+                         ("register", f"auto: the cases are not aligned in world space (foreground overlap down to "
+                                      f"{worst:.2f})"))
+    if mode == "world":
+        return {"mode": "world", "why": why, "reference_name": "world space"}
+    if template is not None:
+        reference, ref_name = template["image"], f"template {Path(template['path']).name}"
+        calls = [(reference, img) for img in images]
+    else:
+        first = provisional_reference(images)
+        reference = images[first]
+        calls = [(reference, img) for k, img in enumerate(images) if k != first]
+    regs = list(tqdm(runner.map(register_case, calls), total=len(calls), desc="register", unit="case",
+                     disable=not progress))
+    if template is None:
+        identity = Registration(np.eye(4), foreground_overlap(reference, reference, np.eye(4)), 0.0, 0.0)
+        regs.insert(first, identity)
+        best = closest_case(images, [r.ref_from_case for r in regs], reference)
+        if best != first:  # compose onto the closest case: ref_from_case_i = (best_from_first) @ first_from_case_i
+            best_from_first = np.linalg.inv(regs[best].ref_from_case)
+            reference = images[best]
+            regs = [Registration(best_from_first @ r.ref_from_case,
+                                 foreground_overlap(reference, img, np.linalg.inv(best_from_first @ r.ref_from_case)),
+                                 r.metric, r.seconds) for r, img in zip(regs, images)]
+        ref_name = f"case {results[best]['case']['case_id']}"
+    for r, reg in zip(results, regs):
+        r["case"]["registration"] = reg.as_json()
+    record = {"mode": "register", "why": why, "reference_name": ref_name, "transform": "affine",
+              "registration_mm": float(spacing_of(images[0].affine).mean().round(2)), "poor_overlap": POOR_OVERLAP,
+              "_reference_image": reference}
+    if template is None:
+        record["reference"] = {"kind": "case", "case_id": results[best]["case"]["case_id"]}
+    else:
+        record["reference"] = {"kind": "template", "path": template["path"],
+                               "region_path": template.get("region_path")}
+        if "region" in template:
+            record["_template_region"] = template["region"]
+    return record
+
+
+def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, extra: dict, space: dict) -> None:
     lesions_meta = []
     image_offset = mask_offset = 0
     with open(folder / IMAGES_FILE, "wb") as fi, open(folder / MASKS_FILE, "wb") as fm:
@@ -217,15 +359,20 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
                 r["case"]["body_region"] = {"offset": region_offset, "shape": list(body.shape),
                                             "stride": list(r["region_stride"])}
                 region_offset += packed.size
-    grids = [Grid(tuple(r["case"]["shape"]), np.array(r["case"]["affine"])) for r in results]
-    ref, shared = reference_grid(grids, config.likelihood_spacing_mm)
+    registered = space["mode"] == "register"
+    if registered:
+        ref, shared = reference_grid_of(space.pop("_reference_image"), config.likelihood_spacing_mm), False
+    else:
+        grids = [Grid(tuple(r["case"]["shape"]), np.array(r["case"]["affine"])) for r in results]
+        ref, shared = reference_grid(grids, config.likelihood_spacing_mm)
     lesion_sum = np.zeros(ref.shape, dtype=np.float32)
     region_hits = np.zeros(ref.shape, dtype=np.uint16)
     ref_vox = voxel_volume(ref.affine)
     for r in results:
-        splat(lesion_sum, ref.affine, r["lesion_world"], r["voxel_volume"] / ref_vox)
+        to_ref = np.array(r["case"]["registration"]["ref_from_case"]) if registered else np.eye(4)
+        splat(lesion_sum, ref.affine, apply_affine(to_ref, r["lesion_world"]), r["voxel_volume"] / ref_vox)
         splat_mask = np.zeros(ref.shape, dtype=np.float32)
-        splat(splat_mask, ref.affine, r["region_world"], 1.0)
+        splat(splat_mask, ref.affine, apply_affine(to_ref, r["region_world"]), 1.0)
         hits = splat_mask > 0
         # coarse region points are `stride` voxels apart: close the gaps between them
         reach = np.ceil(np.array(r["region_stride"]) * spacing_of(np.array(r["case"]["affine"]))
@@ -236,6 +383,11 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
     likelihood = finish_likelihood(lesion_sum, region_hits, ref.affine, config.likelihood_sigma_mm,
                                    config.likelihood_floor)
     save_nifti(folder / LIKELIHOOD_FILE, likelihood, ref.affine, None, np.float32)
+    template_region = space.pop("_template_region", None)
+    if template_region is not None:
+        prior = map_onto(template_region[0], template_region[1], ref.affine, ref.shape).astype(np.float32)
+        save_nifti(folder / TEMPLATE_REGION_FILE, prior, ref.affine, None, np.float32)
+        space["template_region_file"] = TEMPLATE_REGION_FILE
     cases = [r["case"] for r in results]
     index = {
         "format": BANK_FORMAT,
@@ -246,6 +398,7 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
         "likelihood": {"file": LIKELIHOOD_FILE, "shared_grid": shared, "shape": list(ref.shape),
                        "affine": np.asarray(ref.affine).tolist()},
+        "space": space,
         "n_channels": len(spec.channel_names),
         "cases": cases,
         "lesions": lesions_meta,
@@ -288,6 +441,7 @@ class Bank:
         self._coarse_likelihood = None
         self._derived: OrderedDict = OrderedDict()
         self._derived_bytes = 0
+        self._donor_signatures = None
 
     @property
     def lesion_labels(self) -> tuple[int, ...]:
@@ -351,13 +505,57 @@ class Bank:
         coarse = np.unpackbits(packed, count=n).reshape(shape).astype(bool)
         return Region(tuple(int(v) for v in info["stride"]), coarse, ())
 
-    def coarse_likelihood(self, stride, affine: np.ndarray, shape, coarse_shape) -> np.ndarray:
+    @property
+    def registered(self) -> bool:
+        """Whether the cases were registered to a reference (`space.py`) rather than taken in world space."""
+        return self.index.get("space", {}).get("mode") == "register"
+
+    def case_info(self, case_id: str) -> dict:
+        return next(c for c in self.cases if c["case_id"] == case_id)
+
+    def donor_signatures(self, ct_channels) -> dict:
+        """Lesion id → the tissue signature of its shell in its source case (`prior.donor_signature`), made once."""
+        if self._donor_signatures is None:
+            from .prior import donor_signature
+
+            by_case = {c["case_id"]: c for c in self.cases}
+            self._donor_signatures = {les["id"]: donor_signature(les, by_case.get(les["source_case"]), ct_channels)
+                                      for les in self.lesions}
+        return self._donor_signatures
+
+    def case_from_ref(self, case_id: str) -> np.ndarray:
+        """World matrix from the reference space (the likelihood map's) to a bank case (identity in world
+        space)."""
+        reg = self.case_info(case_id).get("registration") if self.registered else None
+        return np.eye(4) if reg is None else np.linalg.inv(np.array(reg["ref_from_case"], dtype=np.float64))
+
+    def coarse_likelihood(self, stride, affine: np.ndarray, shape, coarse_shape, case_id: str | None = None
+                          ) -> np.ndarray:
         """The likelihood map on a case's coarse grid (`prior.coarse_likelihood`), kept for the last grid
-        asked for: the cases of a dataset on a shared grid all ask for the same. Do not modify it."""
-        key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape))
+        asked for: the cases of a dataset on a shared grid all ask for the same. `case_id` names the bank
+        case whose grid it is (its stored transform maps the reference onto it). Do not modify it."""
+        case_from_ref = self.case_from_ref(case_id) if case_id is not None else np.eye(4)
+        key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape),
+               case_from_ref.tobytes())
         if self._coarse_likelihood is None or self._coarse_likelihood[0] != key:
-            self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, *self.likelihood()))
+            values, values_affine = self.likelihood()
+            self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, values,
+                                                              case_from_ref @ values_affine))
         return self._coarse_likelihood[1]
+
+    def coarse_template_region(self, stride, affine: np.ndarray, coarse_shape, case_id: str) -> np.ndarray | None:
+        """The template's tissue prior (0-1) on a bank case's coarse grid, or None if the bank has none."""
+        name = self.index.get("space", {}).get("template_region_file")
+        if not name:
+            return None
+        from .io.nifti import load_nifti, read_array
+        from .prior import coarse_affine
+
+        path = self.folder / name
+        img = load_nifti(path)
+        values = np.asarray(read_array(img, path), dtype=np.float32)
+        return map_onto(values, self.case_from_ref(case_id) @ np.asarray(img.affine, dtype=np.float64),
+                        coarse_affine(affine, stride), coarse_shape)
 
     def likelihood(self) -> tuple[np.ndarray, np.ndarray]:
         """(map, affine) of the lesion likelihood map, loaded once."""

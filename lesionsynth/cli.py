@@ -48,6 +48,17 @@ def build_bank_cmd(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (--backend dask)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (see 'lesionsynth recipes') or "
                                          "TOML file; options given here override it."),
+    space: Optional[str] = typer.Option(None, "--space", help="Common space of the likelihood map: register "
+                                        "(affine registration of every case to one reference), world (the cases' "
+                                        "world coordinates as they are) or auto (world when the cases share a grid "
+                                        "or are already aligned) [default: auto]."),
+    template: Optional[Path] = typer.Option(None, "--template", help="Template image to register the cases to "
+                                            "[default: the dataset case closest to the others]."),
+    template_region: Optional[Path] = typer.Option(None, "--template-region", help="Tissue prior (probability "
+                                                   "map, e.g. white matter) in the template's space: lesions go "
+                                                   "only where it is ≥ 0.5."),
+    exclude_case: Optional[List[str]] = typer.Option(None, "--exclude-case", help="Leave this case out (e.g. one "
+                                                     "whose registration is poor); repeatable."),
 ) -> None:
     """Cut every lesion out of DATASET into a bank and build the lesion likelihood map."""
     from .bank import Bank, BankConfig, build_bank
@@ -57,7 +68,10 @@ def build_bank_cmd(
     config = make_config(BankConfig, rec, "bank", {
         "lesion_labels": tuple(lesion_label) if lesion_label else None,
         "region_labels": tuple(region_label) if region_label else None,
-        "connectivity": connectivity, "min_volume_mm3": min_volume})
+        "connectivity": connectivity, "min_volume_mm3": min_volume, "space": space,
+        "template": str(template) if template else None,
+        "template_region": str(template_region) if template_region else None,
+        "exclude_cases": tuple(exclude_case) if exclude_case else None})
     if config.connectivity not in (6, 18, 26):
         raise InputError(f"--connectivity {config.connectivity}: must be 6, 18 or 26")
     overlap = set(config.lesion_labels) & set(config.region_labels)
@@ -66,6 +80,8 @@ def build_bank_cmd(
     path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["name"]},
                       backend=backend, scheduler=scheduler)
     bank = Bank(path)
+    for line in space_lines(bank.index):
+        typer.echo(line)
     typer.echo(f"bank: {path} ({len(bank.lesions)} lesions from {len(bank.cases)} cases)")
 
 
@@ -127,6 +143,19 @@ def generate(
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
                           device=device, backend=backend, scheduler=scheduler)
     _summary(result, n)
+
+
+def space_lines(index: dict) -> list[str]:
+    """What build-bank says about the common space: the choice, and each case's registration."""
+    space = index.get("space") or {"mode": "world", "why": "bank made before registration existed"}
+    lines = [f"space: {space['mode']} ({space.get('why', '')})"]
+    if space["mode"] == "register":
+        lines[0] += f"; reference: {space.get('reference_name')}"
+        for case in index["cases"]:
+            reg = case["registration"]
+            lines.append(f"  {case['case_id']}: foreground overlap {reg['foreground_overlap']:.3f}, "
+                         f"{reg['seconds']:.1f} s, {reg['status']}")
+    return lines
 
 
 def _summary(result, n: int) -> None:

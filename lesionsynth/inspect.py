@@ -208,13 +208,35 @@ def _bank(path: Path) -> list[str]:
     if lk:
         lk_sp = np.sqrt((np.asarray(lk["affine"])[:3, :3] ** 2).sum(axis=0)) if "affine" in lk else []
         lines.append(f"likelihood   {lk.get('file', '?')}: grid {_vec(lk.get('shape', []), 6)} at {_vec(lk_sp)} mm, "
-                     f"{'shared case grid' if lk.get('shared_grid') else 'world-coordinate grid (mixed case grids)'}; "
+                     f"{'shared case grid' if lk.get('shared_grid') else 'reference-space grid'}; "
                      f"σ {cfg.get('likelihood_sigma_mm', '?')} mm, floor {cfg.get('likelihood_floor', '?')}")
+    lines += _space_lines(index)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     lines.append(f"on disk      {size / 2**20:.1f} MiB")
     missing = [p for c in cases for p in [*c.get("images", []), c.get("label")] if p and not Path(p).is_file()]
     if missing:
         lines.append(f"  ! {len(missing)} source file(s) recorded in bank.json are missing, e.g. {missing[0]}")
+    return lines
+
+
+def _space_lines(index: dict) -> list[str]:
+    """The bank's common space and, when registered, each case's registration quality."""
+    space = index.get("space") or {"mode": "world", "why": "bank made before registration existed"}
+    lines = [f"space        {space['mode']} ({space.get('why', '')})"]
+    if space["mode"] != "register":
+        return lines
+    lines[0] += f"; reference {space.get('reference_name')}"
+    if space.get("template_region_file"):
+        lines.append(f"  tissue prior {space['template_region_file']} (from {space['reference'].get('region_path')})")
+    regs = [(c["case_id"], c["registration"]) for c in index.get("cases", []) if c.get("registration")]
+    overlaps = [r["foreground_overlap"] for _, r in regs]
+    lines.append(f"  registration foreground overlap {_range(overlaps)}; time {_range([r['seconds'] for _, r in regs], 's')}"
+                 " per case")
+    poor = [f"{cid} ({r['foreground_overlap']:.2f})" for cid, r in regs if r.get("status") == "poor"]
+    if poor:
+        lines.append(f"  ! poor registration: {', '.join(poor)}")
+    worst = sorted(regs, key=lambda cr: cr[1]["foreground_overlap"])[:3]
+    lines.append("  lowest overlap " + ", ".join(f"{cid} {r['foreground_overlap']:.3f}" for cid, r in worst))
     return lines
 
 

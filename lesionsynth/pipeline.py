@@ -20,8 +20,11 @@ from .io.output import case_paths, copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
 from .parallel import release_freed_memory
-from .plan import MODES, AugmentConfig, case_rng, draw_volume_warp, plan_and_render_case
-from .prior import allowed_region, is_ct, placement_density
+from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
+from .prior import Region, allowed_region, is_ct, placement_density
+
+#: Where the template's tissue prior (a probability) is at least this, lesions may go.
+TEMPLATE_REGION_LEVEL = 0.5
 from .render import PasteSettings, RenderContext
 
 MANIFEST = "manifest.jsonl"
@@ -121,17 +124,28 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     region = bank.body_region(base_id) if volume_warp is None else None
     if region is None:
         region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
-    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape)
+    prior = bank.coarse_template_region(region.stride, case.affine, region.coarse.shape, base_id)
+    if prior is not None and not region.region_labels:  # the template's tissue prior bounds the body region
+        region = Region(region.stride, region.coarse & (prior >= TEMPLATE_REGION_LEVEL), ())
+    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape, base_id)
+    if prior is not None:
+        likelihood = likelihood * prior
     density = placement_density(region, case.label, case.affine, lesion_labels, likelihood)
     train_set = set(train)
     donors = [les for les in bank.lesions if les["source_case"] in train_set
               and les["label_value"] in lesion_labels]
+    ct_channels = tuple(is_ct(n) for n in bank.channel_names)
+    base_info = bank.case_info(base_id)
+    context = None
+    if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None:
+        context = ContextMatch(base_info["intensity_ref"], ct_channels, cfg.augment.context_tolerance,
+                               bank.donor_signatures(ct_channels))
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
                         PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in,
                         region.contains, cfg.augment.min_region_fraction)
     channels, label = case.channels, case.label
     plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
-                                cfg.tolerance, cfg.mode, cfg.augment, region)
+                                cfg.tolerance, cfg.mode, cfg.augment, region, context)
     achieved_vox = count_in(label, lesion_labels)
     t_lesion = time.perf_counter()
 
@@ -160,6 +174,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         "lesions_added": sum(op["op"] == "paste" for op in plan.ops),
         "lesions_removed": sum(op["op"] == "inpaint" for op in plan.ops),
         "failed_placements": plan.failed_tries,
+        "refused_placements": dict(sorted(plan.refused.items())),
         "placement_fallback": density.fallback,
         "donor_cases": donor_cases,
         "volume_warp": volume_warp,

@@ -14,7 +14,7 @@ from scipy import ndimage
 from .bank import lesion_mask
 from .geometry import structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
-from .prior import PlacementDensity
+from .prior import PlacementDensity, context_distance, tissue_signature
 from .render import RenderContext, render_op
 
 MODES = ("both", "populate", "inpaint")
@@ -35,6 +35,7 @@ class AugmentConfig:
     noise_gain: tuple[float, float] = (0.2, 0.6)     # × local tissue noise sd
     min_region_fraction: float = 0.9
     max_overlap_fraction: float = 0.2
+    context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
@@ -89,11 +90,35 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
     return out
 
 
+#: Slack of the quick context test (the tissue under the landed lesion) over the final one (its shell).
+QUICK_CONTEXT_SLACK = 0.1
+
+
+@dataclass
+class ContextMatch:
+    """The context match of one destination case: a paste is kept only where the destination's tissue around
+    it resembles the donor lesion's shell in its source case (`prior.context_distance`)."""
+
+    intensity_ref: list[float]        # the destination case's per-channel intensity reference
+    ct_channels: tuple[bool, ...]
+    tolerance: float                  # the largest accepted distance (0: no context match)
+    donors: dict                      # lesion id → the donor's shell signature (None: unknown)
+
+    def score(self, medians, lesion_id: str) -> float:
+        dest = tissue_signature(medians, self.intensity_ref, self.ct_channels)
+        return context_distance(dest, self.donors.get(lesion_id), self.ct_channels)
+
+    def active(self, lesion_id: str) -> bool:
+        return self.tolerance > 0 and self.donors.get(lesion_id) is not None
+
+
 def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, lesion_labels,
-              cfg: AugmentConfig, max_points: int = 4000) -> bool:
+              cfg: AugmentConfig, max_points: int = 4000, channels: np.ndarray | None = None,
+              context: ContextMatch | None = None) -> str | None:
     """Cheap pre-check of a drawn paste before rendering it: map a sample of the lesion's voxels with the
     rigid part of the transform and test the region and overlap limits (with some slack for the elastic
-    part and interpolation). Rejecting here saves resampling lesions that cannot be accepted."""
+    part and interpolation), and the context match on the tissue the lesion would cover. Rejecting here
+    saves resampling lesions that cannot be accepted. Returns why it is rejected, or None."""
     from .render import prepared_mask
     from .render.transform import forward_linear
 
@@ -109,11 +134,20 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
     idx = np.rint(world_t @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
     inside = np.all((idx >= 0) & (idx < np.array(label.shape)), axis=1)
     if inside.mean() < cfg.min_region_fraction - 0.05:
-        return False
+        return "region"
     idx = idx[inside]
     in_region = region.contains(label, idx).sum() / len(pts)
     overlap = label_in(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
-    return in_region >= cfg.min_region_fraction - 0.05 and overlap <= cfg.max_overlap_fraction + 0.05
+    if in_region < cfg.min_region_fraction - 0.05:
+        return "region"
+    if overlap > cfg.max_overlap_fraction + 0.05:
+        return "overlap"
+    if context is not None and channels is not None and context.active(op["lesion_id"]) and len(idx):
+        under = tuple(idx.T)
+        medians = [float(np.median(ch[under])) for ch in channels]
+        if context.score(medians, op["lesion_id"]) > context.tolerance + QUICK_CONTEXT_SLACK:
+            return "context"
+    return None
 
 
 @dataclass
@@ -126,6 +160,11 @@ class CasePlan:
     load_mm3: float = 0.0
     stop_reason: str = ""
     failed_tries: int = 0
+    refused: dict = field(default_factory=dict)  # why drawn pastes were refused: reason → count
+
+    def refuse(self, reason: str) -> None:
+        self.failed_tries += 1
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
@@ -169,7 +208,7 @@ def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float
 def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank, donors: list[dict],
                          density: PlacementDensity, ctx: RenderContext, rng: np.random.Generator,
                          target_mm3: float, tolerance: float, mode: str, cfg: AugmentConfig,
-                         region) -> CasePlan:
+                         region, context: ContextMatch | None = None) -> CasePlan:
     """Run the per-case loop in place on `channels`/`label`: inpaint while above target, populate while below.
 
     Every accepted operation is recorded with all its parameters; the achieved load is counted on the
@@ -203,12 +242,15 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             load = load_vox * vv
             op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg)
             accepted = False
-            if not quick_fit(bank, op, affine, label, region, lesion_labels, cfg):
-                plan.failed_tries += 1
+            why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
+            if why is not None:
+                plan.refuse(f"{why} (pre-check)")
                 continue
+            why, score = "region", None
             for _refine in range(3):
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
+                    why = "outside the volume or region"
                     break
                 old_lesion = lesion_mask(patch.old_label, lesion_labels)  # in core's (C) order
                 core = patch.core
@@ -217,7 +259,13 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 overlap = float(old_lesion[core].mean())
                 added = int(np.count_nonzero(core & ~old_lesion))
                 if in_region < cfg.min_region_fraction or overlap > cfg.max_overlap_fraction or n_core == 0:
+                    why = "overlap" if overlap > cfg.max_overlap_fraction else "region"
                     break
+                if context is not None and context.active(op["lesion_id"]):  # the blend reuses these stats
+                    score = context.score([m for m, _ in patch.tissue_stats(channels)], op["lesion_id"])
+                    if score > context.tolerance:
+                        why = "context"
+                        break
                 if load + added * vv > hi:
                     # shrink to fit the remaining room, then try again at the same place
                     new_scale = op["scale"] * float(np.cbrt(max(target_mm3 - load, 0.0) / (added * vv)))
@@ -228,12 +276,14 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 accepted = True
                 break
             if not accepted:
-                plan.failed_tries += 1
+                plan.refuse(why)
                 continue
             patch.apply(channels, label)
             load_vox += added
             op.update(added_mm3=round(added * vv, 3), region_fraction=round(in_region, 4),
                       overlap_fraction=round(overlap, 4))
+            if score is not None:
+                op["context_score"] = round(float(score), 4)
             plan.ops.append(op)
 
     plan.load_mm3 = load_vox * vv

@@ -144,6 +144,47 @@ def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
     return apply_affine(coarse_affine(affine, region.stride), idx)
 
 
+# --- context match ------------------------------------------------------------------------------------
+
+#: Hounsfield units that count as one unit of context distance on CT channels (MR channels: log ratio).
+CT_CONTEXT_HU = 200.0
+
+
+def tissue_signature(medians, intensity_ref, ct_channels) -> np.ndarray | None:
+    """Per channel, a tissue's median in units of its case's intensity reference (MR; gain-free) or in HU (CT);
+    None if a value is missing."""
+    out = []
+    for median, ref, ct in zip(medians, intensity_ref, ct_channels):
+        if median is None or not np.isfinite(median):
+            return None
+        if ct:
+            out.append(float(median))
+        elif ref is None or ref <= 0 or median <= 0:
+            return None
+        else:
+            out.append(float(median) / float(ref))
+    return np.array(out, dtype=np.float64)
+
+
+def context_distance(destination: np.ndarray | None, donor: np.ndarray | None, ct_channels) -> float:
+    """How unlike two tissue signatures are: the largest per-channel difference, |log ratio| on MR channels,
+    |difference| / CT_CONTEXT_HU on CT channels (0 = alike; inf if either is missing)."""
+    if destination is None or donor is None:
+        return float("inf")
+    worst = 0.0
+    for d, s, ct in zip(destination, donor, ct_channels):
+        worst = max(worst, abs(d - s) / CT_CONTEXT_HU if ct else abs(float(np.log(d / s))))
+    return worst
+
+
+def donor_signature(lesion_meta: dict, source_case: dict | None, ct_channels) -> np.ndarray | None:
+    """The tissue signature of a bank lesion's own surroundings (its shell in its source case)."""
+    ref = (source_case or {}).get("intensity_ref")
+    if ref is None:
+        return None
+    return tissue_signature([st["shell"]["median"] for st in lesion_meta["stats"]], ref, ct_channels)
+
+
 # --- placement ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -221,6 +262,6 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback, flat)
 
 
-__all__ = ["Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
-           "coarse_likelihood", "crop_affine", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
+__all__ = ["CT_CONTEXT_HU", "Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
+           "coarse_likelihood", "context_distance", "crop_affine", "donor_signature", "tissue_signature", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
            "reference_grid", "region_world_points", "splat", "voxel_volume"]

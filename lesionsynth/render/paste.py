@@ -24,7 +24,7 @@ class Patch:
     """
 
     def __init__(self, box: tuple[slice, ...], core: np.ndarray, label: np.ndarray, channels: np.ndarray | None = None,
-                 region_fraction: float = 1.0, blend=None, old_label: np.ndarray | None = None):
+                 region_fraction: float = 1.0, blend=None, old_label: np.ndarray | None = None, tissue_stats=None):
         self.box = box
         self.old_label = old_label              # (X, Y, Z) the case's label in the box before (pastes)
         self.core = core                        # (X, Y, Z) bool
@@ -32,7 +32,14 @@ class Patch:
         self.region_fraction = region_fraction  # share of `core` inside the allowed region (pastes)
         self.channels = channels                # (C, X, Y, Z) float32 new values of the box, or None
         self._blend = blend                     # blend(case channels) writes the new values in place
+        self._tissue_stats = tissue_stats       # tissue_stats(case channels) -> [(median, noise sd)] per channel
         self._applied = False
+
+    def tissue_stats(self, channels: np.ndarray) -> list[tuple[float, float]] | None:
+        """(median, noise sd) per channel of the destination's normal tissue around a paste (what its intensity
+        is matched to; the context match compares it with the donor's shell), or None for other patches.
+        Ask before `apply`: it reads the case's channels as they are."""
+        return None if self._tissue_stats is None else self._tissue_stats(channels)
 
     def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
         """Write the patch into the case arrays (once: a blend reads the channels it changes)."""
@@ -394,17 +401,19 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
 
 
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
-                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings) -> None:
+                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None) -> None:
     """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into the case's `channels`
     (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
 
     `lesion_values(idx)` gives the resampled lesion channels (C, N) at flat box indices; it is asked only
-    for the voxels the feathered alpha reaches, and only those voxels are written.
+    for the voxels the feathered alpha reaches, and only those voxels are written. `dest_stats`, if given, is
+    `channel_stats(channels, tissue, box start)` computed already.
     """
     idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
     start = [s.start for s in box]
-    dest_stats = channel_stats(channels, tissue, start)
+    if dest_stats is None:
+        dest_stats = channel_stats(channels, tissue, start)
     lesion = lesion_values(idx)
     ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
     offsets = {}
@@ -515,9 +524,17 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     new_label = dest_label.copy()
     new_label[core] = int(op["label_value"])
 
-    def blend(case_channels: np.ndarray) -> None:
-        tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
-        blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
-                     settings)
+    tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
+    known = {}
 
-    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label)
+    def tissue_stats(case_channels: np.ndarray) -> list[tuple[float, float]]:
+        if "stats" not in known:  # the planner's context match and the blend read the same channels
+            known["stats"] = channel_stats(case_channels, tissue, [s.start for s in box])
+        return known["stats"]
+
+    def blend(case_channels: np.ndarray) -> None:
+        blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
+                     settings, tissue_stats(case_channels))
+
+    return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label,
+                 tissue_stats=tissue_stats)
