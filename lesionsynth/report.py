@@ -4,7 +4,9 @@
 base64 PNG, so it can be mailed), and keeps the PNGs next to it. It reads `run.json`, `manifest.jsonl`,
 `dataset.json`, the synthetic labels (for the lesion counts and sizes), the bank index recorded in
 `run.json`, and the images of the few cases it draws. matplotlib is imported only here, inside the
-functions, and only its Agg canvas is used (no pyplot, no global backend switch).
+functions, and only its Agg canvas is used (no pyplot, no global backend switch). The realism audit
+(`audit.audit_output`: can pasted lesions be told from real ones?) is written to `report/realism.json`
+and shown as a section of the page.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .geometry import apply_affine, structure_for, voxel_volume
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
+REALISM_FILE = "realism.json"
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 
@@ -431,6 +434,42 @@ def lesion_figure(before: LesionStats | None, after: LesionStats, path: Path) ->
     return _save(fig, path)
 
 
+def realism_figure(audit: dict, path: Path) -> Path:
+    """Per channel (rows): histograms of each audit feature (contrast, spread, edge, context), real vs pasted;
+    values more than 3 IQR beyond the quartiles (both groups together) are counted in the end bins."""
+    from .audit import MEASURES, REPORTED
+
+    names = audit["channels"]
+    measures = MEASURES + REPORTED
+    fig = _figure(11, 0.6 + 2.4 * len(names))
+    axes = np.asarray(fig.subplots(len(names), len(measures), squeeze=False))
+    rows = {kind: [les for les in audit["lesions"] if les["kind"] == kind] for kind in ("real", "pasted")}
+    for r, name in enumerate(names):
+        for c, measure in enumerate(measures):
+            ax, key = axes[r, c], f"{measure}_{name}"
+            values = {kind: np.array([les[key] for les in rows[kind] if les.get(key) is not None], dtype=np.float64)
+                      for kind in rows}
+            both = np.concatenate(list(values.values()))
+            q25, q75 = np.percentile(both, [25, 75]) if both.size else (0.0, 1.0)
+            lo, hi = q25 - 3 * (q75 - q25), q75 + 3 * (q75 - q25)
+            edges = _bins(np.clip(both, lo, hi))  # outliers go into the end bins
+            for kind, colour in (("real", ORIGINAL_COLOUR), ("pasted", ACHIEVED_COLOUR)):
+                v = np.clip(values[kind], lo, hi)
+                if v.size:
+                    ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size),
+                            histtype="stepfilled" if kind == "real" else "step", alpha=0.35 if kind == "real" else 1,
+                            linewidth=2, color=colour, label=f"{kind} (n={v.size})")
+            single = audit["single_auc"].get(key)
+            ax.set_title(f"{measure} {name}" + (f" (AUC {single:.2f})" if single is not None else " (not classified)"),
+                         fontsize=10)
+            ax.tick_params(labelsize=8)
+            if c == 0:
+                ax.set_ylabel("fraction of lesions", fontsize=9)
+            if r == 0 and c == 0:
+                ax.legend(frameon=False, fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 def _canonical(data: np.ndarray, affine: np.ndarray):
     """(data, affine, zooms) in the closest RAS+ orientation (nibabel's as_closest_canonical)."""
     import nibabel as nib
@@ -686,7 +725,7 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
         raise InputError(f"{run.out}: manifest.jsonl holds no synthetic case; nothing to report")
     folder = run.out / REPORT_DIR
     folder.mkdir(exist_ok=True)
-    for old in list(folder.glob("*.png")) + [folder / REPORT_FILE]:
+    for old in list(folder.glob("*.png")) + [folder / REPORT_FILE, folder / REALISM_FILE]:
         old.unlink(missing_ok=True)
 
     cache: dict = {}
@@ -713,17 +752,70 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
     after = after_stats(run, cache)
     cache.clear()
     figures["lesions"] = lesion_figure(before, after, folder / "lesions.png")
-
-    html_text = _html(run, before, after, figures, site_pngs, skipped, channel, n_examples, seed,
-                      time.perf_counter() - t0)
-    path = folder / REPORT_FILE
+    from .audit import audit_output
     from .io.nifti import write_bytes_atomic
 
+    audit = audit_output(run, seed=seed)
+    write_bytes_atomic(folder / REALISM_FILE, (json.dumps(audit, indent=1) + "\n").encode("utf-8"))
+    if audit["n_real"] or audit["n_pasted"]:
+        figures["realism"] = realism_figure(audit, folder / "realism.png")
+
+    html_text = _html(run, before, after, figures, site_pngs, skipped, channel, n_examples, seed,
+                      time.perf_counter() - t0, audit)
+    path = folder / REPORT_FILE
     write_bytes_atomic(path, html_text.encode("utf-8"))
     return path
 
 
-def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n_examples, seed, seconds) -> str:
+def _realism_html(audit: dict, figures: dict) -> list[str]:
+    """The realism audit section: AUC, strongest features, real vs pasted table, histograms, tissue context."""
+    from .audit import MEASURES, REPORTED, SHELL_VOXELS
+
+    def iqr(s: dict) -> str:
+        return f"{s['median']:.3g} [{s['q25']:.3g}–{s['q75']:.3g}]" if s["n"] else "–"
+
+    if audit["auc"] is not None:
+        lo, hi = audit["auc_ci95"]
+        verdict = (f"<b>Realism AUC {audit['auc']:.2f}</b> (95 % bootstrap interval {lo:.2f}–{hi:.2f}; "
+                   f"{audit['n_real']} real and {audit['n_pasted']} pasted lesions).")
+    else:
+        verdict = f"<b>Realism AUC not computed</b>: {html.escape(audit['reason'] or '?')}."
+    strongest = ", ".join(f"{s['feature']} ({s['auc']:.2f})" for s in audit["strongest"]) or "–"
+    names = audit["channels"]
+    keys = [f"{m}_{n}" for m in MEASURES + REPORTED for n in names] + ["volume_mm3"]
+    rows = [[k, iqr(audit["summary"][k]["real"]), iqr(audit["summary"][k]["pasted"]),
+             f"{audit['single_auc'][k]:.2f}" if k in audit["single_auc"] else "not classified"] for k in keys]
+    context = "; ".join(f"{html.escape(n)} {c['real']:.3g} real vs {c['pasted']:.3g} pasted"
+                        if c["real"] is not None and c["pasted"] is not None else f"{html.escape(n)} –"
+                        for n, c in audit["context"].items())
+    parts = [
+        '<h2 id="realism">Realism audit</h2>',
+        "<p>Can pasted lesions be told from the real lesions of this dataset? Each lesion (connected component) "
+        "is described per channel by its <i>contrast</i> (lesion median / median of a "
+        f"{SHELL_VOXELS}-voxel shell of surrounding non-lesion tissue), <i>spread</i> (lesion IQR / shell median) "
+        "and <i>edge</i> (mean gradient magnitude per mm on the lesion's boundary / shell median). A logistic "
+        "regression on these features, 5-fold cross-validated, gives the AUC: <b>0.5 = pasted lesions "
+        "indistinguishable from real ones</b>, 1 = always told apart. Real lesions: the original cases; pasted: "
+        "the synthetic labels' components that hold voxels not lesion in their base case (at most "
+        f"{audit['max_lesions']} of each, drawn with seed {audit['seed']}; {audit['real_available']} real and "
+        f"{audit['pasted_available']} pasted lesions recorded in all).</p>",
+        f"<p>{verdict} Strongest single features (AUC alone, either direction): {html.escape(strongest)}.</p>",
+        _table(["feature", "real: median [IQR]", "pasted: median [IQR]", "AUC alone"], rows),
+        f"<p>Tissue context (shell median / the case's body median): {context}. Volume and context are not "
+        "given to the classifier (the load target sets the volumes).</p>",
+    ]
+    if "realism" in figures:
+        parts.append(_img_tag(figures["realism"], "realism audit: feature histograms real vs pasted"))
+        parts.append('<p class="muted">Histograms: fraction of lesions per bin, real (grey) vs pasted (red); values '
+                     "more than 3 IQR beyond the quartiles are counted in the end bins.</p>")
+    parts += [f"<p>{html.escape(note)}</p>" for note in audit["notes"]]
+    parts.append(f'<p class="muted">{REALISM_FILE} holds these numbers and every measured lesion; the audit took '
+                 f"{audit['seconds']:.1f} s.</p>")
+    return parts
+
+
+def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n_examples, seed, seconds,
+          audit: dict | None = None) -> str:
     recs = run.records
     n = len(recs)
     ok = sum(run.within(r) for r in recs)
@@ -769,6 +861,7 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         f"{_quantiles(after.counts)} (min/q25/median/q75/max). Lesion volume (mm³), original: "
         f"{_quantiles(before.volumes) if before else '–'}; synthetic: {_quantiles(after.volumes)}.</p>",
         _img_tag(figures["lesions"], "lesion count and size distributions"),
+        *(_realism_html(audit, figures) if audit else []),
         '<h2 id="examples">Example sites</h2>',
     ]
     if site_pngs:
