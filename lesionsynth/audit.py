@@ -147,8 +147,51 @@ def rank_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+#: Volume bins (quantiles of the pooled log volumes) of the volume-matched AUC.
+VOLUME_BINS = 6
+
+
+def volume_weights(real_volumes: np.ndarray, pasted_volumes: np.ndarray, bins: int = VOLUME_BINS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Weights that give the real lesions the pasted lesions' volume distribution: per bin of log volume
+    (quantiles of both groups), real lesions weigh (pasted share / real share) of the bin; pasted lesions weigh
+    1, or 0 in a bin that holds no real lesion (nothing to compare them with)."""
+    lv_real, lv_pasted = np.log(np.maximum(real_volumes, 1e-9)), np.log(np.maximum(pasted_volumes, 1e-9))
+    edges = np.quantile(np.concatenate([lv_real, lv_pasted]), np.linspace(0, 1, bins + 1))[1:-1]
+    b_real, b_pasted = np.searchsorted(edges, lv_real), np.searchsorted(edges, lv_pasted)
+    n_real = np.bincount(b_real, minlength=bins).astype(np.float64)
+    n_pasted = np.bincount(b_pasted, minlength=bins).astype(np.float64)
+    share = np.divide(n_pasted / max(n_pasted.sum(), 1), n_real / max(n_real.sum(), 1),
+                      out=np.zeros(bins), where=n_real > 0)
+    w_real = share[b_real]
+    w_pasted = (n_real[b_pasted] > 0).astype(np.float64)
+    return w_real * (w_pasted.sum() / max(w_real.sum(), 1e-12)), w_pasted
+
+
+def _weighted_auc(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> float:
+    """ROC AUC of `score` for positives `y` with sample weights (ties count half): `rank_auc` when all are 1."""
+    if np.all(weight == 1.0):
+        return rank_auc(y, score)
+    order = np.argsort(score, kind="stable")
+    s, yy, ww = score[order], y[order], weight[order]
+    neg_below = 0.0
+    total = 0.0
+    i = 0
+    while i < len(s):  # walk groups of equal scores
+        j = i
+        while j < len(s) and s[j] == s[i]:
+            j += 1
+        pos_w = ww[i:j][yy[i:j]].sum()
+        neg_w = ww[i:j][~yy[i:j]].sum()
+        total += pos_w * (neg_below + 0.5 * neg_w)
+        neg_below += neg_w
+        i = j
+    pos_total, neg_total = ww[y].sum(), ww[~y].sum()
+    return float(total / (pos_total * neg_total)) if pos_total > 0 and neg_total > 0 else 0.5
+
+
 def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: int = 0,
-                features: list[str] | None = None) -> dict:
+                features: list[str] | None = None, match_volume: bool = False) -> dict:
     """Cross-validated AUC of a classifier telling pasted (positive) from real lesions.
 
     StandardScaler + LogisticRegression, 5-fold StratifiedKFold (shuffled with `seed`), roc_auc_score on
@@ -158,14 +201,20 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
     `auc_ci95`: a stratified bootstrap interval of that AUC. With fewer than MIN_GROUP lesions of either
     kind, or without scikit-learn, `auc` is None and `reason` says why (the single-feature AUCs need no
     scikit-learn).
+
+    `match_volume`: the real lesions are weighted (`volume_weights`, in the fit and in the AUC) to the
+    pasted lesions' volume distribution, so that features that merely follow lesion size (a large lesion has
+    a larger spread) do not count: the load target, not the paste, sets the sizes.
     """
     if features is None:
         keys = [k for k in (real_features or pasted_features or [{}])[0] if k.split("_", 1)[0] in MEASURES]
         features = sorted(keys, key=lambda k: (MEASURES.index(k.split("_", 1)[0]), keys.index(k)))
     def matrix(rows):
         x = np.array([[r.get(f, np.nan) for f in features] for r in rows], dtype=np.float64).reshape(-1, len(features))
-        return x[np.isfinite(x).all(axis=1)]
-    x_real, x_pasted = matrix(real_features), matrix(pasted_features)
+        volume = np.array([r.get("volume_mm3", np.nan) for r in rows], dtype=np.float64)
+        keep = np.isfinite(x).all(axis=1) & (np.isfinite(volume) if match_volume else True)
+        return x[keep], volume[keep]
+    (x_real, v_real), (x_pasted, v_pasted) = matrix(real_features), matrix(pasted_features)
     out = {"auc": None, "auc_ci95": None, "reason": None, "features": list(features),
            "n_real": int(len(x_real)), "n_pasted": int(len(x_pasted)),
            "n_dropped": int(len(real_features) + len(pasted_features) - len(x_real) - len(x_pasted)),
@@ -173,9 +222,16 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
            "single_auc": {}, "strongest": []}
     x = np.concatenate([x_real, x_pasted])
     y = np.concatenate([np.zeros(len(x_real), bool), np.ones(len(x_pasted), bool)])
+    w = np.ones(len(x))
+    if match_volume and len(x_real) and len(x_pasted):
+        w = np.concatenate(volume_weights(v_real, v_pasted))
+        keep = w > 0
+        x, y, w = x[keep], y[keep], w[keep]
+        out["n_pasted"] = int(y.sum())
+        x_real, x_pasted = x[~y], x[y]
     if len(x_real) and len(x_pasted):
         for j, f in enumerate(features):
-            a = rank_auc(y, x[:, j])
+            a = _weighted_auc(y, x[:, j], w)
             out["single_auc"][f] = max(a, 1 - a)
         best = sorted(out["single_auc"].items(), key=lambda kv: -kv[1])[:3]
         out["strongest"] = [{"feature": f, "auc": a} for f, a in best]
@@ -197,14 +253,22 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
         return out
     model = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=1000))])
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=int(seed))
-    proba = cross_val_predict(model, x, y.astype(int), cv=folds, method="predict_proba")[:, 1]
-    out["auc"] = float(roc_auc_score(y.astype(int), proba))
+    if match_volume:
+        proba = np.empty(len(y))
+        for train, test in folds.split(x, y.astype(int)):
+            model.fit(x[train], y[train].astype(int), logreg__sample_weight=w[train])
+            proba[test] = model.predict_proba(x[test])[:, 1]
+        out["auc"] = float(roc_auc_score(y.astype(int), proba, sample_weight=w))
+    else:
+        proba = cross_val_predict(model, x, y.astype(int), cv=folds, method="predict_proba")[:, 1]
+        out["auc"] = float(roc_auc_score(y.astype(int), proba))
     # 95 % interval: stratified bootstrap of the out-of-fold probabilities (the models are not refitted)
     rng = np.random.default_rng([int(seed), 3])
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    boots = [rank_auc(np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)],
-                      np.r_[proba[rng.choice(pos, pos.size)], proba[rng.choice(neg, neg.size)]])
-             for _ in range(BOOTSTRAP)]
+    boots = []
+    for _ in range(BOOTSTRAP):
+        pick = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        boots.append(_weighted_auc(y[pick], proba[pick], w[pick]))
     out["auc_ci95"] = [float(v) for v in np.percentile(boots, [2.5, 97.5])]
     return out
 
@@ -356,6 +420,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
             del case, lesion_in_case, lesion_all, comps
 
     auc = realism_auc(real, pasted, seed=seed, features=feature_names(names))
+    matched = realism_auc(real, pasted, seed=seed, features=feature_names(names), match_volume=True)
     keys = feature_names(names) + feature_names(names, REPORTED) + ["volume_mm3"]
     return {
         "audit_version": 1,
@@ -370,6 +435,8 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
         "n_pasted": len(pasted),
         **{k: auc[k] for k in ("auc", "auc_ci95", "reason", "classifier", "features", "n_dropped", "single_auc",
                                "strongest")},
+        "volume_matched": {k: matched[k] for k in ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc",
+                                                   "strongest")},
         "summary": {k: {"real": _summary(real, k), "pasted": _summary(pasted, k)} for k in keys},
         "context": {nm: {"real": _summary(real, f"context_{nm}")["median"],
                          "pasted": _summary(pasted, f"context_{nm}")["median"]} for nm in names},

@@ -14,7 +14,7 @@ from scipy import ndimage
 from .bank import lesion_mask
 from .geometry import structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
-from .prior import PlacementDensity, context_distance, tissue_signature
+from .prior import PlacementDensity, context_distance, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
 
 MODES = ("both", "populate", "inpaint")
@@ -32,10 +32,11 @@ class AugmentConfig:
     elastic_max_mm: float = 4.0
     elastic_grid: int = 4                    # control points per axis
     brightness: tuple[float, float] = (0.9, 1.1)     # × the lesion's contrast to its surroundings
-    noise_gain: tuple[float, float] = (0.2, 0.6)     # × local tissue noise sd
+    noise_gain: tuple[float, float] = (0.9, 1.1)     # the pasted lesion's noise sd, × the local tissue's
     min_region_fraction: float = 0.9
     max_overlap_fraction: float = 0.2
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
+    context_core_fraction: float = 0.8       # share of the covered voxels that must match the donor's shell too
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
@@ -92,6 +93,8 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
 
 #: Slack of the quick context test (the tissue under the landed lesion) over the final one (its shell).
 QUICK_CONTEXT_SLACK = 0.1
+#: Slack of the quick test of the covered tissue (rigidly landed sample points) under the final one.
+QUICK_COVERED_SLACK = 0.1
 
 
 @dataclass
@@ -103,10 +106,17 @@ class ContextMatch:
     ct_channels: tuple[bool, ...]
     tolerance: float                  # the largest accepted distance (0: no context match)
     donors: dict                      # lesion id → the donor's shell signature (None: unknown)
+    core_fraction: float = 0.0        # share of the covered voxels that must match too (0: not tested)
 
     def score(self, medians, lesion_id: str) -> float:
+        """Distance of the destination tissue around a paste (per-channel medians) from the donor's shell."""
         dest = tissue_signature(medians, self.intensity_ref, self.ct_channels)
         return context_distance(dest, self.donors.get(lesion_id), self.ct_channels)
+
+    def covered_match(self, values: np.ndarray, lesion_id: str) -> float:
+        """Share of the destination voxels a paste covers ((C, N) values before it) that match the donor's shell."""
+        return matching_fraction(values, self.intensity_ref, self.donors.get(lesion_id), self.ct_channels,
+                                 self.tolerance)
 
     def active(self, lesion_id: str) -> bool:
         return self.tolerance > 0 and self.donors.get(lesion_id) is not None
@@ -144,9 +154,12 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
         return "overlap"
     if context is not None and channels is not None and context.active(op["lesion_id"]) and len(idx):
         under = tuple(idx.T)
-        medians = [float(np.median(ch[under])) for ch in channels]
-        if context.score(medians, op["lesion_id"]) > context.tolerance + QUICK_CONTEXT_SLACK:
+        values = np.stack([ch[under] for ch in channels])
+        if context.score(np.median(values, axis=1), op["lesion_id"]) > context.tolerance + QUICK_CONTEXT_SLACK:
             return "context"
+        if context.core_fraction > 0 and \
+                context.covered_match(values, op["lesion_id"]) < context.core_fraction - QUICK_COVERED_SLACK:
+            return "covered tissue"
     return None
 
 
@@ -246,7 +259,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             if why is not None:
                 plan.refuse(f"{why} (pre-check)")
                 continue
-            why, score = "region", None
+            why, score, covered_match = "region", None, None
             for _refine in range(3):
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
@@ -266,6 +279,12 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                     if score > context.tolerance:
                         why = "context"
                         break
+                    if context.core_fraction > 0:
+                        covered = channels[(slice(None),) + patch.box][:, core]
+                        covered_match = context.covered_match(covered, op["lesion_id"])
+                        if covered_match < context.core_fraction:
+                            why = "covered tissue"
+                            break
                 if load + added * vv > hi:
                     # shrink to fit the remaining room, then try again at the same place
                     new_scale = op["scale"] * float(np.cbrt(max(target_mm3 - load, 0.0) / (added * vv)))
@@ -284,6 +303,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                       overlap_fraction=round(overlap, 4))
             if score is not None:
                 op["context_score"] = round(float(score), 4)
+            if covered_match is not None:
+                op["covered_match"] = round(float(covered_match), 4)
             plan.ops.append(op)
 
     plan.load_mm3 = load_vox * vv

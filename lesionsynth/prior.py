@@ -177,6 +177,26 @@ def context_distance(destination: np.ndarray | None, donor: np.ndarray | None, c
     return worst
 
 
+def matching_fraction(values: np.ndarray, intensity_ref, donor: np.ndarray | None, ct_channels,
+                      tolerance: float) -> float:
+    """Share of voxels (columns of `values`, (C, N)) whose every channel lies within `tolerance` of the donor's
+    signature (the per-voxel form of `context_distance`): how much of what a lesion would cover is tissue of
+    the kind it grew in. 0 if the donor's signature is unknown, 1 for no voxel."""
+    if donor is None:
+        return 0.0
+    if values.shape[1] == 0:
+        return 1.0
+    ok = np.ones(values.shape[1], dtype=bool)
+    for v, ref, s, ct in zip(values, intensity_ref, donor, ct_channels):
+        v = np.asarray(v, dtype=np.float64)
+        if ct:
+            ok &= np.abs(v - s) <= tolerance * CT_CONTEXT_HU
+        else:
+            ratio = v / (float(ref) * s)
+            ok &= (ratio >= np.exp(-tolerance)) & (ratio <= np.exp(tolerance))
+    return float(ok.mean())
+
+
 def donor_signature(lesion_meta: dict, source_case: dict | None, ct_channels) -> np.ndarray | None:
     """The tissue signature of a bank lesion's own surroundings (its shell in its source case)."""
     ref = (source_case or {}).get("intensity_ref")
@@ -263,5 +283,5 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
 
 
 __all__ = ["CT_CONTEXT_HU", "Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
-           "coarse_likelihood", "context_distance", "crop_affine", "donor_signature", "tissue_signature", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
+           "coarse_likelihood", "context_distance", "crop_affine", "donor_signature", "matching_fraction", "tissue_signature", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
            "reference_grid", "region_world_points", "splat", "voxel_volume"]

@@ -778,6 +778,12 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
         lo, hi = audit["auc_ci95"]
         verdict = (f"<b>Realism AUC {audit['auc']:.2f}</b> (95 % bootstrap interval {lo:.2f}–{hi:.2f}; "
                    f"{audit['n_real']} real and {audit['n_pasted']} pasted lesions).")
+        matched = audit.get("volume_matched") or {}
+        if matched.get("auc") is not None:
+            mlo, mhi = matched["auc_ci95"]
+            verdict += (f" Volume-matched (real lesions weighted to the pasted lesions' sizes, so that features "
+                        f"that only follow lesion size do not count): <b>{matched['auc']:.2f}</b> "
+                        f"({mlo:.2f}–{mhi:.2f}).")
     else:
         verdict = f"<b>Realism AUC not computed</b>: {html.escape(audit['reason'] or '?')}."
     strongest = ", ".join(f"{s['feature']} ({s['auc']:.2f})" for s in audit["strongest"]) or "–"

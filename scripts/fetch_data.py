@@ -39,11 +39,33 @@ nnU-Net v2 raw layout (``imagesTr/{case}_{XXXX}.nii.gz``, ``labelsTr/{case}.nii.
 * ``heldout/msd_mni/``    Decathlon layout (4-D images), flipped axes, 1.5 mm.
 * ``heldout/ms_oblique/`` CSV-listed, oblique scanner grid.
 * ``heldout/lung_lps/``   nnU-Net layout, axes permuted (z first), int16.
+* ``native_brains/`` (8 cases, for the unit tests) and ``heldout/native_brains/`` (12 cases,
+  other seeds): FLAIR-like (``_0000``) + T1 (``_0001``) brains in native scanner space, label
+  0/1 lesion only. Built from the MNI152 anatomy: nilearn's T1 is brain-masked, so the head gets
+  a synthetic skull (dark) and scalp (bright T1, moderate FLAIR) shell around the intracranial
+  volume (ICV = (gm + wm) > 0.3, closed by 5 mm and hole-filled; CSF = ICV - GM - WM; the wheel
+  ships no CSF map or brain mask). FLAIR: WM ~150, GM ~200, CSF ~35, air 0. Each case has 6-25
+  real MS lesion shapes (26-connected components of the shared MS masks, >= 10 voxels, rotated
+  at random, scaled 0.8-1.25) placed in MNI white matter (periventricular/deep preferred, >= 95 %
+  of each lesion's voxels with WM prob >= 0.5, no two touching), painted as a soft fraction
+  (FLAIR 1.6x WM, T1 0.6x WM); target loads log-stratified over 600-15000 mm³ (held-out
+  1000-15000; the label comes out 10-30 % lighter). Then one linear resampling through a random
+  head pose (rotation up to +-15 deg per axis, translation up to +-15 mm) onto a scanner grid:
+  two in-plane axes 0.8-1.3 mm and a slice axis 1.5-3 mm (which voxel axis varies), a distinct
+  axis code per case (LPS, RAS, PIR, ... ; every third grid also tilted up to 12 deg: oblique
+  affine), FOV = the head + 8 mm; per channel a gain of x0.5-x2 and Gaussian noise (2 % of the
+  99th percentile) added on the native grid, float32. Label = resampled fraction >= 0.5.
+* ``truth/native_brains/``, ``truth/heldout_native_brains/``: the kept-apart truth, outside the
+  dataset folders: ``{case}_tissue.nii.gz`` (uint8 on exactly the case's grid and affine: 0
+  background/non-brain, 1 CSF, 2 GM, 3 WM; argmax of the resampled probabilities inside the
+  resampled ICV) and ``cases.json`` (per case: seed, pose, grid, gains, target and label loads,
+  every placed lesion). Never give these to the tool under test; ``benchmarks/native_space.py``
+  measures where pasted lesions land with them.
 
 The held-out datasets are for evaluation only; unit tests must not use them.
 
 The script is idempotent: every step skips work whose outputs exist (datasets are built in a
-``.partial-*`` folder and renamed when complete), and a final ``DIR/.complete-v1`` stamp makes
+``.partial-*`` folder and renamed when complete), and a final ``DIR/.complete-v2`` stamp makes
 later runs exit at once. Any failed download or check exits non-zero with a message.
 """
 
@@ -51,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -70,7 +93,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
-STAMP_NAME = ".complete-v1"
+STAMP_NAME = ".complete-v2"
 
 PYRADIOMICS_VERSION = "3.0.1"
 PYRADIOMICS_SDIST = f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
@@ -676,6 +699,421 @@ def build_lung_lps(cache: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Native-space brains (scanner grids) with the tissue truth kept apart
+# --------------------------------------------------------------------------------------
+
+NATIVE_DATASETS = (
+    # (dataset folder, truth folder, case prefix, cases, first seed, target load range mm³;
+    # the label's load comes out ~10-30 % below the target on coarse slices)
+    ("native_brains", "truth/native_brains", "nat", 8, 1000, (600.0, 15000.0)),
+    ("heldout/native_brains", "truth/heldout_native_brains", "hnat", 12, 2000, (1000.0, 15000.0)),
+)
+NATIVE_FORCED_ORIENTATIONS = {"native_brains": ("LPS", "RAS", "PIR"),
+                              "heldout/native_brains": ("LAS", "RPI", "ASL")}
+TISSUE_LABELS = {"background": 0, "csf": 1, "gm": 2, "wm": 3}
+ICV_CLOSING_MM = 5.0  # closing radius turning (gm + wm) > 0.3 into the intracranial volume
+SKULL_MM, SCALP_MM = 6.0, 5.0  # thickness of the synthetic skull and scalp shells
+HEAD_T1_LEVELS = {"skull": 0.12, "scalp": 0.85}  # T1 of the shells, times the median WM T1
+FOV_MARGIN_MM = 8.0  # margin around the head's bounding box in the native grid
+POSE_ROTATION_DEG = 15.0  # head pose: rotation up to this about each axis
+POSE_TRANSLATION_MM = 15.0  # and translation up to this along each axis
+OBLIQUE_TILT_DEG = 12.0  # every third case's grid is also tilted (oblique affine)
+INPLANE_SPACING = (0.8, 1.3)  # mm, the two in-plane voxel axes
+SLICE_SPACING = (1.5, 3.0)  # mm, the slice axis
+NATIVE_GAIN_RANGE = (0.5, 2.0)  # per-channel global gain (log-uniform)
+NATIVE_LESIONS = (6, 25)  # lesions per case
+NATIVE_MIN_VOXELS = 10  # a real lesion component needs this many voxels (source and 1 mm grid)
+NATIVE_LESION_SCALE = (0.8, 1.25)  # isotropic scale range of a placed lesion (linear)
+NATIVE_MAX_LESION_MM3 = 8000.0  # larger (confluent) source components are left out
+NATIVE_WM_SHARE = 0.95  # a placed lesion needs this share of its voxels in WM (prob >= 0.5)
+NATIVE_PLACEMENT_TRIES = 60  # random centres tried per lesion before another lesion is drawn
+NATIVE_T1_LESION_LEVEL = 0.6  # lesion T1 = this * median WM T1
+FLAIR_LEVELS = {"wm": 150.0, "gm": 200.0, "csf": 35.0, "skull": 10.0, "scalp": 110.0}
+
+
+def closing_edt(mask: np.ndarray, radius_vox: float) -> np.ndarray:
+    """Binary closing by a ball, through two Euclidean distance transforms (fast for big balls)."""
+    dilated = ndimage.distance_transform_edt(~mask) <= radius_vox
+    return ndimage.distance_transform_edt(dilated) > radius_vox
+
+
+class NativeAnatomy:
+    """MNI-space anatomy for the native datasets: tissue probabilities, intracranial volume,
+    FLAIR-like image, where lesions may go, and the head's outline."""
+
+    def __init__(self, mni: MNI):
+        self.mni = mni
+        pg, pw = mni.gm / 255.0, mni.wm / 255.0
+        brain = (pg + pw) > BRAIN_PROB_THRESHOLD
+        icv = ndimage.binary_fill_holes(closing_edt(brain, ICV_CLOSING_MM))
+        self.icv = largest_components(icv, keep=1)
+        icv_f = self.icv.astype(np.float32)
+        self.pg = (pg * icv_f).astype(np.float32)
+        self.pw = (pw * icv_f).astype(np.float32)
+        self.pc = (np.clip(1.0 - pg - pw, 0.0, 1.0) * icv_f).astype(np.float32)
+        # nilearn's MNI T1 is brain-masked (zero outside the intracranial volume): give the
+        # head a skull (dark) and a scalp (T1 bright like fat, FLAIR moderate) as two shells.
+        outside_mm = ndimage.distance_transform_edt(~self.icv)  # the MNI grid is 1 mm
+        skull = (outside_mm > 0) & (outside_mm <= SKULL_MM)
+        scalp = (outside_mm > SKULL_MM) & (outside_mm <= SKULL_MM + SCALP_MM)
+
+        def soft(mask: np.ndarray) -> np.ndarray:
+            return np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 0.7), 0, 1)
+
+        soft_icv, soft_skull, soft_scalp = soft(self.icv), soft(skull), soft(scalp)
+        self.t1 = (mni.t1 * soft_icv + mni.wm_t1 * (HEAD_T1_LEVELS["skull"] * soft_skull
+                                                    + HEAD_T1_LEVELS["scalp"] * soft_scalp))
+        self.t1 = self.t1.astype(np.float32)
+        tissue = (FLAIR_LEVELS["wm"] * self.pw + FLAIR_LEVELS["gm"] * self.pg
+                  + FLAIR_LEVELS["csf"] * self.pc)
+        self.flair = (soft_icv * tissue + FLAIR_LEVELS["skull"] * soft_skull
+                      + FLAIR_LEVELS["scalp"] * soft_scalp).astype(np.float32)
+        self.wm = pw >= WM_PROB_THRESHOLD
+        self.wm_flair = float(np.median(self.flair[self.wm]))
+        # Where lesion centres are drawn: white matter, favouring the periventricular and deep
+        # WM (weight 0.15 + exp(-distance to the lateral ventricles / 8 mm)).
+        # (chamfer distances: fast, and exact enough for a weight)
+        depth = ndimage.distance_transform_cdt(self.icv, "chessboard")
+        ventricles = (self.pc > 0.5) & (depth > 25)
+        to_ventricle = ndimage.distance_transform_cdt(~ventricles, "taxicab")
+        self.centres = np.flatnonzero(self.wm)
+        weight = 0.15 + np.exp(-to_ventricle.ravel()[self.centres] / 8.0)
+        self.centre_cdf = np.cumsum(weight) / weight.sum()
+        head = outside_mm <= SKULL_MM + SCALP_MM
+        edge = head & ~ndimage.binary_erosion(head)
+        pts = np.argwhere(edge)[::7]
+        self.head_points = (mni.affine @ np.c_[pts, np.ones(len(pts))].T)[:3].T
+        self.brain_centre = mni.brain_centre
+
+
+class LesionLibrary:
+    """Connected components of the shared MS lesion masks (real shapes), each kept as its
+    crop on the source grid, ready to be turned to the 1 mm MNI grid under a rotation."""
+
+    def __init__(self, shared: Path):
+        self.items: list[tuple[np.ndarray, np.ndarray, float]] = []
+        for case in MS_CASES:
+            mask, affine = load_binary_mask(shared / "ms_lesion_masks" / f"{case}.nii.gz")
+            voxel_mm3 = float(np.prod(voxel_sizes(affine)))
+            labels, _ = ndimage.label(mask, structure=CONNECTIVITY_26)
+            for idx, box in enumerate(ndimage.find_objects(labels), start=1):
+                comp = labels[box] == idx
+                volume = float(comp.sum()) * voxel_mm3
+                if comp.sum() < NATIVE_MIN_VOXELS or volume > NATIVE_MAX_LESION_MM3:
+                    continue
+                start = np.array([s.start for s in box]) - 1
+                self.items.append((np.pad(comp, 1).astype(np.float32),
+                                   affine @ translation(start), volume))
+        if not self.items:
+            raise FetchError("no MS lesion components found")
+        self.volumes = np.array([v for _, _, v in self.items])
+
+    def on_mni_grid(self, index: int, rotation: np.ndarray, scale: float) -> np.ndarray | None:
+        """Component ``index`` rotated about its centroid and scaled by ``scale`` (isotropic,
+        so the shape is kept) on a 1 mm MNI-axis grid (bool crop), or None when fewer than
+        NATIVE_MIN_VOXELS voxels remain."""
+        comp, affine, _ = self.items[index]
+        centre = (affine @ [*ndimage.center_of_mass(comp), 1.0])[:3]
+        extent = np.linalg.norm(np.array(comp.shape) * voxel_sizes(affine)) * scale
+        half = int(np.ceil(extent / 2)) + 1
+        size = 2 * half + 1
+        dst_affine = translation(np.rint(centre) - half)
+        move = np.eye(4)  # destination world -> source world: c + R (x - c) / scale
+        move[:3, :3] = rotation / scale
+        move[:3, 3] = centre - rotation @ centre / scale
+        frac = resample(comp, affine, (size,) * 3, dst_affine, order=1, dst_to_src_world=move)
+        binary = largest_components(frac >= 0.5, keep=1)
+        if binary.sum() < NATIVE_MIN_VOXELS:
+            return None
+        return binary[ndimage.find_objects(binary.astype(np.uint8))[0]]
+
+
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """Rotation matrix from three angles, each uniform in [-max_deg, max_deg] (x, y, z)."""
+    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def uniform_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3-D rotation (QR of a Gaussian matrix, sign-fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+AXIS_DIRECTIONS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0),
+                   "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def orientation_matrix(code: str) -> np.ndarray:
+    """Direction cosines (columns = voxel axes in RAS world) of an axis code such as 'LPS'."""
+    mat = np.zeros((3, 3))
+    for col, letter in enumerate(code):
+        row, sign = AXIS_DIRECTIONS[letter]
+        mat[row, col] = sign
+    return mat
+
+
+def all_orientations() -> list[str]:
+    """The 48 axis codes (every permutation of the three axes, each either way)."""
+    pairs = ("RL", "AP", "SI")
+    codes = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((0, 1), repeat=3):
+            codes.append("".join(pairs[p][s] for p, s in zip(perm, signs)))
+    return codes
+
+
+def native_orientations(name: str, n: int, seed: int) -> list[str]:
+    """n distinct axis codes: the dataset's forced ones first, then a seeded shuffle."""
+    forced = list(NATIVE_FORCED_ORIENTATIONS[name])
+    rest = [c for c in all_orientations() if c not in forced]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return (forced + [rest[i] for i in order])[:n]
+
+
+def native_load_strata(n: int, seed: int, load_range) -> list[tuple[float, float]]:
+    """The log range of loads cut into n equal strata, shuffled (seeded) over the cases, so
+    every dataset spans light to heavy loads."""
+    edges = np.exp(np.linspace(*np.log(load_range), n + 1))
+    order = np.random.default_rng(seed).permutation(n)
+    return [(float(edges[k]), float(edges[k + 1])) for k in order]
+
+
+def place_lesions(anat: NativeAnatomy, library: LesionLibrary, rng: np.random.Generator,
+                  target_mm3: float, count: int) -> tuple[np.ndarray, list[dict]]:
+    """Place ``count`` real lesion shapes in MNI white matter, aiming at ``target_mm3`` in all.
+
+    Each lesion is drawn with a size-aware weight (log-normal around the remaining load per
+    remaining lesion), rotated at random, scaled by 0.8-1.25 (towards that size), and put at
+    a random centre (periventricular/deep WM preferred) where at least NATIVE_WM_SHARE of its
+    voxels are WM and it keeps one voxel away from the lesions already placed; otherwise
+    another centre, then another lesion. The load counted is what the label will hold: the
+    voxels where the painted (smoothed) lesion fraction is >= 0.5.
+    """
+    shape = anat.mni.shape
+    mask = np.zeros(shape, bool)
+    taken = np.zeros(shape, bool)
+    placed: list[dict] = []
+    log_vol = np.log(library.volumes)
+    load = 0.0
+    attempts = 0
+    while len(placed) < count and attempts < 20 * count:
+        attempts += 1
+        left = count - len(placed)
+        want = max(target_mm3 - load, 30.0 * left) / left
+        weight = np.exp(-0.5 * ((log_vol - np.log(want)) / 0.7) ** 2) + 1e-6
+        index = int(rng.choice(len(weight), p=weight / weight.sum()))
+        scale = (want / library.volumes[index]) ** (1 / 3) * rng.uniform(0.95, 1.05)
+        scale = float(np.clip(scale, *NATIVE_LESION_SCALE))
+        lesion = library.on_mni_grid(index, uniform_rotation(rng), scale)
+        if lesion is None:
+            continue
+        effective = int((lesion_fraction(np.pad(lesion, 2)) >= 0.5).sum())
+        half = np.array(lesion.shape) // 2
+        grown = ndimage.binary_dilation(np.pad(lesion, 1), structure=CONNECTIVITY_26)
+        for _ in range(NATIVE_PLACEMENT_TRIES):
+            centre = np.unravel_index(
+                anat.centres[np.searchsorted(anat.centre_cdf, rng.random())], shape)
+            start = np.array(centre) - half
+            stop = start + lesion.shape
+            if (start < 1).any() or (stop > np.array(shape) - 1).any():
+                continue
+            box = tuple(slice(a, b) for a, b in zip(start, stop))
+            if anat.wm[box][lesion].mean() < NATIVE_WM_SHARE:
+                continue
+            big = tuple(slice(a - 1, b + 1) for a, b in zip(start, stop))
+            if (taken[big] & grown).any():
+                continue
+            mask[box] |= lesion
+            taken[big] |= grown
+            load += effective
+            world = anat.mni.affine @ [*centre, 1.0]
+            placed.append({"source": index, "scale": round(scale, 3),
+                           "voxels": int(lesion.sum()), "label_voxels": effective,
+                           "centre_mni_mm": [round(float(v), 1) for v in world[:3]]})
+            break
+    return mask, placed
+
+
+def native_grid(anat: NativeAnatomy, rng: np.random.Generator, code: str, oblique: bool,
+                pose: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray, dict]:
+    """A scanner grid around the posed head: spacing, axis order/flips, FOV = head + margin."""
+    slice_axis = int(rng.integers(3))
+    spacing = rng.uniform(*INPLANE_SPACING, 3)
+    spacing[slice_axis] = rng.uniform(*SLICE_SPACING)
+    directions = orientation_matrix(code)
+    tilt = random_rotation(rng, OBLIQUE_TILT_DEG) if oblique else np.eye(3)
+    directions = tilt @ directions
+    points = (pose[:3, :3] @ anat.head_points.T).T + pose[:3, 3]
+    coords = points @ directions / spacing  # along each voxel axis, in voxels
+    low = coords.min(axis=0) - FOV_MARGIN_MM / spacing
+    high = coords.max(axis=0) + FOV_MARGIN_MM / spacing
+    shape = tuple(int(v) for v in np.ceil(high - low).astype(int) + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = directions * spacing
+    affine[:3, 3] = directions @ (low * spacing)
+    info = {"spacing_mm": [round(float(s), 3) for s in spacing], "slice_axis": slice_axis,
+            "orientation": "".join(nib.aff2axcodes(affine)), "oblique": oblique}
+    return shape, affine, info
+
+
+def head_pose(anat: NativeAnatomy, rng: np.random.Generator) -> np.ndarray:
+    """MNI world -> native world: rotation about the brain centre, then a translation."""
+    rot = random_rotation(rng, POSE_ROTATION_DEG)
+    shift = rng.uniform(-POSE_TRANSLATION_MM, POSE_TRANSLATION_MM, 3)
+    pose = np.eye(4)
+    pose[:3, :3] = rot
+    pose[:3, 3] = anat.brain_centre - rot @ anat.brain_centre + shift
+    return pose
+
+
+def acquire(image: np.ndarray, gain: float, rng: np.random.Generator) -> np.ndarray:
+    """Gain, then Gaussian acquisition noise (sd NOISE_FRACTION * 99th percentile), float32.
+
+    Values are rounded to a power-of-two step of half to one noise sd (exact in float32;
+    the rounding error, at most 0.29 sd, adds at most 4 % to the noise sd, and it lets gzip
+    shrink the files by about a third)."""
+    image = image * np.float32(gain)
+    sd = NOISE_FRACTION * float(np.percentile(image, 99))
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sd)
+    quantum = np.float32(2.0 ** np.floor(np.log2(sd)))
+    return (np.round(image / quantum) * quantum).astype(np.float32)
+
+
+#: Sub-sample spacing (mm) of the voxel profile that native cases are acquired with.
+NATIVE_PSF_STEP = 1.0
+
+
+def native_case(anat: NativeAnatomy, library: LesionLibrary, seed: int, code: str,
+                oblique: bool, load_range) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
+                                                    np.ndarray, dict]:
+    """One native case: ([FLAIR, T1], label, tissue truth, affine, metadata); the target
+    load is log-uniform in ``load_range`` (mm³)."""
+    mni = anat.mni
+    rng = np.random.default_rng(seed)
+    target = float(np.exp(rng.uniform(*np.log(load_range))))
+    count = int(rng.integers(NATIVE_LESIONS[0], NATIVE_LESIONS[1] + 1))
+    mask, placed = place_lesions(anat, library, rng, target, count)
+    # Soft lesion fraction, painted in MNI space (only the lesions' box is touched).
+    box = tuple(slice(max(int(i.min()) - 4, 0), int(i.max()) + 5) for i in np.nonzero(mask))
+    frac = np.zeros(mni.shape, np.float32)
+    frac[box] = lesion_fraction(mask[box])
+    flair, t1 = anat.flair.copy(), anat.t1.copy()
+    flair[box] = paint_lesion(flair[box], frac[box], FLAIR_LESION_LEVEL * anat.wm_flair)
+    t1[box] = paint_lesion(t1[box], frac[box], NATIVE_T1_LESION_LEVEL * mni.wm_t1)
+    # The scanner: head pose, grid, one linear resampling of everything through the pose.
+    pose = head_pose(anat, rng)
+    shape, affine, info = native_grid(anat, rng, code, oblique, pose)
+    to_mni = np.linalg.inv(pose)
+
+    def sample(volume: np.ndarray) -> np.ndarray:
+        """What the scanner measures in each voxel: the mean over the voxel (a box profile, sampled about
+        every NATIVE_PSF_STEP mm along each axis), not the value at its centre."""
+        steps = [max(1, int(round(v / NATIVE_PSF_STEP))) for v in voxel_sizes(affine)]
+        total = None
+        for offset in np.ndindex(*steps):
+            shift = [(o + 0.5) / k - 0.5 for o, k in zip(offset, steps)]
+            part = resample(volume, mni.affine, shape, affine @ translation(shift), order=1,
+                            dst_to_src_world=to_mni)
+            total = part if total is None else total + part
+        return total / float(np.prod(steps))
+
+    label = (sample(frac) >= 0.5).astype(np.uint8)
+    # Tissue truth: argmax of the resampled CSF/GM/WM probabilities inside the resampled
+    # intracranial volume (CSF = ICV - GM - WM: resampling is linear, so it is not resampled).
+    icv = sample(anat.icv.astype(np.float32))
+    gm, wm = sample(anat.pg), sample(anat.pw)
+    probs = np.stack([icv - gm - wm, gm, wm])
+    tissue = np.where(icv >= 0.5, probs.argmax(axis=0) + 1, 0).astype(np.uint8)
+    del probs, icv, gm, wm
+    gains = np.exp(rng.uniform(*np.log(NATIVE_GAIN_RANGE), 2))
+    channels = [acquire(sample(flair), gains[0], rng), acquire(sample(t1), gains[1], rng)]
+    voxel_mm3 = float(np.prod(voxel_sizes(affine)))
+    info.update({
+        "seed": seed, "shape": list(shape), "affine": np.round(affine, 4).tolist(),
+        "pose_mni_to_native": np.round(pose, 6).tolist(),
+        "gains": [round(float(g), 4) for g in gains],
+        "target_load_mm3": round(target, 1), "lesions_placed": len(placed),
+        "mni_load_mm3": int(mask.sum()),
+        "native_load_mm3": round(float(label.sum()) * voxel_mm3, 1),
+        "native_components": int(ndimage.label(label, structure=CONNECTIVITY_26)[1]),
+        "lesions": placed,
+    })
+    return channels, label, tissue, affine, info
+
+
+def build_native_brains(cache: Path, mni: MNI, shared: Path) -> None:
+    """Native-space FLAIR + T1 brains with real MS lesion shapes; tissue truth kept apart."""
+    anat = library = None
+    for name, truth_name, prefix, n, first_seed, load_range in NATIVE_DATASETS:
+        final, truth_final = cache / name, cache / truth_name
+        if final.exists() and truth_final.exists():
+            step(f"build {name}: exists, skipped")
+            continue
+        for stale in (final, truth_final):
+            if stale.exists():
+                shutil.rmtree(stale)
+        truth_final.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        if anat is None:
+            anat, library = NativeAnatomy(mni), LesionLibrary(shared)
+            step(f"native anatomy and {len(library.items)} real lesion shapes: "
+                 f"{time.monotonic() - started:.0f}s")
+        started = time.monotonic()
+        codes = native_orientations(name, n, first_seed)
+        strata = native_load_strata(n, first_seed, load_range)
+        cases = {}
+        with building(truth_final) as truth_root, building(final) as root:
+            for index in range(n):
+                case = f"{prefix}_{index:03d}"
+                channels, label, tissue, affine, info = native_case(
+                    anat, library, first_seed + index, codes[index], index % 3 == 2, strata[index])
+                write_nnunet_case(root, case, channels, label, affine)
+                save_nifti(truth_root / f"{case}_tissue.nii.gz", tissue, affine)
+                cases[case] = info
+            write_nnunet_json(root, name.split("/")[-1], {"0": "FLAIR", "1": "T1"}, LESION_LABELS,
+                              n, "MNI152 2009 anatomy in native scanner space (random head pose, "
+                              "grid, orientation, spacing, gain, noise) with real MS lesion shapes "
+                              "in white matter; FLAIR-like and T1 channels")
+            write_json(truth_root / "cases.json", {"tissue_labels": TISSUE_LABELS,
+                                                   "dataset": name, "cases": cases})
+        summary = ", ".join(
+            f"{c} {i['orientation']} {'x'.join(f'{s:.2f}' for s in i['spacing_mm'])} "
+            f"{i['lesions_placed']} les {i['native_load_mm3']:.0f} mm3" for c, i in cases.items())
+        step(f"build {name}: {n} cases in {time.monotonic() - started:.0f}s ({summary})")
+
+
+def verify_truth(name: str, root: Path, truth: Path) -> None:
+    """Each case has a tissue truth on exactly its grid, values 0-3, most lesion voxels in WM;
+    no tissue file inside the dataset folder."""
+    cases, _, lesion_value = nnunet_cases(root)
+    in_wm = total = 0
+    for case, _images, label_path in cases:
+        label_img = nib.load(str(label_path))
+        tissue_img = nib.load(str(truth / f"{case}_tissue.nii.gz"))
+        if tissue_img.shape != label_img.shape or not np.allclose(tissue_img.affine,
+                                                                  label_img.affine, atol=1e-4):
+            raise FetchError(f"{name}/{case}: tissue truth geometry differs from the case")
+        tissue = np.asanyarray(tissue_img.dataobj)
+        if not set(np.unique(tissue).tolist()) <= set(TISSUE_LABELS.values()):
+            raise FetchError(f"{name}/{case}: tissue values outside {TISSUE_LABELS}")
+        lesion = np.asanyarray(label_img.dataobj) == lesion_value
+        in_wm += int((tissue[lesion] == TISSUE_LABELS["wm"]).sum())
+        total += int(lesion.sum())
+    if list(root.rglob("*tissue*")):
+        raise FetchError(f"{name}: a tissue file is inside the dataset folder")
+    share = in_wm / max(total, 1)
+    if share < NATIVE_WM_SHARE:
+        raise FetchError(f"{name}: only {share:.3f} of lesion voxels are in WM by the truth")
+    step(f"verify truth of {name}: {len(cases)} tissue maps on the case grids, "
+         f"lesion voxels in WM {share:.3f}")
+
+
+# --------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------
 
@@ -810,12 +1248,16 @@ def build_all(cache: Path) -> None:
     build_msd_mni(cache)
     build_ms_oblique(cache, mni, shared)
     build_lung_lps(cache)
+    build_native_brains(cache, mni, shared)
 
     for name, reader in [("brain_t1c", nnunet_cases), ("lung_ct", nnunet_cases),
                          ("lung_multiclass", nnunet_cases), ("mni_lesions", nnunet_cases),
                          ("heldout/msd_mni", msd_cases), ("heldout/ms_oblique", csv_cases),
-                         ("heldout/lung_lps", nnunet_cases)]:
+                         ("heldout/lung_lps", nnunet_cases),
+                         *((name, nnunet_cases) for name, *_ in NATIVE_DATASETS)]:
         verify_dataset(name, cache / name, reader)
+    for name, truth_name, *_ in NATIVE_DATASETS:
+        verify_truth(name, cache / name, cache / truth_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ def data_cache() -> Path:
 def real_data() -> Path:
     """The real sample datasets made by `make data`; missing data fails in CI and skips elsewhere."""
     root = data_cache()
-    if not (root / ".complete-v1").is_file():
+    if not (root / ".complete-v2").is_file():
         msg = f"real sample data missing in {root}: run `make data`"
         if os.environ.get("CI"):
             pytest.fail(msg)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inpaint import inpaint_patch
-from .paste import PasteSettings, Patch, PreparedMask, paste_patch
+from .paste import PasteSettings, Patch, PreparedMask, paste_patch, spline_coefficients
 
 
 @dataclass
@@ -52,7 +52,7 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
         image, mask = bank.lesion_arrays(op["lesion_id"])
         return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
                            ctx.lesion_labels, ctx.region_fn, ctx.paste, prepared_mask(bank, op["lesion_id"]),
-                           landing_check(label, ctx))
+                           landing_check(label, ctx), prepared_coefficients(bank, op["lesion_id"]))
     if op["op"] == "inpaint":
         return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")
@@ -64,6 +64,11 @@ def prepared_mask(bank, lesion_id: str) -> PreparedMask:
         return PreparedMask(bank.lesion_arrays(lesion_id)[1], bank.by_id[lesion_id].get("mask_box"))
 
     return bank.derived(("prepared_mask", lesion_id), make)
+
+
+def prepared_coefficients(bank, lesion_id: str) -> np.ndarray:
+    """The bank lesion's cubic-spline coefficients (`paste.spline_coefficients`), reused in this worker."""
+    return bank.derived(("spline", lesion_id), lambda: spline_coefficients(bank.lesion_arrays(lesion_id)[0]))
 
 
 def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..geometry import dilate_box, spacing_of, true_bounds
+from ..geometry import ball, dilate, dilate_box, spacing_of, true_bounds
 from ..labels import label_in
 from ..stats import channel_stats, flat_view
-from .transform import PointMapper, paste_geometry, rigid_landing
+from .transform import PointMapper, paste_geometry, rigid_landing, source_from_target
 
 
 class Patch:
@@ -59,12 +59,14 @@ class PasteSettings:
 
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
+    halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
     device: str = "cpu"  # "cpu": numpy/scipy; "cuda": torch on the GPU (render.torch_backend)
 
 
 def feather_support_mm(settings: "PasteSettings") -> float:
-    """How far the feathered alpha reaches beyond the soft mask (gaussian_filter truncates at 4 sigma)."""
-    return 4.0 * settings.feather_mm
+    """How far the feathered alpha reaches beyond the soft mask: the halo, then the feather (gaussian_filter
+    truncates at 4 sigma)."""
+    return settings.halo_mm + 4.0 * settings.feather_mm
 
 
 #: Side (voxels) of the bricks that mark where a transformed lesion can land.
@@ -346,20 +348,88 @@ def resample_mask(src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_
     return box, soft, mapper
 
 
-def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarray) -> np.ndarray:
-    """(C, N) float32: the lesion's channels (linear, edge values beyond the crop) at target voxels (N, 3)."""
-    coords = mapper(voxels)
+#: Margin (voxels) of the spline coefficients around a lesion crop: cubic B-splines read 2 voxels each way.
+SPLINE_PAD = 2
+
+
+def spline_coefficients(src_image: np.ndarray) -> np.ndarray:
+    """(C, X+4, Y+4, Z+4) float32 cubic B-spline coefficients of a lesion crop's channels, with a margin of
+    SPLINE_PAD voxels: the crop is extended by repeating its edge voxels, so that a spline read anywhere in
+    [0, n-1] on each axis needs no boundary rule.
+
+    Channels are resampled with cubic B-splines, not linearly: linear interpolation at sub-voxel offsets
+    blurs (it averages 8 voxels), which lowers a small lesion's contrast and softens its edge a second time
+    after the blur of its own acquisition, and that is what told pasted lesions from real ones (README)."""
+    pad = SPLINE_PAD
+    out = np.empty((src_image.shape[0],) + tuple(int(n) + 2 * pad for n in src_image.shape[1:]), dtype=np.float32)
+    for c in range(src_image.shape[0]):
+        extended = np.pad(np.asarray(src_image[c], dtype=np.float64), pad + 2, mode="edge")
+        coeffs = ndimage.spline_filter(extended, order=3, mode="nearest", output=np.float64)
+        out[c] = coeffs[2:-2, 2:-2, 2:-2]
+    return out
+
+
+def spline_coordinates(coords: np.ndarray, crop_shape) -> np.ndarray:
+    """Source voxel coordinates (3, N) clipped to the crop (edge values beyond it, like mode "nearest") and
+    moved into the padded coefficient array."""
+    out = np.empty(coords.shape, dtype=np.float64)
+    for axis, n in enumerate(crop_shape):
+        np.clip(coords[axis], 0.0, float(n - 1), out=out[axis])
+    out += SPLINE_PAD
+    return out
+
+
+#: Smallest anti-aliasing blur (source voxels, sd) worth applying; below it the crop is used as it is.
+MIN_ANTIALIAS_SD = 0.25
+
+
+def antialias_sd(src_affine, tgt_affine, op: dict) -> np.ndarray:
+    """Per source axis, the gaussian sd (source voxels) that turns the donor's voxel profile into the target's.
+
+    A scanner voxel measures the mean over the voxel. Where a target voxel covers more of the source than a
+    source voxel does (a coarser target grid, or a lesion shrunk by its scale), sampling the source at points
+    would leave the lesion sharper and brighter than that grid records lesions: the donor is blurred first by
+    what the target's box profile adds to its own (covariances M M^T / 12 - I / 12, M the linear map from
+    target to source voxels; only the positive part, per source axis). Upsampling adds nothing."""
+    m = source_from_target(src_affine, np.zeros(3), tgt_affine, np.zeros(3), op["flip"], op["rotation_deg"],
+                           op["scale"])[:3, :3]
+    extra = (m @ m.T - np.eye(3)) / 12.0
+    values, vectors = np.linalg.eigh(extra)
+    positive = (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    return np.sqrt(np.clip(np.diag(positive), 0.0, None))
+
+
+def paste_coefficients(src_image: np.ndarray, src_affine, tgt_affine, op: dict,
+                       coefficients: np.ndarray | None = None) -> np.ndarray:
+    """The spline coefficients a paste reads its channels from: of the donor crop as it is (`coefficients`,
+    if made already), or blurred by `antialias_sd` first when the target grid is coarser."""
+    sd = antialias_sd(src_affine, tgt_affine, op)
+    if sd.max() < MIN_ANTIALIAS_SD:
+        return spline_coefficients(src_image) if coefficients is None else coefficients
+    blurred = np.empty(src_image.shape, dtype=np.float32)
+    for c in range(src_image.shape[0]):
+        ndimage.gaussian_filter(np.asarray(src_image[c], dtype=np.float32), sigma=sd, output=blurred[c], mode="nearest")
+    return spline_coefficients(blurred)
+
+
+def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarray,
+                    coefficients: np.ndarray | None = None) -> np.ndarray:
+    """(C, N) float32: the lesion's channels (cubic B-spline, edge values beyond the crop) at target voxels
+    (N, 3). `coefficients` is `spline_coefficients(src_image)`, if made already."""
+    coeffs = spline_coefficients(src_image) if coefficients is None else coefficients
+    coords = spline_coordinates(mapper(voxels), src_image.shape[1:])
     out = np.empty((src_image.shape[0], len(voxels)), dtype=np.float32)
     for c in range(src_image.shape[0]):
-        ndimage.map_coordinates(np.asarray(src_image[c]), coords, output=out[c], order=1, mode="nearest",
-                                prefilter=False)
+        ndimage.map_coordinates(coeffs[c], coords, output=out[c], order=3, mode="nearest", prefilter=False)
     return out
 
 
 def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine, tgt_shape,
-                    op: dict, src_box=None, support_mm: float = 0.0, prepared: PreparedMask | None = None
+                    op: dict, src_box=None, support_mm: float = 0.0, prepared: PreparedMask | None = None,
+                    coefficients: np.ndarray | None = None
                     ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
     """Resample the lesion's channels and mask onto the target grid: (box, channels, soft mask) or None.
+    `coefficients`: the crop's `spline_coefficients`, if made already (blurred here when the paste needs it).
 
     As `resample_mask`, with the channels interpolated on the whole support: the soft mask (> 0) grown
     by `support_mm` (zero elsewhere). `paste_patch` interpolates fewer voxels (only where the feathered
@@ -375,7 +445,9 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     if reach.max() > 0:
         support = dilate_box(support, reach)
     channels = np.zeros((src_image.shape[0],) + soft.shape, dtype=np.float32)
-    channels[:, support] = sample_channels(src_image, mapper, np.argwhere(support) + [s.start for s in box])
+    coefficients = paste_coefficients(src_image, src_affine, tgt_affine, op, coefficients)
+    channels[:, support] = sample_channels(src_image, mapper, np.argwhere(support) + [s.start for s in box],
+                                           coefficients)
     return box, channels, soft
 
 
@@ -394,10 +466,26 @@ def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: flo
 
 
 def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(flat indices, alpha) of the box voxels the feathered soft mask reaches (alpha > 1e-6)."""
-    alpha = ndimage.gaussian_filter(soft, sigma=settings.feather_mm / np.asarray(spacing), mode="constant")
+    """(flat indices, alpha) of the box voxels the feathered alpha reaches (alpha > 1e-6).
+
+    The alpha is 1 on every voxel the soft mask touches and on a halo of `halo_mm` around them, then falls off
+    with a gaussian of `feather_mm`: the lesion keeps its own partial-volume edge, as it was in the donor
+    case, and the transition to the destination lies in normal tissue (intensity-matched, context-matched),
+    not across the lesion's edge, where a second blur would lower its contrast and widen its spread."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    grown = soft > 0
+    if settings.halo_mm > 0:
+        grown = dilate(grown, ball(settings.halo_mm, spacing))
+    alpha = ndimage.gaussian_filter(grown.astype(np.float32), sigma=settings.feather_mm / spacing, mode="constant")
     idx = np.flatnonzero(alpha > 1e-6)
     return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
+
+
+#: Share of white noise's sd that cubic B-spline resampling at random sub-voxel offsets keeps (measured: 0.80-0.82;
+#: linear interpolation keeps 0.48-0.55): how much of the donor's own noise a pasted lesion still carries.
+SPLINE_NOISE_KEPT = 0.8
+#: Fewest tissue voxels around a paste from which the donor's resampled tissue level is read.
+MIN_RING_VOXELS = 10
 
 
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
@@ -408,6 +496,12 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     `lesion_values(idx)` gives the resampled lesion channels (C, N) at flat box indices; it is asked only
     for the voxels the feathered alpha reaches, and only those voxels are written. `dest_stats`, if given, is
     `channel_stats(channels, tissue, box start)` computed already.
+
+    MR channels are scaled by (destination tissue median / donor tissue median), both read on the same
+    voxels: the `tissue` voxels around the paste, in the destination and in the resampled donor crop. The
+    lesion thus keeps its contrast to the tissue right around it (a paste of a lesion onto itself changes
+    nothing), and the donor's partial-volume halo counts as lesion on both sides. Noise is added only as far
+    as the destination's noise (× `noise_gain`) exceeds what the donor's own noise keeps after resampling.
     """
     idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
@@ -415,22 +509,13 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     if dest_stats is None:
         dest_stats = channel_stats(channels, tissue, start)
     lesion = lesion_values(idx)
+    ring = tissue.reshape(-1)[idx]  # the written voxels that are normal tissue around the paste
     ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
+    use_ring = np.count_nonzero(ring) >= MIN_RING_VOXELS
     offsets = {}
     for c in range(channels.shape[0]):
-        dest_ref, dest_noise = dest_stats[c]
-        src_ref = src_stats[c]["shell"]["median"]
-        src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
-        values = lesion[c]
-        if settings.is_ct[c] or not np.isfinite(dest_ref):
-            ref = src_ref  # CT keeps Hounsfield units
-        else:
-            scale_ok = src_ref > 1e-6 and dest_ref > 1e-6
-            values = values * np.float32(dest_ref / src_ref) if scale_ok else values + np.float32(dest_ref - src_ref)
-            ref = dest_ref
-        values = np.float32(ref) + np.float32(op["brightness"][c]) * (values - np.float32(ref))
-        values = values + np.float32(op["noise_gain"] * dest_noise) * noise
         channel = channels[c]
+        flat = None
         if channel.flags.c_contiguous or channel.flags.f_contiguous:
             flat, steps = flat_view(channel)  # a view: writes reach the case
             key = tuple(steps.tolist())
@@ -438,9 +523,30 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
                 offsets[key] = sum(i * st for i, st in zip(ijk, steps))  # the voxels in the channel's memory order
             at = offsets[key]
             d = flat[at]
-            flat[at] = d + a * (values - d)
         else:  # an unusual layout: index it voxel by voxel
             d = channel[tuple(ijk)]
+        dest_ref, dest_noise = dest_stats[c]
+        src_ref = src_stats[c]["shell"]["median"]
+        src_ref = float(src_stats[c]["lesion"]["median"]) if src_ref is None else float(src_ref)
+        values = lesion[c]
+        if use_ring:  # both levels read on the same voxels
+            src_ref, dest_ref = float(np.median(values[ring])), float(np.median(d[ring]))
+        gain = 1.0
+        if settings.is_ct[c] or not np.isfinite(dest_ref):
+            ref = src_ref  # CT keeps Hounsfield units
+        else:
+            scale_ok = src_ref > 1e-6 and dest_ref > 1e-6
+            gain = dest_ref / src_ref if scale_ok else 1.0
+            values = values * np.float32(gain) if scale_ok else values + np.float32(dest_ref - src_ref)
+            ref = dest_ref
+        brightness = float(op["brightness"][c])
+        values = np.float32(ref) + np.float32(brightness) * (values - np.float32(ref))
+        kept = SPLINE_NOISE_KEPT * abs(gain * brightness) * float(src_stats[c].get("noise_sd") or 0.0)
+        wanted = float(op["noise_gain"]) * float(dest_noise)
+        values = values + np.float32(np.sqrt(max(wanted * wanted - kept * kept, 0.0))) * noise
+        if flat is not None:
+            flat[at] = d + a * (values - d)
+        else:
             channel[tuple(ijk)] = d + a * (values - d)
 
 
@@ -477,7 +583,8 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
 
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
-                settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None) -> Patch | None:
+                settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None,
+                coefficients: np.ndarray | None = None) -> Patch | None:
     """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume
     (or, on the numpy path, fails `land_check`, see `resample_mask`).
 
@@ -496,8 +603,9 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
         start = np.array([s.start for s in box])
         shape = soft.shape
 
-        def lesion_values(idx):
-            return sample_channels(lesion_image, mapper, np.column_stack(np.unravel_index(idx, shape)) + start)
+        def lesion_values(idx):  # asked only when the paste is kept: the anti-aliasing blur is made then
+            return sample_channels(lesion_image, mapper, np.column_stack(np.unravel_index(idx, shape)) + start,
+                                   paste_coefficients(lesion_image, src_affine, affine, op, coefficients))
     else:
         from .torch_backend import resample_lesion_torch
 
@@ -508,7 +616,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
             if landing is None or not land_check(landing[2]):
                 return None
         resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device,
-                                          prepared=prepared)
+                                          prepared=prepared, coefficients=coefficients)
         if resampled is None:
             return None
         box, lesion, soft = resampled

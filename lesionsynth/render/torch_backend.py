@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import spacing_of
-from .paste import crop_to_support, mask_voxels
+from .paste import SPLINE_PAD, crop_to_support, mask_voxels, paste_coefficients
 from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates, source_from_target
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -156,11 +156,47 @@ def _support(soft, reach):
     return support
 
 
+def _cubic_bspline(coefficients, grid, src_shape):
+    """Cubic B-spline values (C, X, Y, Z) of padded coefficients (1, C, ...; `paste.spline_coefficients`) at the
+    points of a grid_sample grid over the unpadded crop: the numpy path's `map_coordinates(order=3)`.
+
+    Each 1-D cubic B-spline is two linear reads at shifted positions (weights g0, g1), so the 64-tap spline
+    is 8 trilinear reads, done as one grid_sample over 8 stacked grids."""
+    torch = _torch()
+    n = torch.as_tensor([float(v) for v in src_shape][::-1], dtype=grid.dtype, device=grid.device)
+    padded = n + 2 * SPLINE_PAD
+    # voxel coordinates in the crop, clipped to it (edge values beyond, as numpy), then in the padded array
+    u = torch.minimum(torch.clamp((grid + 1.0) * (n - 1.0) / 2.0, min=0.0), n - 1.0) + SPLINE_PAD
+    base = torch.floor(u)
+    t = u - base
+    t2, t3 = t * t, t * t * t
+    w0, w1 = (1.0 - t) ** 3 / 6.0, (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
+    w2, w3 = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0, t3 / 6.0
+    g0, g1 = w0 + w1, w2 + w3
+    h0 = base - 1.0 + w1 / g0
+    h1 = base + 1.0 + w3 / torch.clamp(g1, min=1e-12)
+    grids, weights = [], []
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):  # components in grid order (z, y, x)
+                pick = [(h0, g0), (h1, g1)]
+                pos = torch.stack([pick[(a, b, c)[k]][0][..., k] for k in range(3)], dim=-1)
+                grids.append(2.0 * pos / (padded - 1.0) - 1.0)
+                weights.append(pick[a][1][..., 0] * pick[b][1][..., 1] * pick[c][1][..., 2])
+    stacked = torch.cat(grids, dim=1)  # (1, 8X, Y, Z, 3)
+    reads = torch.nn.functional.grid_sample(coefficients, stacked, mode="bilinear", padding_mode="border",
+                                            align_corners=True)[0]  # (C, 8X, Y, Z)
+    reads = reads.reshape(reads.shape[0], 8, -1, *reads.shape[2:])
+    return (reads * torch.stack(weights, dim=1)[0]).sum(dim=1)
+
+
 def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine,
                           tgt_shape, op: dict, src_box=None, support_mm: float = 0.0, device: str = "cuda",
-                          prepared=None) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
+                          prepared=None, coefficients: np.ndarray | None = None
+                          ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
     """torch twin of `paste.resample_lesion` (same arguments, plus `device`): (box, channels, soft) or None.
-    `prepared` (a `paste.PreparedMask` of this mask) supplies the mask's voxels when a worker has them.
+    `prepared` (a `paste.PreparedMask` of this mask) supplies the mask's voxels when a worker has them, and
+    `coefficients` (`paste.spline_coefficients` of the channels) the spline coefficients.
 
     channels (C, X, Y, Z) and soft (X, Y, Z) are float32; channels are zero farther than `support_mm`
     from soft > 0, as in the numpy path.
@@ -176,22 +212,22 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
     control_grid = _elastic_grid_units(control, m, tgt_affine, s) if control.size else None
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
     n_ch = int(src_image.shape[0])
+    coeffs = paste_coefficients(src_image, src_affine, tgt_affine, op, coefficients)
     with torch.inference_mode():
-        data = _to_device([src_image[c] for c in range(n_ch)] + [src_mask], device)
+        mask = _to_device([src_mask], device)
         weights = elastic_weights(box, extent, control.shape[0]) if control.size else None
         grid = _sample_grid(shape, a, b, control_grid, weights, device)
-        # ONE grid_sample for channels and mask, with padding "border" (= scipy mode="nearest", right for the
-        # channels). The mask needs scipy mode="constant": exactly 0 for any point outside [0, n-1], with no
-        # interpolation towards the edge. padding "zeros" would NOT match that (it blends the edge voxel with 0
-        # over the last voxel outside, e.g. 0.5·edge at -0.5), so a second "zeros" call is both slower and
-        # wrong; multiplying the border-padded mask by the in-bounds test of the same grid is exact.
-        out = torch.nn.functional.grid_sample(data, grid, mode="bilinear", padding_mode="border",
-                                              align_corners=True)[0]
-        del data
-        out[n_ch] *= _inside(grid[0], src_mask.shape)
-        out[:n_ch].masked_fill_(~_support(out[n_ch], reach), 0.0)
-        out = out.cpu().numpy()
-    return crop_to_support(box, out[:n_ch], out[n_ch], support_mm, tgt_affine)
+        # The mask needs scipy mode="constant": exactly 0 for any point outside [0, n-1], with no interpolation
+        # towards the edge. padding "zeros" would NOT match that (it blends the edge voxel with 0 over the last
+        # voxel outside, e.g. 0.5·edge at -0.5); multiplying the border-padded mask by the in-bounds test of
+        # the same grid is exact.
+        soft = torch.nn.functional.grid_sample(mask, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=True)[0, 0]
+        soft *= _inside(grid[0], src_mask.shape)
+        channels = _cubic_bspline(_to_device(list(coeffs), device), grid, src_mask.shape)
+        channels.masked_fill_(~_support(soft, reach), 0.0)
+        channels, soft = channels.cpu().numpy(), soft.cpu().numpy()
+    return crop_to_support(box, channels, soft, support_mm, tgt_affine)
 
 
 # ------------------------------------------------------------------------------------------ full-volume warps
