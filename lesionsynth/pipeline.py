@@ -175,6 +175,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         "lesions_removed": sum(op["op"] == "inpaint" for op in plan.ops),
         "failed_placements": plan.failed_tries,
         "refused_placements": dict(sorted(plan.refused.items())),
+        "sharp_donors": plan.sharp_donors,
         "placement_fallback": density.fallback,
         "donor_cases": donor_cases,
         "volume_warp": volume_warp,

@@ -37,6 +37,7 @@ class AugmentConfig:
     max_overlap_fraction: float = 0.2
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
     context_core_fraction: float = 0.8       # share of the covered voxels that must match the donor's shell too
+    max_extra_blur: float = 0.35             # sd (target voxels) a donor may land blurrier than the target (0: off)
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
@@ -174,15 +175,30 @@ class CasePlan:
     stop_reason: str = ""
     failed_tries: int = 0
     refused: dict = field(default_factory=dict)  # why drawn pastes were refused: reason → count
+    sharp_donors: bool = True  # False: no donor was sharp enough for the target grid, all were used
 
     def refuse(self, reason: str) -> None:
         self.failed_tries += 1
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
+def sharp_donors(donors: list[dict], affine: np.ndarray, cfg: AugmentConfig) -> tuple[list[dict], bool]:
+    """The donors whose voxel profile, unrotated at scale 1, lands at most `max_extra_blur` blurrier than the
+    target grid records (`render.transform.extra_blur`), and whether any is; all donors if none is."""
+    if cfg.max_extra_blur <= 0:
+        return donors, True
+    from .render.transform import extra_blur
+
+    sharp = [les for les in donors
+             if extra_blur(les["affine"], affine, (False,) * 3, (0.0,) * 3, 1.0) <= cfg.max_extra_blur]
+    return (sharp, True) if sharp else (donors, False)
+
+
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
-               density: PlacementDensity, n_channels: int, cfg: AugmentConfig) -> dict:
-    """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity."""
+               density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None
+               ) -> dict:
+    """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity.
+    With the target `affine`, the scale is capped where the lesion would land blurrier than `max_extra_blur`."""
     smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
     fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
     pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
@@ -198,6 +214,11 @@ def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float
     centre = density.draw(rng)
     flip = [bool(rng.random() < 0.5) if cfg.flip else False for _ in range(3)]
     angles = rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, size=3)
+    if affine is not None and cfg.max_extra_blur > 0:
+        from .render.transform import largest_sharp_scale
+
+        cap = largest_sharp_scale(lesion["affine"], affine, flip, np.round(angles, 3), cfg.max_extra_blur)
+        scale = max(min(scale, cap), cfg.scale_range[0])
     radius = np.cbrt(3 * lesion["volume_mm3"] / (4 * np.pi)) * scale
     sd = min(cfg.elastic_fraction * radius, cfg.elastic_max_mm / 2)
     k = cfg.elastic_grid
@@ -251,9 +272,10 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             plan.ops.append(op)
 
     if mode in ("both", "populate") and donors:
+        donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
         while load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries:
             load = load_vox * vv
-            op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg)
+            op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
             if why is not None:
