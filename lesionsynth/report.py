@@ -767,6 +767,46 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
     return path
 
 
+def _placement_html(run: OutputRun) -> list[str]:
+    """Where lesions may go: the bank's common space (registration per case) and why pastes were refused."""
+    parts = ['<h2 id="placement">Placement: common space and refused pastes</h2>']
+    space = (run.bank_index or {}).get("space")
+    if space is None:
+        parts.append("<p>The bank records no common space (made before registration existed, or not found).</p>")
+    elif space["mode"] != "register":
+        parts.append(f"<p>Common space: <b>world coordinates</b> ({html.escape(space.get('why', ''))}).</p>")
+    else:
+        rows = [[c["case_id"], f"{c['registration']['foreground_overlap']:.3f}", f"{c['registration']['seconds']:.1f}",
+                 c["registration"]["status"]] for c in run.bank_index["cases"]]
+        parts.append(f"<p>Common space: every case <b>registered</b> (affine) to {html.escape(space['reference_name'])} "
+                     f"({html.escape(space.get('why', ''))}); the likelihood map was built there and mapped into each "
+                     f"case. Quality: overlap (Dice) of the registered foreground with the reference's; below "
+                     f"{space.get('poor_overlap', 0.8)} a registration is called poor and build-bank stops.</p>")
+        parts.append(_table(["case", "foreground overlap", "seconds", "status"], rows))
+    refused = Counter()
+    for rec in run.records:
+        refused.update(rec.get("refused_placements") or {})
+    pastes = [op for rec in run.records for op in rec["ops"] if op["op"] == "paste"]
+    scores = [op["context_score"] for op in pastes if "context_score" in op]
+    covered = [op["covered_match"] for op in pastes if "covered_match" in op]
+    tol = run.config.get("augment", {}).get("context_tolerance")
+    if scores:
+        parts.append(f"<p>Context match (tolerance {tol}): a paste is kept only where the destination's tissue "
+                     "around it resembles the donor lesion's own surroundings in its source case (per channel, in "
+                     "units of each case's intensity level) and the tissue it covers does too. Kept pastes' "
+                     f"distance min/q25/median/q75/max: {_quantiles(scores)}; share of covered voxels that match: "
+                     f"{_quantiles(covered) if covered else '–'}.</p>")
+    sharp = sum(1 for rec in run.records if rec.get("sharp_donors") is False)
+    if sharp:
+        parts.append(f"<p>{sharp} cases had no donor sharp enough for their grid; all donors were used.</p>")
+    if refused:
+        total = sum(refused.values())
+        parts.append(f"<p>{total} drawn pastes were refused ({len(pastes)} kept), by reason:</p>")
+        parts.append(_table(["reason", "refused", "fraction"], [[k, v, f"{v / total:.0%}"] for k, v in
+                                                             sorted(refused.items(), key=lambda kv: (-kv[1], kv[0]))]))
+    return parts
+
+
 def _realism_html(audit: dict, figures: dict) -> list[str]:
     """The realism audit section: AUC, strongest features, real vs pasted table, histograms, tissue context."""
     from .audit import MEASURES, REPORTED, SHELL_VOXELS
@@ -867,6 +907,7 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         f"{_quantiles(after.counts)} (min/q25/median/q75/max). Lesion volume (mm³), original: "
         f"{_quantiles(before.volumes) if before else '–'}; synthetic: {_quantiles(after.volumes)}.</p>",
         _img_tag(figures["lesions"], "lesion count and size distributions"),
+        *_placement_html(run),
         *(_realism_html(audit, figures) if audit else []),
         '<h2 id="examples">Example sites</h2>',
     ]
