@@ -41,7 +41,8 @@ class AugmentConfig:
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
-    max_failed_tries: int = 60
+    max_failed_tries: int = 60               # rendered pastes refused before a case gives up
+    max_prechecks_refused: int = 400         # draws refused by the cheap pre-check (no rendering) before it gives up
     volume_rotation_deg: float = 10.0        # --volume-warp: whole-case rotation about each axis, ±this
     volume_scale: tuple[float, float] = (0.9, 1.1)
     volume_elastic_mm: float = 2.0           # --volume-warp: control-point displacement sd (5x5x5 grid)
@@ -176,9 +177,15 @@ class CasePlan:
     failed_tries: int = 0
     refused: dict = field(default_factory=dict)  # why drawn pastes were refused: reason → count
     sharp_donors: bool = True  # False: no donor was sharp enough for the target grid, all were used
+    prechecks_refused: int = 0
 
-    def refuse(self, reason: str) -> None:
-        self.failed_tries += 1
+    def refuse(self, reason: str, precheck: bool = False) -> None:
+        """Count a refused draw: a pre-check refusal (nothing rendered) against its own, larger budget."""
+        if precheck:
+            self.prechecks_refused += 1
+            reason = f"{reason} (pre-check)"
+        else:
+            self.failed_tries += 1
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
@@ -273,13 +280,14 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
 
     if mode in ("both", "populate") and donors:
         donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
-        while load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries:
+        while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
+               and plan.prechecks_refused < cfg.max_prechecks_refused):
             load = load_vox * vv
             op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
             if why is not None:
-                plan.refuse(f"{why} (pre-check)")
+                plan.refuse(why, precheck=True)
                 continue
             why, score, covered_match = "region", None, None
             for _refine in range(3):
@@ -341,6 +349,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
         plan.stop_reason = "no donor lesion available for this case's fold"
     elif len(plan.ops) >= cfg.max_ops:
         plan.stop_reason = f"stopped after {cfg.max_ops} operations"
+    elif plan.prechecks_refused >= cfg.max_prechecks_refused:
+        plan.stop_reason = f"stopped after {plan.prechecks_refused} draws refused by the placement pre-check"
     else:
         plan.stop_reason = f"stopped after {plan.failed_tries} failed placement tries"
     return plan

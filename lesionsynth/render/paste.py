@@ -550,6 +550,26 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
             channel[tuple(ijk)] = d + a * (values - d)
 
 
+def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray, src_affine, tgt_affine,
+               op: dict) -> np.ndarray:
+    """The soft mask a paste's label is cut from (at 0.5): `soft` itself, or, where the target grid is coarser
+    than the donor's (`antialias_sd`), the donor mask blurred like its channels and read at the same voxels.
+
+    A scanner records a small lesion on a coarse grid as a lower, wider blob whose half-level region is
+    smaller than the lesion; the real labels of such grids follow that. Cutting the unblurred mask would give
+    the pasted lesion a label larger than its visible extent there."""
+    sd = antialias_sd(src_affine, tgt_affine, op)
+    if sd.max() < MIN_ANTIALIAS_SD:
+        return soft
+    blurred = ndimage.gaussian_filter(np.asarray(src_mask, dtype=np.float32), sigma=sd, mode="constant")
+    at = np.nonzero(soft > 0)
+    voxels = np.column_stack(at) + np.array([s.start for s in box])
+    out = np.zeros_like(soft)
+    out[at] = ndimage.map_coordinates(blurred, mapper(voxels), output=np.float32, order=1, mode="constant",
+                                      cval=0.0, prefilter=False)
+    return out
+
+
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
     """The soft mask of the largest connected piece of the lesion only.
 
@@ -620,11 +640,20 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
         if resampled is None:
             return None
         box, lesion, soft = resampled
+        mapper = None
 
         def lesion_values(idx):
             return lesion.reshape(lesion.shape[0], -1)[:, idx]
-    soft = keep_main_body(soft)
-    core = soft >= 0.5
+    if antialias_sd(src_affine, affine, op).max() >= MIN_ANTIALIAS_SD:
+        if mapper is None:  # the torch path: the numpy path's point mapper of this paste
+            mapper = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
+                                       support_mm)[1]
+        cut = keep_main_body(label_soft(soft, box, mapper, lesion_mask, src_affine, affine, op))
+        soft = np.where((soft > 0) & (cut == 0), np.float32(0.0), soft)  # the pieces keep_main_body left out
+        core = cut >= 0.5
+    else:
+        soft = keep_main_body(soft)
+        core = soft >= 0.5
     if not core.any():
         return None
     dest_label = np.ascontiguousarray(label[box])  # the box's own masks are C-ordered: no mixed-order passes
