@@ -19,7 +19,7 @@ from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, struc
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .labels import label_in
-from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, reference_grid,
+from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, is_ct, reference_grid,
                     region_world_points, splat)
 from .space import (ALIGNED_OVERLAP, POOR_OVERLAP, SPACES, RegImage, Registration, closest_case, foreground_overlap,
                     map_onto, provisional_reference, reference_grid_of, register_case, registration_image,
@@ -74,7 +74,35 @@ def _robust_stats(values: np.ndarray) -> dict:
             "p5": float(p5), "p95": float(p95)}
 
 
-def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
+#: Levels of the shell deviation quantiles kept per lesion (see `shell_deviation`).
+DEVIATION_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 11))
+
+
+def shell_deviation(crop: np.ndarray, shell: np.ndarray, ct_channels) -> list[float] | None:
+    """How alike a lesion's surroundings are: quantiles (DEVIATION_LEVELS) over its shell voxels of each
+    voxel's distance from the shell's median signature (`prior.context_distance` per voxel: the largest
+    per-channel |log ratio|, or |HU difference| / CT_CONTEXT_HU). The context match asks the tissue a paste
+    covers to be as alike the donor's surroundings as those surroundings are themselves."""
+    from .prior import CT_CONTEXT_HU
+
+    if not shell.any():
+        return None
+    worst = np.zeros(int(np.count_nonzero(shell)))
+    for c, ct in enumerate(ct_channels):
+        values = crop[c][shell].astype(np.float64)
+        median = float(np.median(values))
+        if ct:
+            dev = np.abs(values - median) / CT_CONTEXT_HU
+        elif median <= 0:
+            return None
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dev = np.where(values > 0, np.abs(np.log(values / median)), np.inf)
+        np.maximum(worst, dev, out=worst)
+    return [round(float(q), 4) if np.isfinite(q) else 1e3 for q in np.quantile(worst, DEVIATION_LEVELS)]
+
+
+def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[dict]:
     """Cut every lesion (connected component ≥ min volume) out of a case: crops plus metadata."""
     spacing = spacing_of(case.affine)
     vox_vol = voxel_volume(case.affine)
@@ -105,6 +133,7 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
         for c in range(crop.shape[0]):
             stats.append({"lesion": _robust_stats(crop[c][mask]), "shell": _robust_stats(crop[c][shell]),
                           "noise_sd": noise_sd(crop[c], shell)})
+        deviation = shell_deviation(crop, shell, ct_channels or (False,) * crop.shape[0])
         core_box = [[int(b.start - s.start), int(b.stop - s.start)] for b, s in zip(box, sl)]
         lesions.append({
             "id": f"{case.case_id}_L{k:03d}",
@@ -118,6 +147,7 @@ def extract_lesions(case: Case, config: BankConfig) -> list[dict]:
             "mask_box": core_box,  # the lesion's bounding box inside the crop (voxels, half-open)
             "affine": crop_affine(case.affine, start).tolist(),
             "stats": stats,
+            "shell_deviation": deviation,
             "_image": np.ascontiguousarray(crop, dtype=np.float32),
             "_mask": np.ascontiguousarray(mask, dtype=np.uint8),
         })
@@ -140,7 +170,7 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
     """Worker: load one case, cut its lesions, and collect what the likelihood map needs."""
     case = load_case(ref, n_channels)
     load_mm3, load_voxels = case_load(case.label, case.affine, config.lesion_labels)
-    lesions = extract_lesions(case, config)
+    lesions = extract_lesions(case, config, tuple(is_ct(name) for name in channel_names))
     region = allowed_region(case.channels, case.label, case.affine, channel_names, config.region_labels)
     lesion_idx = np.argwhere(lesion_mask(case.label, config.lesion_labels))
     return {
@@ -513,6 +543,13 @@ class Bank:
     def case_info(self, case_id: str) -> dict:
         return next(c for c in self.cases if c["case_id"] == case_id)
 
+    def donor_shell_match(self, tolerance: float) -> dict:
+        """Lesion id → the share of its shell voxels within `tolerance` of the shell's own signature (from the
+        stored `shell_deviation` quantiles; 1.0 where the bank has none)."""
+        levels = (0.0,) + DEVIATION_LEVELS
+        return {les["id"]: (float(np.interp(tolerance, [0.0] + list(les["shell_deviation"]), levels))
+                            if les.get("shell_deviation") else 1.0) for les in self.lesions}
+
     def donor_signatures(self, ct_channels) -> dict:
         """Lesion id → the tissue signature of its shell in its source case (`prior.donor_signature`), made once."""
         if self._donor_signatures is None:
@@ -529,14 +566,18 @@ class Bank:
         reg = self.case_info(case_id).get("registration") if self.registered else None
         return np.eye(4) if reg is None else np.linalg.inv(np.array(reg["ref_from_case"], dtype=np.float64))
 
-    def coarse_likelihood(self, stride, affine: np.ndarray, shape, coarse_shape, case_id: str | None = None
-                          ) -> np.ndarray:
+    def coarse_likelihood(self, stride, affine: np.ndarray, shape, coarse_shape, case_id: str | None = None,
+                          within: np.ndarray | None = None) -> np.ndarray:
         """The likelihood map on a case's coarse grid (`prior.coarse_likelihood`), kept for the last grid
         asked for: the cases of a dataset on a shared grid all ask for the same. `case_id` names the bank
-        case whose grid it is (its stored transform maps the reference onto it). Do not modify it."""
+        case whose grid it is (its stored transform maps the reference onto it); `within`, a coarse mask where
+        it is needed (zero elsewhere; not kept). Do not modify it."""
         case_from_ref = self.case_from_ref(case_id) if case_id is not None else np.eye(4)
         key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape),
                case_from_ref.tobytes())
+        if within is not None and not (tuple(shape) == self.likelihood()[0].shape and not self.registered):
+            values, values_affine = self.likelihood()
+            return coarse_likelihood(stride, affine, shape, coarse_shape, values, case_from_ref @ values_affine, within)
         if self._coarse_likelihood is None or self._coarse_likelihood[0] != key:
             values, values_affine = self.likelihood()
             self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, values,

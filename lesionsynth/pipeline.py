@@ -127,7 +127,8 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     prior = bank.coarse_template_region(region.stride, case.affine, region.coarse.shape, base_id)
     if prior is not None and not region.region_labels:  # the template's tissue prior bounds the body region
         region = Region(region.stride, region.coarse & (prior >= TEMPLATE_REGION_LEVEL), ())
-    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape, base_id)
+    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape, base_id,
+                                        within=region.coarse)
     if prior is not None:
         likelihood = likelihood * prior
     density = placement_density(region, case.label, case.affine, lesion_labels, likelihood)
@@ -139,7 +140,8 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     context = None
     if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None:
         context = ContextMatch(base_info["intensity_ref"], ct_channels, cfg.augment.context_tolerance,
-                               bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction)
+                               bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
+                               bank.donor_shell_match(cfg.augment.context_tolerance))
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
                         PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in,
                         region.contains, cfg.augment.min_region_fraction)

@@ -108,12 +108,19 @@ class ContextMatch:
     ct_channels: tuple[bool, ...]
     tolerance: float                  # the largest accepted distance (0: no context match)
     donors: dict                      # lesion id → the donor's shell signature (None: unknown)
-    core_fraction: float = 0.0        # share of the covered voxels that must match too (0: not tested)
+    core_fraction: float = 0.0        # share of the covered voxels that must match too (0: not tested) ...
+    own_match: dict | None = None     # ... times the share of each donor's own shell that matches its signature
 
     def score(self, medians, lesion_id: str) -> float:
         """Distance of the destination tissue around a paste (per-channel medians) from the donor's shell."""
         dest = tissue_signature(medians, self.intensity_ref, self.ct_channels)
         return context_distance(dest, self.donors.get(lesion_id), self.ct_channels)
+
+    def covered_needed(self, lesion_id: str) -> float:
+        """The share of covered voxels that must match: as much as the donor's own surroundings match their
+        signature (a lesion grown across tissues may cover several), times `core_fraction`."""
+        own = 1.0 if self.own_match is None else self.own_match.get(lesion_id, 1.0)
+        return self.core_fraction * own
 
     def covered_match(self, values: np.ndarray, lesion_id: str) -> float:
         """Share of the destination voxels a paste covers ((C, N) values before it) that match the donor's shell."""
@@ -160,7 +167,7 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
         if context.score(np.median(values, axis=1), op["lesion_id"]) > context.tolerance + QUICK_CONTEXT_SLACK:
             return "context"
         if context.core_fraction > 0 and \
-                context.covered_match(values, op["lesion_id"]) < context.core_fraction - QUICK_COVERED_SLACK:
+                context.covered_match(values, op["lesion_id"]) < context.covered_needed(op["lesion_id"]) - QUICK_COVERED_SLACK:
             return "covered tissue"
     return None
 
@@ -312,7 +319,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                     if context.core_fraction > 0:
                         covered = channels[(slice(None),) + patch.box][:, core]
                         covered_match = context.covered_match(covered, op["lesion_id"])
-                        if covered_match < context.core_fraction:
+                        if covered_match < context.covered_needed(op["lesion_id"]):
                             why = "covered tissue"
                             break
                 if load + added * vv > hi:

@@ -238,12 +238,23 @@ def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarra
 
 
 def coarse_likelihood(stride, affine: np.ndarray, shape, coarse_shape, likelihood: np.ndarray,
-                      likelihood_affine: np.ndarray) -> np.ndarray:
-    """The likelihood map on the coarse grid (every `stride`-th voxel) of a case grid (affine, shape)."""
+                      likelihood_affine: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+    """The likelihood map on the coarse grid (every `stride`-th voxel) of a case grid (affine, shape); with
+    `within` (a bool mask of that coarse grid), only there (zero elsewhere): what placement reads."""
     if likelihood.shape == tuple(shape) and np.allclose(likelihood_affine, affine, atol=1e-3):
         # a strided view would slow every pass over it
         return np.ascontiguousarray(likelihood[tuple(slice(None, None, s) for s in stride)])
-    return likelihood_on(coarse_affine(affine, stride), coarse_shape, likelihood, likelihood_affine)
+    if within is None:
+        return likelihood_on(coarse_affine(affine, stride), coarse_shape, likelihood, likelihood_affine)
+    to_ref = np.linalg.inv(likelihood_affine) @ coarse_affine(affine, stride)
+    at = np.flatnonzero(within)
+    out = np.zeros(tuple(coarse_shape), dtype=np.float32)
+    if at.size:
+        idx = np.stack(np.unravel_index(at, within.shape)).astype(np.float64)
+        coords = to_ref[:3, :3] @ idx + to_ref[:3, 3:4]
+        out.reshape(-1)[at] = ndimage.map_coordinates(likelihood, coords, order=1, mode="constant", cval=0.0,
+                                                      prefilter=False)
+    return out
 
 
 def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, lesion_labels,

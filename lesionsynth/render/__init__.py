@@ -52,7 +52,7 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
         image, mask = bank.lesion_arrays(op["lesion_id"])
         return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
                            ctx.lesion_labels, ctx.region_fn, ctx.paste, prepared_mask(bank, op["lesion_id"]),
-                           landing_check(label, ctx), prepared_coefficients(bank, op["lesion_id"]))
+                           landing_check(label, ctx), lambda: prepared_coefficients(bank, op["lesion_id"]))
     if op["op"] == "inpaint":
         return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")

@@ -399,12 +399,14 @@ def antialias_sd(src_affine, tgt_affine, op: dict) -> np.ndarray:
     return np.sqrt(np.clip(np.diag(positive), 0.0, None))
 
 
-def paste_coefficients(src_image: np.ndarray, src_affine, tgt_affine, op: dict,
-                       coefficients: np.ndarray | None = None) -> np.ndarray:
-    """The spline coefficients a paste reads its channels from: of the donor crop as it is (`coefficients`,
-    if made already), or blurred by `antialias_sd` first when the target grid is coarser."""
+def paste_coefficients(src_image: np.ndarray, src_affine, tgt_affine, op: dict, coefficients=None) -> np.ndarray:
+    """The spline coefficients a paste reads its channels from: of the donor crop as it is (`coefficients`:
+    those coefficients, or a callable that gives them, e.g. from a worker's cache; None: made here), or of the
+    crop blurred by `antialias_sd` first when the target grid is coarser."""
     sd = antialias_sd(src_affine, tgt_affine, op)
     if sd.max() < MIN_ANTIALIAS_SD:
+        if callable(coefficients):
+            return coefficients()
         return spline_coefficients(src_image) if coefficients is None else coefficients
     blurred = np.empty(src_image.shape, dtype=np.float32)
     for c in range(src_image.shape[0]):
@@ -604,11 +606,13 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
                 settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None,
-                coefficients: np.ndarray | None = None) -> Patch | None:
+                coefficients=None) -> Patch | None:
     """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume
     (or, on the numpy path, fails `land_check`, see `resample_mask`).
 
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
+    `coefficients`: the crop's spline coefficients or a callable giving them (see `paste_coefficients`); on
+    the numpy path they are asked for only when the paste is blended.
     The channel values are blended by `apply`, from and into the channels it is given (`channels` here
     only keeps the signature of `inpaint_patch`); apply it before the case arrays change otherwise.
     """

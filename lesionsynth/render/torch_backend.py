@@ -192,7 +192,7 @@ def _cubic_bspline(coefficients, grid, src_shape):
 
 def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine,
                           tgt_shape, op: dict, src_box=None, support_mm: float = 0.0, device: str = "cuda",
-                          prepared=None, coefficients: np.ndarray | None = None
+                          prepared=None, coefficients=None
                           ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
     """torch twin of `paste.resample_lesion` (same arguments, plus `device`): (box, channels, soft) or None.
     `prepared` (a `paste.PreparedMask` of this mask) supplies the mask's voxels when a worker has them, and
