@@ -1,9 +1,10 @@
 """Optional torch backend (CPU or CUDA) for the one resampling of a pasted lesion and for full-volume warps.
 
 Same inputs, same outputs and the same maths as the numpy path (`paste.resample_lesion`): the 4x4 host
-maths (`target_box`, `source_from_target`) is shared; the elastic field, the source coordinates and the
-linear interpolation run on the device. Only the lesion crop goes to the device and only the target box
-comes back. torch is imported lazily: the package imports and runs without it.
+maths (`target_box`, `source_from_target`) and the channels' spline coefficients (`paste.paste_coefficients`,
+anti-aliasing blur included) are shared; the elastic field, the source coordinates, the mask's linear and the
+channels' cubic B-spline interpolation run on the device. Only the lesion crop goes to the device and only the
+target box comes back. torch is imported lazily: the package imports and runs without it.
 
 Agreement with scipy (float32 everywhere, see tests/test_torch_backend.py): lesion channels within ~6e-6 of
 their range, soft mask within ~1e-5 (except exact ties on a crop face, where scipy's mode="constant" jumps
