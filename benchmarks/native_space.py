@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -104,7 +105,9 @@ def default_truth(data: Path) -> Path:
 
 
 def cli() -> list[str]:
-    """The lesionsynth command of this environment."""
+    """The lesionsynth command of this environment ($LESIONSYNTH_CLI, if set: another build, to compare)."""
+    if os.environ.get("LESIONSYNTH_CLI"):
+        return shlex.split(os.environ["LESIONSYNTH_CLI"])
     sibling = Path(sys.executable).with_name("lesionsynth")
     if sibling.exists():
         return [str(sibling)]

@@ -77,7 +77,7 @@ def build_bank_cmd(
     overlap = set(config.lesion_labels) & set(config.region_labels)
     if overlap:
         raise InputError(f"label(s) {sorted(overlap)} cannot be both --lesion-label and --region-label")
-    path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["name"]},
+    path = build_bank(dataset, out, config, jobs=_jobs(jobs), extra_run_info={"recipe": rec and rec["ref"]},
                       backend=backend, scheduler=scheduler)
     bank = Bank(path)
     for line in space_lines(bank.index):

@@ -36,7 +36,7 @@ class AugmentConfig:
     min_region_fraction: float = 0.9
     max_overlap_fraction: float = 0.2
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
-    context_core_fraction: float = 0.8       # share of the covered voxels that must match the donor's shell too
+    context_core_fraction: float = 0.9       # share of the covered voxels that must match the donor's shell too
     max_extra_blur: float = 0.35             # sd (target voxels) a donor may land blurrier than the target (0: off)
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)

@@ -20,7 +20,8 @@ def available() -> dict[str, Path]:
 def load_recipe(name_or_path: str) -> dict:
     """Read a recipe by name (see `lesionsynth recipes`) or from a TOML file."""
     path = Path(name_or_path)
-    if not path.is_file():
+    shipped = not path.is_file()
+    if shipped:
         known = available()
         if name_or_path not in known:
             raise InputError(f"--recipe {name_or_path!r}: no such recipe or file (known: {', '.join(known)})")
@@ -34,6 +35,8 @@ def load_recipe(name_or_path: str) -> dict:
         raise InputError(f"{path}: unknown recipe section(s) {sorted(unknown)}; use {list(SECTIONS)}")
     recipe.setdefault("description", "")
     recipe["name"] = path.stem
+    # how to find it again (bank.json keeps it for generate): a shipped recipe by name, a file by its path
+    recipe["ref"] = path.stem if shipped else str(path.resolve())
     return recipe
 
 
