@@ -126,6 +126,10 @@ def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[di
         values, counts = np.unique(label_crop[mask], return_counts=True)
         label_value = int(values[counts.argmax()])
         shell = dilate(mask, shell_ball) & ~any_lesion[sl]
+        # the voxels touching the lesion carry its partial volume: they are not the tissue it sits in
+        clean = shell & ~dilate(mask)
+        if np.count_nonzero(clean) >= 10:
+            shell = clean
         start = np.array([s.start for s in sl])
         centroid_vox = np.argwhere(mask).mean(axis=0) + start
         crop = case.channels[(slice(None),) + sl]
@@ -351,6 +355,13 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
                                  foreground_overlap(reference, img, np.linalg.inv(best_from_first @ r.ref_from_case)),
                                  r.metric, r.seconds) for r, img in zip(regs, images)]
         ref_name = f"case {results[best]['case']['case_id']}"
+    poor = [(r["case"]["case_id"], reg.overlap) for r, reg in zip(results, regs) if reg.poor]
+    if poor and config.space == "auto" and template is None:
+        named = ", ".join(f"{cid} ({ov:.2f})" for cid, ov in poor)
+        return {"mode": "world", "reference_name": "world space",
+                "why": f"auto: registration to the case {results[best]['case']['case_id']} was poor for {named}, so "
+                       f"the cases' world coordinates are used; --space register to insist, --exclude-case to drop "
+                       f"a case"}
     for r, reg in zip(results, regs):
         r["case"]["registration"] = reg.as_json()
     record = {"mode": "register", "why": why, "reference_name": ref_name, "transform": "affine",
@@ -549,6 +560,12 @@ class Bank:
         levels = (0.0,) + DEVIATION_LEVELS
         return {les["id"]: (float(np.interp(tolerance, [0.0] + list(les["shell_deviation"]), levels))
                             if les.get("shell_deviation") else 1.0) for les in self.lesions}
+
+    def donor_shell_spread(self) -> dict:
+        """Lesion id → the median distance of its shell voxels from the shell's signature (None if unknown)."""
+        middle = DEVIATION_LEVELS.index(0.5)
+        return {les["id"]: (les["shell_deviation"][middle] if les.get("shell_deviation") else None)
+                for les in self.lesions}
 
     def donor_signatures(self, ct_channels) -> dict:
         """Lesion id → the tissue signature of its shell in its source case (`prior.donor_signature`), made once."""

@@ -141,7 +141,7 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None:
         context = ContextMatch(base_info["intensity_ref"], ct_channels, cfg.augment.context_tolerance,
                                bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
-                               bank.donor_shell_match(cfg.augment.context_tolerance))
+                               bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
                         PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in,
                         region.contains, cfg.augment.min_region_fraction)

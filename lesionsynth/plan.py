@@ -110,6 +110,13 @@ class ContextMatch:
     donors: dict                      # lesion id → the donor's shell signature (None: unknown)
     core_fraction: float = 0.0        # share of the covered voxels that must match too (0: not tested) ...
     own_match: dict | None = None     # ... times the share of each donor's own shell that matches its signature
+    own_spread: dict | None = None    # each donor's median shell deviation from its own signature
+
+    def tolerance_for(self, lesion_id: str) -> float:
+        """The distance accepted for this donor: the tolerance, or more for a donor whose own surroundings
+        are mixed (its shell voxels lie that far from their median), whose median is a weak signature."""
+        spread = 0.0 if self.own_spread is None else float(self.own_spread.get(lesion_id) or 0.0)
+        return max(self.tolerance, spread)
 
     def score(self, medians, lesion_id: str) -> float:
         """Distance of the destination tissue around a paste (per-channel medians) from the donor's shell."""
@@ -164,7 +171,8 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
     if context is not None and channels is not None and context.active(op["lesion_id"]) and len(idx):
         under = tuple(idx.T)
         values = np.stack([ch[under] for ch in channels])
-        if context.score(np.median(values, axis=1), op["lesion_id"]) > context.tolerance + QUICK_CONTEXT_SLACK:
+        if context.score(np.median(values, axis=1), op["lesion_id"]) > \
+                context.tolerance_for(op["lesion_id"]) + QUICK_CONTEXT_SLACK:
             return "context"
         if context.core_fraction > 0 and \
                 context.covered_match(values, op["lesion_id"]) < context.covered_needed(op["lesion_id"]) - QUICK_COVERED_SLACK:
@@ -313,7 +321,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                     break
                 if context is not None and context.active(op["lesion_id"]):  # the blend reuses these stats
                     score = context.score([m for m, _ in patch.tissue_stats(channels)], op["lesion_id"])
-                    if score > context.tolerance:
+                    if score > context.tolerance_for(op["lesion_id"]):
                         why = "context"
                         break
                     if context.core_fraction > 0:

@@ -120,11 +120,12 @@ def foreground_overlap(fixed: RegImage, moving: RegImage, moving_from_fixed: np.
 
 
 def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = None, affine: bool = True,
-             iterations: int = 120) -> tuple[np.ndarray, float]:
+             iterations: int = 120, start: list | None = None) -> tuple[np.ndarray, float]:
     """Affine registration of `moving` to `fixed`: (moving_from_fixed 4x4 world matrix, final MI metric).
 
     Rigid first (centred on the foregrounds' centres of mass unless `initial` is given), then a full affine,
-    each over two resolution levels, Mattes mutual information on the fixed foreground (dilated).
+    each over two resolution levels, Mattes mutual information on the fixed foreground (dilated). `start`, a
+    list, receives the starting matrix.
     """
     import SimpleITK as sitk
 
@@ -133,14 +134,16 @@ def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = Non
     f_img, m_img = _to_sitk(fixed.data, fixed.affine), _to_sitk(moving.data, moving.affine)
     f_mask = _to_sitk(_grow(fixed.foreground).astype(np.uint8), fixed.affine)
     if initial is None:
-        start = sitk.CenteredTransformInitializer(
+        start_tx = sitk.CenteredTransformInitializer(
             _to_sitk(fixed.foreground.astype(np.float32), fixed.affine),
             _to_sitk(moving.foreground.astype(np.float32), moving.affine),
             sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     else:
-        start = _affine_transform(initial)
+        start_tx = _affine_transform(initial)
+    if start is not None:
+        start.append(_matrix_of(start_tx))
     stages = [sitk.Euler3DTransform(), sitk.AffineTransform(3)] if affine else [sitk.Euler3DTransform()]
-    current = start
+    current = start_tx
     metric = float("nan")
     for kind in stages:
         if initial is not None and isinstance(kind, sitk.Euler3DTransform):
@@ -223,8 +226,12 @@ class Registration:
 def register_case(reference: RegImage, case: RegImage) -> Registration:
     """Worker: register one case to the reference (see `register`) and measure the result."""
     t0 = time.perf_counter()
-    case_from_ref, metric = register(reference, case)
+    start: list = []
+    case_from_ref, metric = register(reference, case, start=start)
     overlap = foreground_overlap(reference, case, case_from_ref)
+    start_overlap = foreground_overlap(reference, case, start[0])
+    if start_overlap > overlap:  # the optimiser ran off (e.g. towards a smaller overlap of the fields of view)
+        case_from_ref, overlap = start[0], start_overlap
     return Registration(np.linalg.inv(case_from_ref), overlap, metric, time.perf_counter() - t0)
 
 
