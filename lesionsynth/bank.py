@@ -99,7 +99,8 @@ def shell_deviation(crop: np.ndarray, shell: np.ndarray, ct_channels) -> list[fl
             with np.errstate(divide="ignore", invalid="ignore"):
                 dev = np.where(values > 0, np.abs(np.log(values / median)), np.inf)
         np.maximum(worst, dev, out=worst)
-    return [round(float(q), 4) if np.isfinite(q) else 1e3 for q in np.quantile(worst, DEVIATION_LEVELS)]
+    worst = np.minimum(worst, 1e3)  # a zero or negative voxel of an MR channel: as unlike as it gets
+    return [round(float(q), 4) for q in np.quantile(worst, DEVIATION_LEVELS)]
 
 
 def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[dict]:

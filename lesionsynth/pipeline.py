@@ -138,7 +138,9 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     ct_channels = tuple(is_ct(n) for n in bank.channel_names)
     base_info = bank.case_info(base_id)
     context = None
-    if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None:
+    # region labels already say which tissue lesions belong to (liver, lung, white matter): the context
+    # match is for the body-foreground region, where nothing else does
+    if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None and not region.region_labels:
         context = ContextMatch(base_info["intensity_ref"], ct_channels, cfg.augment.context_tolerance,
                                bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
                                bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())

@@ -147,7 +147,7 @@ def region_world_points(region: Region, affine: np.ndarray) -> np.ndarray:
 # --- context match ------------------------------------------------------------------------------------
 
 #: Hounsfield units that count as one unit of context distance on CT channels (MR channels: log ratio).
-CT_CONTEXT_HU = 500.0
+CT_CONTEXT_HU = 700.0
 
 
 def tissue_signature(medians, intensity_ref, ct_channels) -> np.ndarray | None:
