@@ -186,7 +186,7 @@ def _weighted_auc(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> float
         total += pos_w * (neg_below + 0.5 * neg_w)
         neg_below += neg_w
         i = j
-    pos_total, neg_total = ww[y].sum(), ww[~y].sum()
+    pos_total, neg_total = weight[y].sum(), weight[~y].sum()
     return float(total / (pos_total * neg_total)) if pos_total > 0 and neg_total > 0 else 0.5
 
 

@@ -230,8 +230,8 @@ def _space_lines(index: dict) -> list[str]:
         lines.append(f"  tissue prior {space['template_region_file']} (from {space['reference'].get('region_path')})")
     regs = [(c["case_id"], c["registration"]) for c in index.get("cases", []) if c.get("registration")]
     overlaps = [r["foreground_overlap"] for _, r in regs]
-    lines.append(f"  registration foreground overlap {_range(overlaps)}; time {_range([r['seconds'] for _, r in regs], 's')}"
-                 " per case")
+    seconds = _range([r["seconds"] for _, r in regs], "s")
+    lines.append(f"  registration foreground overlap {_range(overlaps)}; time {seconds} per case")
     poor = [f"{cid} ({r['foreground_overlap']:.2f})" for cid, r in regs if r.get("status") == "poor"]
     if poor:
         lines.append(f"  ! poor registration: {', '.join(poor)}")

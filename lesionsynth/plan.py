@@ -174,8 +174,8 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
         if context.score(np.median(values, axis=1), op["lesion_id"]) > \
                 context.tolerance_for(op["lesion_id"]) + QUICK_CONTEXT_SLACK:
             return "context"
-        if context.core_fraction > 0 and \
-                context.covered_match(values, op["lesion_id"]) < context.covered_needed(op["lesion_id"]) - QUICK_COVERED_SLACK:
+        needed = context.covered_needed(op["lesion_id"]) - QUICK_COVERED_SLACK
+        if context.core_fraction > 0 and context.covered_match(values, op["lesion_id"]) < needed:
             return "covered tissue"
     return None
 

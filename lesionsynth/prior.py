@@ -293,6 +293,7 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
     return PlacementDensity(c_aff, cdf, region.coarse.shape, fallback, flat)
 
 
-__all__ = ["CT_CONTEXT_HU", "Region", "Grid", "PlacementDensity", "allowed_region", "body_foreground", "coarse_affine",
-           "coarse_likelihood", "context_distance", "crop_affine", "donor_signature", "matching_fraction", "tissue_signature", "finish_likelihood", "is_ct", "likelihood_on", "placement_density",
-           "reference_grid", "region_world_points", "splat", "voxel_volume"]
+__all__ = ["CT_CONTEXT_HU", "Grid", "PlacementDensity", "Region", "allowed_region", "body_foreground",
+           "coarse_affine", "coarse_likelihood", "context_distance", "crop_affine", "donor_signature",
+           "finish_likelihood", "is_ct", "likelihood_on", "matching_fraction", "placement_density",
+           "reference_grid", "region_world_points", "splat", "tissue_signature", "voxel_volume"]

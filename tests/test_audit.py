@@ -182,3 +182,26 @@ def test_audit_bounds_the_lesions_measured(output):
     audit = audit_output(output, max_lesions=5, seed=1)
     assert audit["n_real"] <= 5 and audit["n_pasted"] <= 5
     assert audit["auc"] is None and "too few" in audit["reason"]
+
+
+def test_weighted_auc_matches_scikit_learn_and_volume_matching_removes_a_size_effect():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from lesionsynth.audit import _weighted_auc, realism_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    score = rng.normal(size=300) + 0.7 * y
+    score[::7] = np.round(score[::7])  # ties
+    weight = rng.uniform(0.2, 3.0, 300)
+    assert _weighted_auc(y, score, weight) == pytest.approx(
+        sklearn_metrics.roc_auc_score(y, score, sample_weight=weight), abs=1e-12)
+    # a feature that only follows lesion size: pasted lesions are larger, so it separates them, but not once
+    # the real lesions are weighted to the pasted lesions' sizes
+    def lesions(n, mean_log_volume):
+        volume = np.exp(rng.normal(mean_log_volume, 1.0, n))
+        return [{"volume_mm3": v, "spread_0": 0.1 * np.log(v) + rng.normal(0, 0.05)} for v in volume]
+    real, pasted = lesions(300, 4.0), lesions(200, 5.0)
+    plain = realism_auc(real, pasted, features=["spread_0"])
+    matched = realism_auc(real, pasted, features=["spread_0"], match_volume=True)
+    assert plain["auc"] > 0.65
+    assert matched["auc"] < 0.6
