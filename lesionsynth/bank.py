@@ -19,11 +19,10 @@ from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, struc
 from .io import Case, CaseRef, load_case, open_dataset
 from .io.nifti import save_nifti
 from .labels import label_in
-from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, is_ct, reference_grid,
-                    region_world_points, splat)
+from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, is_ct, likelihood_on,
+                    on_grid, reference_grid, region_world_points, splat)
 from .space import (ALIGNED_OVERLAP, POOR_OVERLAP, SPACES, RegImage, Registration, closest_case, foreground_overlap,
-                    map_onto, provisional_reference, reference_grid_of, register_case, registration_image,
-                    world_overlap)
+                    provisional_reference, reference_grid_of, register_case, registration_image, world_overlap)
 from .stats import noise_sd
 
 BANK_FORMAT = 1
@@ -80,26 +79,18 @@ DEVIATION_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 
 def shell_deviation(crop: np.ndarray, shell: np.ndarray, ct_channels) -> list[float] | None:
     """How alike a lesion's surroundings are: quantiles (DEVIATION_LEVELS) over its shell voxels of each
-    voxel's distance from the shell's median signature (`prior.context_distance` per voxel: the largest
-    per-channel |log ratio|, or |HU difference| / CT_CONTEXT_HU). The context match asks the tissue a paste
-    covers to be as alike the donor's surroundings as those surroundings are themselves."""
-    from .prior import CT_CONTEXT_HU
+    voxel's distance from the shell's median signature (`prior.signature_distances`). The context match asks
+    the tissue a paste covers to be as alike the donor's surroundings as those surroundings are themselves."""
+    from .prior import signature_distances
 
     if not shell.any():
         return None
-    worst = np.zeros(int(np.count_nonzero(shell)))
-    for c, ct in enumerate(ct_channels):
-        values = crop[c][shell].astype(np.float64)
-        median = float(np.median(values))
-        if ct:
-            dev = np.abs(values - median) / CT_CONTEXT_HU
-        elif median <= 0:
-            return None
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                dev = np.where(values > 0, np.abs(np.log(values / median)), np.inf)
-        np.maximum(worst, dev, out=worst)
-    worst = np.minimum(worst, 1e3)  # a zero or negative voxel of an MR channel: as unlike as it gets
+    values = crop[:, shell].astype(np.float64)
+    medians = np.median(values, axis=1)
+    if any(m <= 0 for m, ct in zip(medians, ct_channels) if not ct):
+        return None
+    # a zero or negative voxel of an MR channel is as unlike as it gets (inf, kept finite for the quantiles)
+    worst = np.minimum(signature_distances(values, medians, ct_channels), 1e3)
     return [round(float(q), 4) for q in np.quantile(worst, DEVIATION_LEVELS)]
 
 
@@ -246,14 +237,7 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
         if not any(r["lesions"] for r in results):
             raise InputError(f"{dataset}: no lesion found with label(s) {list(config.lesion_labels)}"
                              f" and volume ≥ {config.min_volume_mm3} mm³")
-        space = common_space(results, config, template, runner, progress)
-    poor = [(r["case"]["case_id"], r["case"]["registration"]["foreground_overlap"]) for r in results
-            if r["case"].get("registration", {}).get("status") == "poor"]
-    if poor:
-        named = ", ".join(f"{cid} (overlap {ov:.2f})" for cid, ov in poor)
-        raise InputError(f"{dataset}: registration to the reference {space['reference_name']} is poor for {named}"
-                         f" (foreground overlap < {POOR_OVERLAP}): check those cases, leave them out with "
-                         f"--exclude-case ID, or build with --space world")
+        space = common_space(results, config, template, runner, progress, dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -309,13 +293,15 @@ def _read_template(config: BankConfig) -> dict:
     return out
 
 
-def common_space(results: list[dict], config: BankConfig, template: dict | None, runner, progress: bool) -> dict:
+def common_space(results: list[dict], config: BankConfig, template: dict | None, runner, progress: bool,
+                 dataset) -> dict:
     """Decide the bank's common space and register the cases when it is `register`.
 
     Stores per case `registration` (see `space.Registration.as_json`) in `results[i]["case"]` and returns
     the bank.json `space` record (mode, why, the reference). With no template the reference is chosen
     group-wise: every case is registered to the case of median foreground volume, then the case closest to
-    the others becomes the reference and the transforms are composed onto it.
+    the others becomes the reference and the transforms are composed onto it. A poor registration falls back
+    to world space under `auto` (and says so), and is an InputError naming the cases otherwise.
     """
     from tqdm import tqdm
 
@@ -363,6 +349,11 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
                 "why": f"auto: registration to the case {results[best]['case']['case_id']} was poor for {named}, so "
                        f"the cases' world coordinates are used; --space register to insist, --exclude-case to drop "
                        f"a case"}
+    if poor:
+        named = ", ".join(f"{cid} (overlap {ov:.2f})" for cid, ov in poor)
+        raise InputError(f"{dataset}: registration to the reference {ref_name} is poor for {named}"
+                         f" (foreground overlap < {POOR_OVERLAP}): check those cases, leave them out with "
+                         f"--exclude-case ID, or build with --space world")
     for r, reg in zip(results, regs):
         r["case"]["registration"] = reg.as_json()
     record = {"mode": "register", "why": why, "reference_name": ref_name, "transform": "affine",
@@ -427,7 +418,7 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
     save_nifti(folder / LIKELIHOOD_FILE, likelihood, ref.affine, None, np.float32)
     template_region = space.pop("_template_region", None)
     if template_region is not None:
-        prior = map_onto(template_region[0], template_region[1], ref.affine, ref.shape).astype(np.float32)
+        prior = likelihood_on(ref.affine, ref.shape, template_region[0], template_region[1]).astype(np.float32)
         save_nifti(folder / TEMPLATE_REGION_FILE, prior, ref.affine, None, np.float32)
         space["template_region_file"] = TEMPLATE_REGION_FILE
     cases = [r["case"] for r in results]
@@ -483,7 +474,7 @@ class Bank:
         self._coarse_likelihood = None
         self._derived: OrderedDict = OrderedDict()
         self._derived_bytes = 0
-        self._donor_signatures = None
+        self._donor_tables: dict = {}
 
     @property
     def lesion_labels(self) -> tuple[int, ...]:
@@ -557,26 +548,30 @@ class Bank:
 
     def donor_shell_match(self, tolerance: float) -> dict:
         """Lesion id → the share of its shell voxels within `tolerance` of the shell's own signature (from the
-        stored `shell_deviation` quantiles; 1.0 where the bank has none)."""
+        stored `shell_deviation` quantiles; 1.0 where the bank has none), made once per tolerance."""
         levels = (0.0,) + DEVIATION_LEVELS
-        return {les["id"]: (float(np.interp(tolerance, [0.0] + list(les["shell_deviation"]), levels))
-                            if les.get("shell_deviation") else 1.0) for les in self.lesions}
+        return self._donor_table(("shell_match", tolerance), lambda les: (
+            float(np.interp(tolerance, [0.0] + list(les["shell_deviation"]), levels))
+            if les.get("shell_deviation") else 1.0))
 
     def donor_shell_spread(self) -> dict:
         """Lesion id → the median distance of its shell voxels from the shell's signature (None if unknown)."""
         middle = DEVIATION_LEVELS.index(0.5)
-        return {les["id"]: (les["shell_deviation"][middle] if les.get("shell_deviation") else None)
-                for les in self.lesions}
+        return self._donor_table(("shell_spread",), lambda les: (
+            les["shell_deviation"][middle] if les.get("shell_deviation") else None))
 
     def donor_signatures(self, ct_channels) -> dict:
         """Lesion id → the tissue signature of its shell in its source case (`prior.donor_signature`), made once."""
-        if self._donor_signatures is None:
-            from .prior import donor_signature
+        from .prior import donor_signature
 
-            by_case = {c["case_id"]: c for c in self.cases}
-            self._donor_signatures = {les["id"]: donor_signature(les, by_case.get(les["source_case"]), ct_channels)
-                                      for les in self.lesions}
-        return self._donor_signatures
+        return self._donor_table(("signature", tuple(ct_channels)), lambda les: donor_signature(
+            les, self.case_info(les["source_case"]), ct_channels))
+
+    def _donor_table(self, key, make) -> dict:
+        """Lesion id → make(lesion), made once per key in this worker (every output case asks for the same)."""
+        if key not in self._donor_tables:
+            self._donor_tables[key] = {les["id"]: make(les) for les in self.lesions}
+        return self._donor_tables[key]
 
     def case_from_ref(self, case_id: str) -> np.ndarray:
         """World matrix from the reference space (the likelihood map's) to a bank case (identity in world
@@ -590,16 +585,15 @@ class Bank:
         asked for: the cases of a dataset on a shared grid all ask for the same. `case_id` names the bank
         case whose grid it is (its stored transform maps the reference onto it); `within`, a coarse mask where
         it is needed (zero elsewhere; not kept). Do not modify it."""
-        case_from_ref = self.case_from_ref(case_id) if case_id is not None else np.eye(4)
+        values, values_affine = self.likelihood()
+        values_affine = (self.case_from_ref(case_id) if case_id is not None else np.eye(4)) @ values_affine
+        if within is not None and not on_grid(values, values_affine, shape, affine):
+            return coarse_likelihood(stride, affine, shape, coarse_shape, values, values_affine, within)
         key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape),
-               case_from_ref.tobytes())
-        if within is not None and not (tuple(shape) == self.likelihood()[0].shape and not self.registered):
-            values, values_affine = self.likelihood()
-            return coarse_likelihood(stride, affine, shape, coarse_shape, values, case_from_ref @ values_affine, within)
+               values_affine.tobytes())
         if self._coarse_likelihood is None or self._coarse_likelihood[0] != key:
-            values, values_affine = self.likelihood()
             self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, values,
-                                                              case_from_ref @ values_affine))
+                                                              values_affine))
         return self._coarse_likelihood[1]
 
     def coarse_template_region(self, stride, affine: np.ndarray, coarse_shape, case_id: str) -> np.ndarray | None:
@@ -608,13 +602,12 @@ class Bank:
         if not name:
             return None
         from .io.nifti import load_nifti, read_array
-        from .prior import coarse_affine
 
         path = self.folder / name
         img = load_nifti(path)
         values = np.asarray(read_array(img, path), dtype=np.float32)
-        return map_onto(values, self.case_from_ref(case_id) @ np.asarray(img.affine, dtype=np.float64),
-                        coarse_affine(affine, stride), coarse_shape)
+        return coarse_likelihood(stride, affine, None, coarse_shape, values,
+                                 self.case_from_ref(case_id) @ np.asarray(img.affine, dtype=np.float64))
 
     def likelihood(self) -> tuple[np.ndarray, np.ndarray]:
         """(map, affine) of the lesion likelihood map, loaded once."""

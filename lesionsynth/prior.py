@@ -166,35 +166,40 @@ def tissue_signature(medians, intensity_ref, ct_channels) -> np.ndarray | None:
     return np.array(out, dtype=np.float64)
 
 
+def signature_distances(values: np.ndarray, signature: np.ndarray, ct_channels) -> np.ndarray:
+    """Per voxel (columns of `values`, (C, N), in signature units), how unlike it is a tissue signature: the
+    largest per-channel difference, |log ratio| on MR channels (inf for a value ≤ 0), |difference| /
+    CT_CONTEXT_HU on CT channels."""
+    worst = np.zeros(values.shape[1])
+    for v, s, ct in zip(np.asarray(values, dtype=np.float64), signature, ct_channels):
+        if ct:
+            dist = np.abs(v - s) / CT_CONTEXT_HU
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dist = np.where(v > 0, np.abs(np.log(v / s)), np.inf)
+        np.maximum(worst, dist, out=worst)
+    return worst
+
+
 def context_distance(destination: np.ndarray | None, donor: np.ndarray | None, ct_channels) -> float:
-    """How unlike two tissue signatures are: the largest per-channel difference, |log ratio| on MR channels,
-    |difference| / CT_CONTEXT_HU on CT channels (0 = alike; inf if either is missing)."""
+    """How unlike two tissue signatures are (`signature_distances`; 0 = alike; inf if either is missing)."""
     if destination is None or donor is None:
         return float("inf")
-    worst = 0.0
-    for d, s, ct in zip(destination, donor, ct_channels):
-        worst = max(worst, abs(d - s) / CT_CONTEXT_HU if ct else abs(float(np.log(d / s))))
-    return worst
+    return float(signature_distances(np.asarray(destination, dtype=np.float64)[:, None], donor, ct_channels)[0])
 
 
 def matching_fraction(values: np.ndarray, intensity_ref, donor: np.ndarray | None, ct_channels,
                       tolerance: float) -> float:
-    """Share of voxels (columns of `values`, (C, N)) whose every channel lies within `tolerance` of the donor's
-    signature (the per-voxel form of `context_distance`): how much of what a lesion would cover is tissue of
-    the kind it grew in. 0 if the donor's signature is unknown, 1 for no voxel."""
+    """Share of voxels (columns of `values`, (C, N), the case's own intensities) whose every channel lies within
+    `tolerance` of the donor's signature (the per-voxel form of `context_distance`): how much of what a lesion
+    would cover is tissue of the kind it grew in. 0 if the donor's signature is unknown, 1 for no voxel."""
     if donor is None:
         return 0.0
     if values.shape[1] == 0:
         return 1.0
-    ok = np.ones(values.shape[1], dtype=bool)
-    for v, ref, s, ct in zip(values, intensity_ref, donor, ct_channels):
-        v = np.asarray(v, dtype=np.float64)
-        if ct:
-            ok &= np.abs(v - s) <= tolerance * CT_CONTEXT_HU
-        else:
-            ratio = v / (float(ref) * s)
-            ok &= (ratio >= np.exp(-tolerance)) & (ratio <= np.exp(tolerance))
-    return float(ok.mean())
+    units = np.array([1.0 if ct else float(ref) for ref, ct in zip(intensity_ref, ct_channels)])
+    scaled = np.asarray(values, dtype=np.float64) / units[:, None]
+    return float(np.mean(signature_distances(scaled, donor, ct_channels) <= tolerance))
 
 
 def donor_signature(lesion_meta: dict, source_case: dict | None, ct_channels) -> np.ndarray | None:
@@ -227,10 +232,15 @@ class PlacementDensity:
         return apply_affine(self.affine, idx)
 
 
+def on_grid(values: np.ndarray, values_affine: np.ndarray, shape, affine: np.ndarray) -> bool:
+    """Whether a map already lies on the grid (shape, affine)."""
+    return shape is not None and tuple(shape) == values.shape and np.allclose(values_affine, affine, atol=1e-3)
+
+
 def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarray,
                   ref_affine: np.ndarray) -> np.ndarray:
-    """Resample the likelihood map (linear) onto a target grid."""
-    if tuple(target_shape) == likelihood.shape and np.allclose(target_affine, ref_affine, atol=1e-3):
+    """Resample a map on a reference grid (the likelihood map, a tissue prior; linear) onto a target grid."""
+    if on_grid(likelihood, ref_affine, target_shape, target_affine):
         return likelihood
     to_ref = np.linalg.inv(ref_affine) @ target_affine
     return ndimage.affine_transform(likelihood, to_ref[:3, :3], offset=to_ref[:3, 3], output_shape=tuple(target_shape),
@@ -239,9 +249,10 @@ def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarra
 
 def coarse_likelihood(stride, affine: np.ndarray, shape, coarse_shape, likelihood: np.ndarray,
                       likelihood_affine: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
-    """The likelihood map on the coarse grid (every `stride`-th voxel) of a case grid (affine, shape); with
-    `within` (a bool mask of that coarse grid), only there (zero elsewhere): what placement reads."""
-    if likelihood.shape == tuple(shape) and np.allclose(likelihood_affine, affine, atol=1e-3):
+    """The likelihood map (or another map on a reference grid) on the coarse grid (every `stride`-th voxel) of
+    a case grid (affine, shape; None: not known); with `within` (a bool mask of that coarse grid), only there
+    (zero elsewhere): what placement reads."""
+    if on_grid(likelihood, likelihood_affine, shape, affine):
         # a strided view would slow every pass over it
         return np.ascontiguousarray(likelihood[tuple(slice(None, None, s) for s in stride)])
     if within is None:
@@ -295,5 +306,6 @@ def placement_density(region: Region, label: np.ndarray, affine: np.ndarray, les
 
 __all__ = ["CT_CONTEXT_HU", "Grid", "PlacementDensity", "Region", "allowed_region", "body_foreground",
            "coarse_affine", "coarse_likelihood", "context_distance", "crop_affine", "donor_signature",
-           "finish_likelihood", "is_ct", "likelihood_on", "matching_fraction", "placement_density",
-           "reference_grid", "region_world_points", "splat", "tissue_signature", "voxel_volume"]
+           "finish_likelihood", "is_ct", "likelihood_on", "matching_fraction", "on_grid", "placement_density",
+           "reference_grid", "region_world_points", "signature_distances", "splat", "tissue_signature",
+           "voxel_volume"]

@@ -94,17 +94,6 @@ def _matrix_of(transform) -> np.ndarray:
     return _LPS @ lps @ _LPS
 
 
-def _affine_transform(matrix_ras: np.ndarray):
-    """The ITK AffineTransform (LPS) of a 4x4 world (RAS) matrix."""
-    import SimpleITK as sitk
-
-    lps = _LPS @ matrix_ras @ _LPS
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
-    tx.SetTranslation([float(v) for v in lps[:3, 3]])
-    return tx
-
-
 def foreground_overlap(fixed: RegImage, moving: RegImage, moving_from_fixed: np.ndarray) -> float:
     """Dice of the fixed foreground and the moving foreground mapped onto the fixed grid (nearest voxel), over
     the part of the fixed grid that the moving field of view covers (a shorter scan is not a poor one)."""
@@ -119,13 +108,13 @@ def foreground_overlap(fixed: RegImage, moving: RegImage, moving_from_fixed: np.
     return 2.0 * int(np.count_nonzero(a & b)) / total if total else 0.0
 
 
-def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = None, affine: bool = True,
-             iterations: int = 120, start: list | None = None) -> tuple[np.ndarray, float]:
+def register(fixed: RegImage, moving: RegImage, iterations: int = 120, start: list | None = None
+             ) -> tuple[np.ndarray, float]:
     """Affine registration of `moving` to `fixed`: (moving_from_fixed 4x4 world matrix, final MI metric).
 
-    Rigid first (centred on the foregrounds' centres of mass unless `initial` is given), then a full affine,
-    each over two resolution levels, Mattes mutual information on the fixed foreground (dilated). `start`, a
-    list, receives the starting matrix.
+    Rigid first (centred on the foregrounds' centres of mass), then a full affine, each over two resolution
+    levels, Mattes mutual information on the fixed foreground (dilated). `start`, a list, receives the
+    starting matrix.
     """
     import SimpleITK as sitk
 
@@ -133,21 +122,14 @@ def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = Non
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     f_img, m_img = _to_sitk(fixed.data, fixed.affine), _to_sitk(moving.data, moving.affine)
     f_mask = _to_sitk(_grow(fixed.foreground).astype(np.uint8), fixed.affine)
-    if initial is None:
-        start_tx = sitk.CenteredTransformInitializer(
-            _to_sitk(fixed.foreground.astype(np.float32), fixed.affine),
-            _to_sitk(moving.foreground.astype(np.float32), moving.affine),
-            sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    else:
-        start_tx = _affine_transform(initial)
+    current = sitk.CenteredTransformInitializer(
+        _to_sitk(fixed.foreground.astype(np.float32), fixed.affine),
+        _to_sitk(moving.foreground.astype(np.float32), moving.affine),
+        sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     if start is not None:
-        start.append(_matrix_of(start_tx))
-    stages = [sitk.Euler3DTransform(), sitk.AffineTransform(3)] if affine else [sitk.Euler3DTransform()]
-    current = start_tx
+        start.append(_matrix_of(current))
     metric = float("nan")
-    for kind in stages:
-        if initial is not None and isinstance(kind, sitk.Euler3DTransform):
-            continue  # refining a given transform: the affine stage only
+    for rigid in (True, False):
         method = sitk.ImageRegistrationMethod()
         method.SetNumberOfThreads(1)
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -162,7 +144,7 @@ def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = Non
         method.SetShrinkFactorsPerLevel([2, 1])
         method.SetSmoothingSigmasPerLevel([1.0, 0.0])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-        stage = _stage_transform(kind, current)
+        stage = _stage_transform(rigid, current)
         method.SetInitialTransform(stage, inPlace=True)
         method.Execute(f_img, m_img)
         metric = float(method.GetMetricValue())
@@ -170,30 +152,20 @@ def register(fixed: RegImage, moving: RegImage, initial: np.ndarray | None = Non
     return _matrix_of(current), metric
 
 
-def _stage_transform(kind, current):
-    """`kind` (Euler3D or Affine) started from the transform `current` (same centre, same mapping)."""
+def _stage_transform(rigid: bool, current):
+    """An Euler3D (`rigid`) or Affine transform started from the transform `current`: same centre, and the
+    same mapping (a rigid one keeps only the rotation of the linear part)."""
     import SimpleITK as sitk
 
     matrix = _LPS @ _matrix_of(current) @ _LPS  # LPS 4x4
-    if isinstance(kind, sitk.Euler3DTransform):
-        tx = sitk.Euler3DTransform()
-        try:
-            centre = current.GetFixedParameters()[:3]
-        except Exception:  # noqa: BLE001 - a transform without a centre
-            centre = (0.0, 0.0, 0.0)
-        tx.SetCenter(centre)
-        u, _, vt = np.linalg.svd(matrix[:3, :3])
-        tx.SetMatrix([float(v) for v in (u @ vt).ravel()])
-        c = np.asarray(centre)
-        tx.SetTranslation([float(v) for v in matrix[:3, :3] @ c + matrix[:3, 3] - c])
-        return tx
-    tx = sitk.AffineTransform(3)
-    try:
-        centre = np.asarray(current.GetFixedParameters()[:3], dtype=np.float64)
-    except Exception:  # noqa: BLE001
-        centre = np.zeros(3)
+    centre = np.asarray(current.GetFixedParameters()[:3], dtype=np.float64)
+    linear = matrix[:3, :3]
+    if rigid:
+        u, _, vt = np.linalg.svd(linear)
+        linear = u @ vt
+    tx = sitk.Euler3DTransform() if rigid else sitk.AffineTransform(3)
     tx.SetCenter([float(v) for v in centre])
-    tx.SetMatrix([float(v) for v in matrix[:3, :3].ravel()])
+    tx.SetMatrix([float(v) for v in linear.ravel()])
     tx.SetTranslation([float(v) for v in matrix[:3, :3] @ centre + matrix[:3, 3] - centre])
     return tx
 
@@ -250,13 +222,13 @@ def provisional_reference(images: list[RegImage]) -> int:
 def closest_case(images: list[RegImage], ref_from_case: list[np.ndarray], reference: RegImage) -> int:
     """The case closest to the others: smallest mean squared difference of the normalised images after each
     is mapped onto the reference grid through its transform (inside the reference foreground)."""
+    from scipy import ndimage
+
     idx = np.argwhere(reference.foreground)
     world = apply_affine(reference.affine, idx)
     samples = []
     for img, ref_from in zip(images, ref_from_case):
         vox = apply_affine(np.linalg.inv(img.affine) @ np.linalg.inv(ref_from), world)
-        from scipy import ndimage
-
         samples.append(ndimage.map_coordinates(img.data, vox.T, order=1, mode="constant", cval=0.0))
     stack = np.stack(samples)  # (n, voxels)
     sq = (stack ** 2).sum(axis=1)
@@ -281,18 +253,6 @@ def reference_grid_of(reference: RegImage, spacing_mm: float, margin_mm: float =
     return Grid(shape, affine)
 
 
-def map_onto(values: np.ndarray, values_affine: np.ndarray, target_affine: np.ndarray, target_shape,
-             ref_from_target: np.ndarray | None = None, order: int = 1) -> np.ndarray:
-    """Resample a map on the reference grid (`values_affine`) onto a target grid, through the target's
-    `ref_from_target` world matrix (None: the same world)."""
-    from scipy import ndimage
-
-    world = np.eye(4) if ref_from_target is None else np.asarray(ref_from_target, dtype=np.float64)
-    to_ref = np.linalg.inv(values_affine) @ world @ np.asarray(target_affine, dtype=np.float64)
-    return ndimage.affine_transform(values, to_ref[:3, :3], offset=to_ref[:3, 3], output_shape=tuple(target_shape),
-                                    order=order, mode="constant", cval=0.0, prefilter=False)
-
-
 __all__ = ["ALIGNED_OVERLAP", "POOR_OVERLAP", "REGISTRATION_MM", "RegImage", "Registration", "SPACES",
-           "block_mean", "closest_case", "foreground_overlap", "map_onto", "provisional_reference",
+           "block_mean", "closest_case", "foreground_overlap", "provisional_reference",
            "reference_grid_of", "register", "register_case", "registration_image", "world_overlap"]

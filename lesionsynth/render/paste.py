@@ -552,15 +552,14 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
             channel[tuple(ijk)] = d + a * (values - d)
 
 
-def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray, src_affine, tgt_affine,
-               op: dict) -> np.ndarray:
+def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """The soft mask a paste's label is cut from (at 0.5): `soft` itself, or, where the target grid is coarser
-    than the donor's (`antialias_sd`), the donor mask blurred like its channels and read at the same voxels.
+    than the donor's (`sd`, the paste's `antialias_sd`), the donor mask blurred like its channels and read at
+    the same voxels.
 
     A scanner records a small lesion on a coarse grid as a lower, wider blob whose half-level region is
     smaller than the lesion; the real labels of such grids follow that. Cutting the unblurred mask would give
     the pasted lesion a label larger than its visible extent there."""
-    sd = antialias_sd(src_affine, tgt_affine, op)
     if sd.max() < MIN_ANTIALIAS_SD:
         return soft
     blurred = ndimage.gaussian_filter(np.asarray(src_mask, dtype=np.float32), sigma=sd, mode="constant")
@@ -648,11 +647,12 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
 
         def lesion_values(idx):
             return lesion.reshape(lesion.shape[0], -1)[:, idx]
-    if antialias_sd(src_affine, affine, op).max() >= MIN_ANTIALIAS_SD:
+    sd = antialias_sd(src_affine, affine, op)
+    if sd.max() >= MIN_ANTIALIAS_SD:
         if mapper is None:  # the torch path: the numpy path's point mapper of this paste
             mapper = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
                                        support_mm)[1]
-        cut = keep_main_body(label_soft(soft, box, mapper, lesion_mask, src_affine, affine, op))
+        cut = keep_main_body(label_soft(soft, box, mapper, lesion_mask, sd))
         soft = np.where((soft > 0) & (cut == 0), np.float32(0.0), soft)  # the pieces keep_main_body left out
         core = cut >= 0.5
     else:

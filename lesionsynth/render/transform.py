@@ -37,23 +37,28 @@ def source_from_target(src_affine, src_centre, tgt_affine, tgt_centre, flip, ang
     return np.linalg.inv(np.asarray(src_affine)) @ world_inv @ np.asarray(tgt_affine)
 
 
-def extra_blur(src_affine, tgt_affine, flip, angles_deg, scale) -> float:
-    """How much blurrier (sd, target voxels) a donor lesion lands in the target than the target records: the
-    donor's voxel profile (a box of one source voxel, covariance I/12 in source voxels) carried into target
-    voxels, less the target's own (I/12), along its worst direction. Upscaling a lesion or taking it from a
-    grid that is coarser along some direction leaves it softer than the target's own lesions; resampling cannot
-    sharpen it back (a coarser target is matched by the anti-aliasing blur instead)."""
+def _donor_profile_peak(src_affine, tgt_affine, flip, angles_deg, scale) -> float:
+    """The largest variance (target voxels²) of a donor's voxel profile (a box of one source voxel,
+    covariance I/12 in source voxels) carried into target voxels by a paste."""
     m = source_from_target(src_affine, np.zeros(3), tgt_affine, np.zeros(3), flip, angles_deg, scale)[:3, :3]
     inv = np.linalg.inv(m)
-    worst = float(np.linalg.eigvalsh(inv @ inv.T / 12.0).max())
+    return float(np.linalg.eigvalsh(inv @ inv.T / 12.0).max())
+
+
+def extra_blur(src_affine, tgt_affine, flip, angles_deg, scale) -> float:
+    """How much blurrier (sd, target voxels) a donor lesion lands in the target than the target records: the
+    donor's voxel profile carried into target voxels (`_donor_profile_peak`), less the target's own (I/12),
+    along its worst direction. Upscaling a lesion or taking it from a grid that is coarser along some
+    direction leaves it softer than the target's own lesions; resampling cannot sharpen it back (a coarser
+    target is matched by the anti-aliasing blur instead)."""
+    worst = _donor_profile_peak(src_affine, tgt_affine, flip, angles_deg, scale)
     return float(np.sqrt(max(worst - 1.0 / 12.0, 0.0)))
 
 
 def largest_sharp_scale(src_affine, tgt_affine, flip, angles_deg, max_blur: float) -> float:
-    """The largest scale at which `extra_blur` stays within `max_blur` (the donor's profile grows with it)."""
-    m = source_from_target(src_affine, np.zeros(3), tgt_affine, np.zeros(3), flip, angles_deg, 1.0)[:3, :3]
-    inv = np.linalg.inv(m)
-    worst = float(np.linalg.eigvalsh(inv @ inv.T / 12.0).max())
+    """The largest scale at which `extra_blur` stays within `max_blur` (the profile's variance grows with the
+    scale's square)."""
+    worst = _donor_profile_peak(src_affine, tgt_affine, flip, angles_deg, 1.0)
     return float(np.sqrt((max_blur ** 2 + 1.0 / 12.0) / worst))
 
 
