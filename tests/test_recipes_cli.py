@@ -58,7 +58,25 @@ def test_recipe_values_reach_the_run_record(blobs, tmp_path):
     assert cli("recipes").stdout.count("\n") >= 6
 
 
+def test_a_recipe_file_given_to_build_bank_is_found_again_by_generate(blobs, tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('description = "mine"\n[bank]\n[augment]\nrotation_deg = 12.0\n')
+    bank, out = tmp_path / "bank", tmp_path / "out"
+    res = cli("build-bank", str(blobs), "--out", str(bank), "--recipe", str(recipe))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((bank / "bank.json").read_text())["run"]["recipe"] == str(recipe.resolve())
+    res = cli("generate", str(bank), "--out", str(out), "--n", "1", "--load", "low")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "run.json").read_text())["config"]["augment"]["rotation_deg"] == 12.0
+
+
 @pytest.mark.parametrize("args, message", [
+    (["build-bank", "{ds}", "--out", "{out}", "--space", "nowhere"], "--space 'nowhere'"),
+    (["build-bank", "{ds}", "--out", "{out}", "--template-region", "{missing}"], "--template-region needs --template"),
+    (["build-bank", "{ds}", "--out", "{out}", "--template", "{missing}"], "template file not found"),
+    (["build-bank", "{ds}", "--out", "{out}", "--space", "world", "--template", "{missing}"],
+     "--template needs --space register"),
+    (["build-bank", "{ds}", "--out", "{out}", "--exclude-case", "nosuch"], "--exclude-case nosuch"),
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "huge"], "--load 'huge'"),
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--shard", "3/2"], "--shard"),
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--recipe", "nope"], "--recipe"),
@@ -68,7 +86,8 @@ def test_recipe_values_reach_the_run_record(blobs, tmp_path):
 ])
 def test_bad_options_give_one_line_and_exit_2(blob_bank, tmp_path, args, message):
     out = tmp_path / "out"
-    args = [a.format(bank=blob_bank, out=out, missing=tmp_path / "missing") for a in args]
+    dataset = json.loads((blob_bank / "bank.json").read_text())["dataset"]["root"]
+    args = [a.format(bank=blob_bank, out=out, missing=tmp_path / "missing", ds=dataset) for a in args]
     res = cli(*args)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

@@ -163,6 +163,10 @@ def test_poor_registration_is_named_and_can_be_excluded(native, tmp_path):
     with pytest.raises(InputError, match=r"registration .* is poor for MS_01042 \(overlap"):
         build_bank(ds, tmp_path / "bank", BankConfig(space="register"), progress=False)
     assert not (tmp_path / "bank").exists()
+    # --space auto does not stop: it falls back to world coordinates and says why
+    auto = Bank(build_bank(ds, tmp_path / "auto", BankConfig(space="auto"), progress=False))
+    assert auto.index["space"]["mode"] == "world" and not auto.registered
+    assert "was poor for MS_01042" in auto.index["space"]["why"]
     bank = build_bank(ds, tmp_path / "bank", BankConfig(space="register", exclude_cases=("MS_01042",)), progress=False)
     assert [c["case_id"] for c in Bank(bank).cases] == [c for c in CASES if c != "MS_01042"]
 
