@@ -151,21 +151,25 @@ def rank_auc(y: np.ndarray, score: np.ndarray) -> float:
 VOLUME_BINS = 6
 
 
+def group_weights(real_groups, pasted_groups) -> tuple[np.ndarray, np.ndarray]:
+    """Weights that give the real lesions the pasted lesions' mix of groups (any hashable key per lesion):
+    real lesions weigh (pasted share / real share) of their group; pasted lesions weigh 1, or 0 in a group
+    that holds no real lesion (nothing to compare them with). Real weights are scaled to the pasted total."""
+    real_groups, pasted_groups = list(real_groups), list(pasted_groups)
+    n_real, n_pasted = Counter(real_groups), Counter(pasted_groups)
+    total_real, total_pasted = max(len(real_groups), 1), max(len(pasted_groups), 1)
+    w_real = np.array([(n_pasted.get(g, 0) / total_pasted) / (n_real[g] / total_real) for g in real_groups])
+    w_pasted = np.array([1.0 if g in n_real else 0.0 for g in pasted_groups])
+    return w_real * (w_pasted.sum() / max(w_real.sum(), 1e-12)), w_pasted
+
+
 def volume_weights(real_volumes: np.ndarray, pasted_volumes: np.ndarray, bins: int = VOLUME_BINS
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Weights that give the real lesions the pasted lesions' volume distribution: per bin of log volume
-    (quantiles of both groups), real lesions weigh (pasted share / real share) of the bin; pasted lesions weigh
-    1, or 0 in a bin that holds no real lesion (nothing to compare them with)."""
+    """`group_weights` over bins of log volume (quantiles of both groups): the real lesions get the pasted
+    lesions' volume distribution."""
     lv_real, lv_pasted = np.log(np.maximum(real_volumes, 1e-9)), np.log(np.maximum(pasted_volumes, 1e-9))
     edges = np.quantile(np.concatenate([lv_real, lv_pasted]), np.linspace(0, 1, bins + 1))[1:-1]
-    b_real, b_pasted = np.searchsorted(edges, lv_real), np.searchsorted(edges, lv_pasted)
-    n_real = np.bincount(b_real, minlength=bins).astype(np.float64)
-    n_pasted = np.bincount(b_pasted, minlength=bins).astype(np.float64)
-    share = np.divide(n_pasted / max(n_pasted.sum(), 1), n_real / max(n_real.sum(), 1),
-                      out=np.zeros(bins), where=n_real > 0)
-    w_real = share[b_real]
-    w_pasted = (n_real[b_pasted] > 0).astype(np.float64)
-    return w_real * (w_pasted.sum() / max(w_real.sum(), 1e-12)), w_pasted
+    return group_weights(np.searchsorted(edges, lv_real).tolist(), np.searchsorted(edges, lv_pasted).tolist())
 
 
 def _weighted_auc(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> float:
@@ -191,7 +195,7 @@ def _weighted_auc(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> float
 
 
 def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: int = 0,
-                features: list[str] | None = None, match_volume: bool = False) -> dict:
+                features: list[str] | None = None, match_volume: bool = False, match_case: bool = False) -> dict:
     """Cross-validated AUC of a classifier telling pasted (positive) from real lesions.
 
     StandardScaler + LogisticRegression, 5-fold StratifiedKFold (shuffled with `seed`), roc_auc_score on
@@ -205,6 +209,10 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
     `match_volume`: the real lesions are weighted (`volume_weights`, in the fit and in the AUC) to the
     pasted lesions' volume distribution, so that features that merely follow lesion size (a large lesion has
     a larger spread) do not count: the load target, not the paste, sets the sizes.
+    `match_case`: the real lesions are weighted (`group_weights`) to the pasted lesions' mix of cases (a real
+    lesion's `case_id`, a pasted lesion's `base_case`): each pasted lesion is compared with the real lesions of
+    the anatomy, grid and scanner it was pasted into, not with other cases' (a coarse grid alone changes the
+    spread and the edge of every lesion on it).
     """
     if features is None:
         keys = [k for k in (real_features or pasted_features or [{}])[0] if k.split("_", 1)[0] in MEASURES]
@@ -213,8 +221,9 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
         x = np.array([[r.get(f, np.nan) for f in features] for r in rows], dtype=np.float64).reshape(-1, len(features))
         volume = np.array([r.get("volume_mm3", np.nan) for r in rows], dtype=np.float64)
         keep = np.isfinite(x).all(axis=1) & (np.isfinite(volume) if match_volume else True)
-        return x[keep], volume[keep]
-    (x_real, v_real), (x_pasted, v_pasted) = matrix(real_features), matrix(pasted_features)
+        groups = [r.get("base_case", r.get("case_id")) for r in rows]
+        return x[keep], volume[keep], [g for g, k in zip(groups, np.broadcast_to(keep, len(groups))) if k]
+    (x_real, v_real, g_real), (x_pasted, v_pasted, g_pasted) = matrix(real_features), matrix(pasted_features)
     out = {"auc": None, "auc_ci95": None, "reason": None, "features": list(features),
            "n_real": int(len(x_real)), "n_pasted": int(len(x_pasted)),
            "n_dropped": int(len(real_features) + len(pasted_features) - len(x_real) - len(x_pasted)),
@@ -223,8 +232,9 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
     x = np.concatenate([x_real, x_pasted])
     y = np.concatenate([np.zeros(len(x_real), bool), np.ones(len(x_pasted), bool)])
     w = np.ones(len(x))
-    if match_volume and len(x_real) and len(x_pasted):
-        w = np.concatenate(volume_weights(v_real, v_pasted))
+    weighted = (match_volume or match_case) and len(x_real) and len(x_pasted)
+    if weighted:
+        w = np.concatenate(volume_weights(v_real, v_pasted) if match_volume else group_weights(g_real, g_pasted))
         keep = w > 0
         x, y, w = x[keep], y[keep], w[keep]
         out["n_pasted"] = int(y.sum())
@@ -253,7 +263,7 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
         return out
     model = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=1000))])
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=int(seed))
-    if match_volume:
+    if weighted:
         proba = np.empty(len(y))
         for train, test in folds.split(x, y.astype(int)):
             model.fit(x[train], y[train].astype(int), logreg__sample_weight=w[train])
@@ -416,11 +426,16 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
                 continue
             vox_vol = abs(float(np.linalg.det(case.affine[:3, :3])))
             keep &= sizes * vox_vol >= run.min_volume_mm3 - 1e-9
-            rows += _measure_case(run, case, box, lesion_all, np.flatnonzero(keep), comps, quota[cid], rng, kind)
+            measured = _measure_case(run, case, box, lesion_all, np.flatnonzero(keep), comps, quota[cid], rng, kind)
+            if kind == "pasted":
+                for row in measured:
+                    row["base_case"] = base_of[cid]
+            rows += measured
             del case, lesion_in_case, lesion_all, comps
 
     auc = realism_auc(real, pasted, seed=seed, features=feature_names(names))
     matched = realism_auc(real, pasted, seed=seed, features=feature_names(names), match_volume=True)
+    same_case = realism_auc(real, pasted, seed=seed, features=feature_names(names), match_case=True)
     keys = feature_names(names) + feature_names(names, REPORTED) + ["volume_mm3"]
     return {
         "audit_version": 1,
@@ -436,6 +451,8 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
         **{k: auc[k] for k in ("auc", "auc_ci95", "reason", "classifier", "features", "n_dropped", "single_auc",
                                "strongest")},
         "volume_matched": {k: matched[k] for k in ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc",
+                                                   "strongest")},
+        "case_matched": {k: same_case[k] for k in ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc",
                                                    "strongest")},
         "summary": {k: {"real": _summary(real, k), "pasted": _summary(pasted, k)} for k in keys},
         "context": {nm: {"real": _summary(real, f"context_{nm}")["median"],

@@ -41,6 +41,7 @@ class AugmentConfig:
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
+    natural_pastes: int = 32                 # pastes of drawn size that may fill a deficit before large ones are favoured
     max_failed_tries: int = 60               # rendered pastes refused before a case gives up
     max_prechecks_refused: int = 400         # draws refused by the cheap pre-check (no rendering) before it gives up
     volume_rotation_deg: float = 10.0        # --volume-warp: whole-case rotation about each axis, ±this
@@ -216,6 +217,34 @@ def sharp_donors(donors: list[dict], affine: np.ndarray, cfg: AugmentConfig) -> 
     return (sharp, True) if sharp else (donors, False)
 
 
+#: Tilts tried, smallest first: a lesion is drawn with weight volume ** tilt (0: as the bank holds them).
+SIZE_TILTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3: float, natural_pastes: int
+                        ) -> np.ndarray:
+    """Draw weights of the donor lesions for one paste.
+
+    As the bank holds them (pasted lesions keep the dataset's size distribution; a draw weighted by volume
+    made them 2-3x larger than the real ones) while about `natural_pastes` lesions of the median drawn size
+    fill the deficit; a larger deficit tilts the draw towards large lesions (weight volume ** tilt, the
+    smallest tilt of SIZE_TILTS that is enough), so that a load of many times the typical lesion is reached
+    within the operation budget. A lesion larger than what is left to fill is less likely, in proportion."""
+    deficit = max(float(deficit_mm3), 0.0)
+    volumes = np.maximum(np.asarray(volumes, dtype=np.float64), 1e-9)
+    order = np.argsort(volumes, kind="stable")
+    for tilt in SIZE_TILTS:
+        tilted = volumes ** tilt
+        # the median drawn size, not the mean: a few giant lesions in a bank of small ones raise the mean
+        # without making the typical draw any larger
+        cumulative = np.cumsum(tilted[order])
+        median = volumes[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])]
+        if deficit <= natural_pastes * median:
+            break
+    fits = np.minimum(1.0, deficit / (volumes * largest_scale3))
+    return tilted * fits + 1e-9
+
+
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
                density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None
                ) -> dict:
@@ -224,9 +253,8 @@ def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float
     smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
     fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
     pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
-    # size-aware: a lesion's chance grows with how much of the deficit it can fill, so large deficits
-    # are filled by large lesions rather than by hundreds of small ones
-    weights = np.array([min(les["volume_mm3"] * largest, max(deficit_mm3, 0.0)) for les in pool]) + 1e-9
+    weights = size_tilted_weights(np.array([les["volume_mm3"] for les in pool]), deficit_mm3, largest,
+                                  cfg.natural_pastes)
     lesion = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
     s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
     if s_fit > cfg.scale_range[1]:

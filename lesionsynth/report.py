@@ -824,6 +824,11 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
             verdict += (f" Volume-matched (real lesions weighted to the pasted lesions' sizes, so that features "
                         f"that only follow lesion size do not count): <b>{matched['auc']:.2f}</b> "
                         f"({mlo:.2f}–{mhi:.2f}).")
+        same_case = audit.get("case_matched") or {}
+        if same_case.get("auc") is not None:
+            clo, chi = same_case["auc_ci95"]
+            verdict += (f" Case-matched (each pasted lesion against the real lesions of the case it was pasted "
+                        f"into: same anatomy, grid and scanner): <b>{same_case['auc']:.2f}</b> ({clo:.2f}–{chi:.2f}).")
     else:
         verdict = f"<b>Realism AUC not computed</b>: {html.escape(audit['reason'] or '?')}."
     strongest = ", ".join(f"{s['feature']} ({s['auc']:.2f})" for s in audit["strongest"]) or "–"

@@ -205,3 +205,29 @@ def test_weighted_auc_matches_scikit_learn_and_volume_matching_removes_a_size_ef
     matched = realism_auc(real, pasted, features=["spread_0"], match_volume=True)
     assert plain["auc"] > 0.65
     assert matched["auc"] < 0.6
+
+
+def test_case_matching_compares_pasted_lesions_with_their_own_case():
+    """A feature set by the case's grid (a coarse case blurs every lesion on it): pasted lesions sit mostly in
+    the coarse case, so the plain AUC separates them; weighted to the pasted lesions' mix of base cases, not."""
+    from lesionsynth.audit import group_weights, realism_auc
+
+    rng = np.random.default_rng(5)
+    blur = {"fine": 0.0, "coarse": 1.0}
+
+    def lesions(counts, pasted):
+        rows = []
+        for case, n in counts.items():
+            for _ in range(n):
+                row = {"volume_mm3": 100.0, "spread_0": blur[case] + rng.normal(0, 0.3)}
+                row.update({"case_id": f"syn_{case}", "base_case": case} if pasted else {"case_id": case})
+                rows.append(row)
+        return rows
+
+    real, pasted = lesions({"fine": 150, "coarse": 50}, False), lesions({"fine": 20, "coarse": 180}, True)
+    assert realism_auc(real, pasted, features=["spread_0"])["auc"] > 0.65
+    assert realism_auc(real, pasted, features=["spread_0"], match_case=True)["auc"] < 0.6
+    w_real, w_pasted = group_weights(["a", "a", "b"], ["a", "b", "b", "c"])
+    assert w_pasted.tolist() == [1.0, 1.0, 1.0, 0.0]  # case c has no real lesion to compare with
+    assert w_real[0] == w_real[1] and w_real[2] == pytest.approx(4 * w_real[0])
+    assert w_real.sum() == pytest.approx(w_pasted.sum())

@@ -488,6 +488,8 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
 SPLINE_NOISE_KEPT = 0.8
 #: Fewest tissue voxels around a paste from which the donor's resampled tissue level is read.
 MIN_RING_VOXELS = 10
+#: The ring the tissue levels are read on: written tissue voxels of alpha below this (the feather, past the halo).
+RING_ALPHA = 0.5
 
 
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
@@ -500,9 +502,8 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     `channel_stats(channels, tissue, box start)` computed already.
 
     MR channels are scaled by (destination tissue median / donor tissue median), both read on the same
-    voxels: the `tissue` voxels around the paste, in the destination and in the resampled donor crop. The
-    lesion thus keeps its contrast to the tissue right around it (a paste of a lesion onto itself changes
-    nothing), and the donor's partial-volume halo counts as lesion on both sides. Noise is added only as far
+    voxels: the `tissue` voxels of the feather around the paste (beyond the halo), in the destination and in
+    the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it. Noise is added only as far
     as the destination's noise (× `noise_gain`) exceeds what the donor's own noise keeps after resampling.
     """
     idx, a = feather(soft, spacing, settings)
@@ -511,7 +512,9 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     if dest_stats is None:
         dest_stats = channel_stats(channels, tissue, start)
     lesion = lesion_values(idx)
-    ring = tissue.reshape(-1)[idx]  # the written voxels that are normal tissue around the paste
+    # normal tissue the paste writes, beyond the halo: there the resampled donor holds no more of its lesion's
+    # partial volume, which would otherwise set its tissue level too bright (FLAIR) and dim the lesion
+    ring = tissue.reshape(-1)[idx] & (a < RING_ALPHA)
     ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
     use_ring = np.count_nonzero(ring) >= MIN_RING_VOXELS
     offsets = {}
