@@ -14,7 +14,7 @@ export LESIONSYNTH_DATA = $(DATA)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,fast]' 'torch==2.13.0' nnunetv2
+	$(PY) -m pip install -q -e '.[test]' 'torch==2.13.0' nnunetv2
 	touch $@
 
 venv: $(VENV)/.installed

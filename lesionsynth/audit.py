@@ -12,8 +12,8 @@ synthetic label that hold voxels which are not lesion in its base case. A logist
 two apart from the contrast/spread/edge features; its cross-validated AUC is the audit's figure:
 0.5 means pasted lesions cannot be told from real ones, 1.0 that they always can.
 
-Pure functions with explicit spacing; scikit-learn is imported only inside `realism_auc` (an optional
-dependency: `pip install 'lesionsynth[report]'`); without it the rest of the audit still works.
+Pure functions with explicit spacing; scikit-learn (a dependency) is imported only inside `realism_auc`;
+where it will not import, the rest of the audit still works and the report says why.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MAX_LESIONS = 300         # lesions measured per kind (real, pasted), drawn at r
 MIN_GROUP = 10            # fewer lesions of a kind: no AUC
 BOOTSTRAP = 500           # resamples for the AUC's 95 % interval
 CT_OFFSET = 1000.0        # CT channels: HU + 1000 (≈ attenuation relative to air), so ratios make sense
-INSTALL_HINT = "scikit-learn is not installed: pip install 'lesionsynth[report]'"
+INSTALL_HINT = "scikit-learn will not import (it is a dependency of lesionsynth: pip install scikit-learn)"
 
 
 # --------------------------------------------------------------------------------------------------

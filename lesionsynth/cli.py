@@ -234,8 +234,8 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a run's own signal handling
+        typer.echo("stopped by SIGINT", err=True)
         sys.exit(130)
     except Exception as exc:  # usage errors and internal errors
         if isinstance(exc, typer.exceptions.TyperException) and hasattr(exc, "show"):

@@ -7,12 +7,15 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .errors import InputError, LesionsynthError
+from .errors import InputError, Interrupted, LesionsynthError
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BACKENDS = ("local", "dask")
@@ -58,6 +61,7 @@ class Runner:
     def __init__(self, jobs: int, fork: bool):
         self.jobs, self.fork = jobs, fork
         self._pool = None
+        self._workers: list = []
 
     def map(self, fn, calls: Iterable[tuple]) -> Iterator:
         if self.jobs == 1:
@@ -72,35 +76,50 @@ class Runner:
 
     def _submit(self, fn, calls) -> list:
         if self._pool is not None:
-            return [self._pool.submit(fn, *args) for args in calls]
+            return [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
         self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
-                                         initializer=_one_native_thread)
+                                         initializer=_worker_start, initargs=(os.getpid(),))
         # the workers start at the first submit; objects frozen then are not traversed by the workers'
         # garbage collector, which would otherwise copy every page holding them (copy-on-write)
         gc.freeze()
         try:
-            return [self._pool.submit(fn, *args) for args in calls]
+            futures = [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
         finally:
             gc.unfreeze()
+        self._workers = list(getattr(self._pool, "_processes", {}).values())  # to tell why one died
+        return futures
 
-    @staticmethod
-    def _results(futures: list) -> Iterator:
+    def _results(self, futures: list) -> Iterator:
         try:
             for future in futures:
                 try:
                     yield future.result()
                 except BrokenProcessPool:
-                    raise LesionsynthError(
-                        "a worker process died (killed, e.g. out of memory?); rerun, perhaps with fewer --jobs "
-                        "(generate --resume keeps the cases already written)") from None
+                    raise LesionsynthError(f"{worker_death(self._workers)}; rerun (generate --resume keeps the "
+                                           f"cases already written)") from None
         finally:
             for future in futures:
                 future.cancel()  # after an error (or an early stop) the rest is not run
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def worker_pids(self) -> list[int]:
+        """Process ids of the local worker processes started so far."""
+        return [p.pid for p in self._workers if p.pid is not None]
+
+    def close(self, stop_workers: bool = False) -> None:
+        """Shut the local workers down: after the work they have, or at once (`stop_workers`: each is sent
+        SIGTERM, removes the temporary file it is writing and exits)."""
+        if self._pool is None:
+            return
+        if stop_workers:
+            for process in self._workers:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGTERM)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for process in self._workers:  # reaped: no zombie left behind
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                process.join(5)
+        self._pool = None
 
 
 def fork_workers_usable(device: str = "cpu") -> bool:
@@ -109,12 +128,115 @@ def fork_workers_usable(device: str = "cpu") -> bool:
     return sys.platform.startswith("linux") and device == "cpu" and "fork" in multiprocessing.get_all_start_methods()
 
 
-def _one_native_thread() -> None:
-    """Worker start: one BLAS/OpenMP thread (a forked worker inherits the parent's pools, which the
-    environment variables set for spawned workers no longer size)."""
-    from threadpoolctl import threadpool_limits
+def worker_death(workers: list) -> str:
+    """Why a worker pool broke, from its processes' exit codes: the signal that killed one, or its exit status."""
+    import time
 
-    threadpool_limits(1)  # applies at once, for the rest of the process
+    deadline = time.monotonic() + 3.0  # the pool may not have reaped the dead one yet
+    codes: list = []
+    while not codes and time.monotonic() < deadline:
+        codes = [(p.pid, p.exitcode) for p in workers if getattr(p, "exitcode", None) not in (None, 0)]
+        time.sleep(0 if codes else 0.05)
+    # the pool terminates the others (SIGTERM) once one has died: report the one that died first
+    first = [c for c in codes if c[1] != -signal.SIGTERM] or codes
+    if not first:
+        return "a worker process ended unexpectedly"
+    pid, code = first[0]
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (the kernel's out-of-memory killer sends it: fewer --jobs may help)" if name == "SIGKILL" else ""
+        return f"worker process {pid} was killed by {name}{hint}"
+    return f"worker process {pid} exited with status {code}"
+
+
+_start_error: BaseException | None = None
+
+
+def _worker_start(parent_pid: int) -> None:
+    """Worker start: die with the parent, leave no temporary file when stopped, one native thread.
+
+    A failure here is kept and raised by the worker's first task (`_run_in_worker`), so that it reaches the
+    user with its own type and message instead of as a broken pool."""
+    global _start_error
+    try:
+        _die_with_parent(parent_pid)
+        signal.signal(signal.SIGTERM, _stop_worker)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+        # a forked worker inherits the parent's thread pools, which the environment variables set for spawned
+        # workers no longer size
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)  # applies at once, for the rest of the process
+    except BaseException as exc:  # noqa: BLE001 - reported by the first task
+        _start_error = exc
+
+
+def _run_in_worker(fn, *args):
+    if _start_error is not None:
+        raise LesionsynthError(f"a worker process could not start: {type(_start_error).__name__}: {_start_error}")
+    return fn(*args)
+
+
+def _stop_worker(signum, frame) -> None:
+    from .io.nifti import remove_open_temporaries
+
+    remove_open_temporaries()
+    os._exit(128 + signum)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker end when its parent does, also when the parent is killed with SIGKILL: Linux's
+    PR_SET_PDEATHSIG (SIGTERM on the parent's death), and elsewhere a thread that watches the parent's id."""
+    if os.getppid() != parent_pid:  # the parent died before we got here
+        os._exit(1)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            if ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # it died in between
+                    os._exit(1)
+                return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(1.0)
+        _stop_worker(signal.SIGTERM, None)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGTERM and SIGINT into `Interrupted` in this (main) thread while the block runs, so the run
+    stops where it is, its workers are stopped and one line says what is done. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # one stop at a time: the cleanup is not interrupted
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -131,11 +253,15 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
     check_backend(backend, scheduler)
     if backend == "local":
         runner = Runner(jobs, fork=jobs > 1 and fork_workers_usable(device))
+        stopped = False
         try:
             with worker_threads_limited(jobs):
                 yield runner
+        except BaseException:
+            stopped = True
+            raise
         finally:
-            runner.close()
+            runner.close(stop_workers=stopped)
         return
     from dask.distributed import Client
     import joblib
@@ -171,3 +297,29 @@ def release_freed_memory() -> None:
 
 
 _malloc_trim = None
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, what: str):
+    """Hold an exclusive lock on the file `path` while the block runs; refuse with one line if another process
+    holds it (`what` names what is locked). The lock dies with its holder (flock), so a killed run leaves
+    none behind. Where flock is unavailable (Windows), no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise InputError(f"{what} is being written by another process (pid {holder}); wait for it to end "
+                             f"or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .bank import Bank
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .geometry import voxel_volume
 from .io import load_case
 from .io.output import case_paths, copy_original, write_case, write_json
@@ -272,10 +273,16 @@ def _read_records(out: Path) -> dict[int, dict]:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files left by a killed run (atomic writes use '.NAME.tmpPID')."""
+    """Temporary files left by a killed run (atomic writes use '.NAME.tmpPID'); those of a process that is
+    still running (another shard writing alongside) stay."""
+    from .io.nifti import temporary_owner
+    from .parallel import process_alive
+
     for folder in [out / "imagesTr", out / "labelsTr", out, *out.glob("sub-*/*")]:
         for tmp in folder.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
+            owner = temporary_owner(tmp.name)
+            if owner is None or owner == os.getpid() or not process_alive(owner):
+                tmp.unlink(missing_ok=True)
 
 
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
@@ -288,9 +295,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
     the same time into the same folder, and whichever finds every case done writes the final files.
     """
-    from tqdm import tqdm
-
-    from .parallel import check_backend, execution
+    from .parallel import check_backend, stop_on_signals, writer_lock
     from .render.torch_backend import resolve_device
 
     cfg.validate()
@@ -307,8 +312,26 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
 
         bids.subject_labels([c["case_id"] for c in bank.cases] + [f"{cfg.case_prefix}{i:05d}" for i in range(cfg.n)])
     _prepare_output(out, record, resume or shard_n > 1, nnunet_folders=cfg.format == "nnunet")
-    _remove_stale_temporaries(out) if resume else None
+    what = f"{out} (--shard {shard_i}/{shard_n})" if shard_n > 1 else str(out)
+    with writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
+        try:
+            return _generate_shard(bank, bank_dir, out, cfg, jobs, progress, resume, shard, device, backend,
+                                   scheduler)
+        except Interrupted as exc:
+            written = len(_read_records(out))
+            raise Interrupted(exc.signum, f"{exc}: {written} of {cfg.n} cases written to {out}; run the same "
+                                          f"command with --resume to finish") from None
 
+
+def _generate_shard(bank: Bank, bank_dir: Path, out: Path, cfg: GenerateConfig, jobs: int, progress: bool,
+                    resume: bool, shard: tuple[int, int], device: str, backend: str, scheduler: str | None
+                    ) -> GenerateResult:
+    from tqdm import tqdm
+
+    from .parallel import execution
+
+    shard_i, shard_n = shard
+    _remove_stale_temporaries(out) if resume else None
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     done = _read_records(out)
     todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]

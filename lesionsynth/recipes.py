@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+#: The package whose data are the shipped recipes (the top-level `recipes/` folder of the source tree).
+RECIPE_PACKAGE = "lesionsynth.recipe_files"
 SECTIONS = ("bank", "augment")
 
 
-def available() -> dict[str, Path]:
-    """Recipe name → file, for the recipes shipped in `recipes/`."""
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
+def available() -> dict:
+    """Recipe name → its file (an importlib.resources Traversable), for the recipes shipped with the package."""
+    try:
+        folder = resources.files(RECIPE_PACKAGE)
+    except ModuleNotFoundError:  # a source tree used without an install: the folder beside the package
+        folder = Path(__file__).resolve().parent.parent / "recipes"
+    entries = [p for p in folder.iterdir() if p.name.endswith(".toml") and p.is_file()]
+    return {p.name[: -len(".toml")]: p for p in sorted(entries, key=lambda p: p.name)}
 
 
 def load_recipe(name_or_path: str) -> dict:
@@ -25,18 +32,20 @@ def load_recipe(name_or_path: str) -> dict:
         known = available()
         if name_or_path not in known:
             raise InputError(f"--recipe {name_or_path!r}: no such recipe or file (known: {', '.join(known)})")
-        path = known[name_or_path]
+        source, stem = known[name_or_path], name_or_path
+    else:
+        source, stem = path, path.stem
     try:
-        recipe = tomllib.loads(path.read_text())
+        recipe = tomllib.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(f"{path}: malformed recipe ({exc})") from None
+        raise InputError(f"{source}: malformed recipe ({exc})") from None
     unknown = set(recipe) - set(SECTIONS) - {"description"}
     if unknown:
-        raise InputError(f"{path}: unknown recipe section(s) {sorted(unknown)}; use {list(SECTIONS)}")
+        raise InputError(f"{source}: unknown recipe section(s) {sorted(unknown)}; use {list(SECTIONS)}")
     recipe.setdefault("description", "")
-    recipe["name"] = path.stem
+    recipe["name"] = stem
     # how to find it again (bank.json keeps it for generate): a shipped recipe by name, a file by its path
-    recipe["ref"] = path.stem if shipped else str(path.resolve())
+    recipe["ref"] = stem if shipped else str(path.resolve())
     return recipe
 
 

@@ -175,7 +175,7 @@ def test_report_without_scikit_learn_still_works(output, monkeypatch):
     text = write_report(output, n_examples=0).read_text()
     audit = json.loads((output / "report" / "realism.json").read_text())
     assert audit["auc"] is None and audit["reason"] == INSTALL_HINT
-    assert "pip install &#x27;lesionsynth[report]&#x27;" in text and 'id="load"' in text
+    assert "pip install scikit-learn" in text and 'id="load"' in text
 
 
 def test_audit_bounds_the_lesions_measured(output):

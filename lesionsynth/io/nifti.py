@@ -146,7 +146,8 @@ def atomic_file(path: str | os.PathLike):
     """An open binary file under a temporary name in `path`'s folder; on success it is flushed, fsynced
     and renamed over `path`, on any error removed (no partial file is ever left under `path`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.tmp{os.getpid()}")
+    OPEN_TEMPORARIES.add(tmp)
     try:
         with open(tmp, "wb") as fh:
             yield fh
@@ -156,6 +157,29 @@ def atomic_file(path: str | os.PathLike):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        OPEN_TEMPORARIES.discard(tmp)
+
+
+#: Atomic writes go to '.NAME.tmpPID' in the target's folder.
+TEMPORARY_PREFIX = "."
+#: The temporary files this process is writing now (removed by a worker stopped by a signal).
+OPEN_TEMPORARIES: set[Path] = set()
+
+
+def remove_open_temporaries() -> None:
+    """Remove the temporary files this process is writing (a worker being stopped: no partial file left)."""
+    for tmp in list(OPEN_TEMPORARIES):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary file's name ('.NAME.tmpPID'), or None if it is not one."""
+    head, sep, pid = name.rpartition(".tmp")
+    return int(pid) if sep and head.startswith(TEMPORARY_PREFIX) and pid.isdigit() else None
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:

@@ -1,0 +1,207 @@
+"""Stopping a run: signals to the parent (SIGTERM as a cluster scheduler sends it, SIGINT, SIGKILL), workers
+that die or cannot start, and the lock that keeps two writers of one shard apart. Real processes, real data."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lesionsynth.errors import InputError, LesionsynthError
+from lesionsynth.parallel import Runner, process_alive, writer_lock
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux")
+
+CLI = [sys.executable, "-m", "lesionsynth.cli"]
+
+
+@pytest.fixture(scope="module")
+def bank(real_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("signals") / "bank"
+    subprocess.run([*CLI, "build-bank", str(real_data / "mni_lesions"), "--out", str(out), "--jobs", "2"],
+                   check=True, capture_output=True)
+    return out
+
+
+def generate_cmd(bank: Path, out: Path, *extra: str) -> list[str]:
+    return [*CLI, "generate", str(bank), "--out", str(out), "--n", "12", "--load", "high", "--seed", "3",
+            "--jobs", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bank, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("signals") / "reference"
+    subprocess.run(generate_cmd(bank, out), check=True, capture_output=True)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Child process ids of `pid` (from /proc)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def start_and_wait_for_progress(cmd: list[str], out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """Start a run and wait until its workers run and it has written at least one synthetic case."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline:
+        workers = children(proc.pid) or workers
+        logs = list((out / ".progress").glob("*.jsonl")) if (out / ".progress").is_dir() else []
+        if len(workers) >= 2 and any(p.stat().st_size for p in logs):
+            return proc, workers
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the run never got going")
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if process_alive(p) and not _zombie(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return alive
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".*.tmp*")]
+
+
+def same_output(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and ".progress" not in p.parts)
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and ".progress" not in p.parts)
+    for rel in files:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_run_and_its_workers_and_resume_gives_the_same_bytes(sig, bank, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    proc, workers = start_and_wait_for_progress(generate_cmd(bank, out), out)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 128 + sig
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {signal.Signals(sig).name}: ") and "--resume" in last, err
+    assert "Traceback" not in err
+    assert wait_gone(workers, 10) == []
+    assert temporaries(out) == []
+    done = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_output(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_workers_end_when_the_parent_is_killed(bank, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    proc, workers = start_and_wait_for_progress(generate_cmd(bank, out), out)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_gone(workers, 10) == []  # they noticed their parent is gone
+    assert temporaries(out) == []  # stopped by SIGTERM (the parent-death signal), each removed its own
+    done = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_output(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_the_same_shard_is_refused(bank, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run(generate_cmd(bank, out, "--shard", "0/2"), check=True, capture_output=True)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with writer_lock(out / ".progress" / "shard-0000-of-0002.lock", "test"):  # as a running writer holds it
+        second = subprocess.run(generate_cmd(bank, out, "--resume", "--shard", "0/2"), capture_output=True,
+                                text=True)
+        other_shard = subprocess.run(generate_cmd(bank, out, "--shard", "1/2"), capture_output=True, text=True)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: {out} (--shard 0/2) is being written by another process (pid {os.getpid()}); wait for it to end "
+        f"or stop it first"]
+    assert other_shard.returncode == 0, other_shard.stderr  # shards of one run still run side by side
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if "shard-0000" not in p.name
+               and p.name not in {"manifest.jsonl", "dataset.json", "splits_final.json", "run.json"}), \
+        "first shard rewritten"
+    same_output(out, uninterrupted)
+
+
+def test_writer_lock_is_released_with_its_holder(tmp_path):
+    lock = tmp_path / "x.lock"
+    with writer_lock(lock, "x"):
+        with pytest.raises(InputError, match="x is being written by another process"):
+            with writer_lock(lock, "x"):  # another open file description: refused, as for another process
+                pass
+    with writer_lock(lock, "x"):
+        pass
+
+
+def _sleepy(i: int) -> int:
+    time.sleep(0.3)
+    return i
+
+
+def _fails(i: int) -> int:
+    raise ValueError(f"bad case {i}")
+
+
+def test_a_killed_worker_is_reported_with_its_signal():
+    runner = Runner(2, fork=True)
+    results = runner.map(_sleepy, [(i,) for i in range(8)])
+    next(results)
+    os.kill(runner.worker_pids()[0], signal.SIGKILL)
+    with pytest.raises(LesionsynthError, match=r"worker process \d+ was killed by SIGKILL"):
+        list(results)
+    runner.close()
+
+
+def test_a_worker_that_cannot_start_reports_the_real_cause(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # the forked workers inherit it: import fails
+    runner = Runner(2, fork=True)
+    with pytest.raises(LesionsynthError, match="a worker process could not start: ModuleNotFoundError: .*threadpoolctl"):
+        list(runner.map(_sleepy, [(i,) for i in range(4)]))
+    runner.close()
+
+
+def test_an_exception_in_a_worker_keeps_its_type_and_message():
+    runner = Runner(2, fork=True)
+    with pytest.raises(ValueError, match="bad case 0"):
+        list(runner.map(_fails, [(i,) for i in range(4)]))
+    runner.close()
+
+
+def test_stale_temporaries_of_a_live_writer_stay(tmp_path):
+    from lesionsynth.pipeline import _remove_stale_temporaries
+
+    (tmp_path / "imagesTr").mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "imagesTr" / f".a.nii.gz.tmp{dead.pid}"
+    live = tmp_path / "imagesTr" / f".b.nii.gz.tmp{os.getppid()}"  # another process, still running
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    _remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and live.exists()
