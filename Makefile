@@ -7,7 +7,7 @@ DEMO   ?= $(CURDIR)/.cache/demo
 JOBS   ?= 2
 export LESIONSYNTH_DATA = $(DATA)
 
-.PHONY: venv data demo test bench clean-demo
+.PHONY: venv data demo test check-install bench clean-demo
 
 # torch is pinned so pip takes the local CPU build (an unpinned torch pulls a multi-GB CUDA build);
 # nnunetv2 is installed to check the output with its own verify_dataset_integrity.
@@ -32,6 +32,10 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q
+
+# the install as a user gets it: sdist + wheel, the wheel alone in a fresh environment, every command
+check-install: data
+	PYTHON=$(PYTHON) scripts/check_install.sh $(DATA)/mni_lesions
 
 bench: data
 	$(PY) benchmarks/bench_generate.py
