@@ -450,6 +450,10 @@ def _labels_from_cases(results, config: BankConfig) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
+#: The fewest pastes of drawn size a deficit may take before larger lesions are favoured (see plan.size_tilted_weights).
+MIN_TYPICAL_LESIONS = 4
+
+
 class Bank:
     """Read access to a bank folder; lesion arrays are memory-mapped, opened on first use."""
 
@@ -483,6 +487,14 @@ class Bank:
     @property
     def region_labels(self) -> tuple[int, ...]:
         return tuple(self.config["region_labels"])
+
+    @property
+    def typical_lesion_count(self) -> int:
+        """Median number of bank lesions per case (cases without any count as 0), at least MIN_TYPICAL_LESIONS."""
+        per_case = {c["case_id"]: 0 for c in self.cases}
+        for les in self.lesions:
+            per_case[les["source_case"]] = per_case.get(les["source_case"], 0) + 1
+        return max(MIN_TYPICAL_LESIONS, int(np.ceil(np.median(list(per_case.values()) or [0]))))
 
     def case_refs(self) -> list[CaseRef]:
         return [CaseRef(c["case_id"], tuple(Path(p) for p in c["images"]), Path(c["label"]), c["four_d"])

@@ -41,7 +41,8 @@ class AugmentConfig:
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
-    natural_pastes: int = 32                 # pastes of drawn size that may fill a deficit before large ones are favoured
+    natural_pastes: int = 0                  # pastes of drawn size a deficit may take before large lesions are
+    #                                          favoured (0: the bank's median lesion count per case)
     max_failed_tries: int = 60               # rendered pastes refused before a case gives up
     max_prechecks_refused: int = 400         # draws refused by the cheap pre-check (no rendering) before it gives up
     volume_rotation_deg: float = 10.0        # --volume-warp: whole-case rotation about each axis, ±this
@@ -217,6 +218,8 @@ def sharp_donors(donors: list[dict], affine: np.ndarray, cfg: AugmentConfig) -> 
     return (sharp, True) if sharp else (donors, False)
 
 
+#: natural_pastes of a draw made without a bank (and without cfg.natural_pastes).
+FALLBACK_NATURAL_PASTES = 16
 #: Tilts tried, smallest first: a lesion is drawn with weight volume ** tilt (0: as the bank holds them).
 SIZE_TILTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -246,15 +249,15 @@ def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3:
 
 
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
-               density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None
-               ) -> dict:
+               density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None,
+               natural_pastes: int | None = None) -> dict:
     """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity.
     With the target `affine`, the scale is capped where the lesion would land blurrier than `max_extra_blur`."""
     smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
     fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
     pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
     weights = size_tilted_weights(np.array([les["volume_mm3"] for les in pool]), deficit_mm3, largest,
-                                  cfg.natural_pastes)
+                                  natural_pastes or cfg.natural_pastes or FALLBACK_NATURAL_PASTES)
     lesion = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
     s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
     if s_fit > cfg.scale_range[1]:
@@ -299,6 +302,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
     label array itself.
     """
     vv = voxel_volume(affine)
+    natural_pastes = cfg.natural_pastes or bank.typical_lesion_count
     lesion_labels = ctx.lesion_labels
     load_vox = count_in(label, lesion_labels)
     plan = CasePlan(round(target_mm3, 3), load_vox * vv)
@@ -326,7 +330,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
         while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
                and plan.prechecks_refused < cfg.max_prechecks_refused):
             load = load_vox * vv
-            op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine)
+            op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine,
+                            natural_pastes)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
             if why is not None:
