@@ -11,12 +11,14 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from .errors import InputError, Interrupted, LesionsynthError
 
+#: Seconds a stopped worker gets to remove its temporary file and exit before it is killed.
+STOP_GRACE_S = 3.0
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BACKENDS = ("local", "dask")
 
@@ -62,6 +64,7 @@ class Runner:
         self.jobs, self.fork = jobs, fork
         self._pool = None
         self._workers: list = []
+        self._stopping = False
 
     def map(self, fn, calls: Iterable[tuple]) -> Iterator:
         if self.jobs == 1:
@@ -97,9 +100,16 @@ class Runner:
                 except BrokenProcessPool:
                     raise LesionsynthError(f"{worker_death(self._workers)}; rerun (generate --resume keeps the "
                                            f"cases already written)") from None
+        except Interrupted:
+            self._stopping = True
+            raise
         finally:
-            for future in futures:
-                future.cancel()  # after an error (or an early stop) the rest is not run
+            # after an error (or an early stop) the rest is not run; but not when the workers are being stopped:
+            # the pool then fails the pending futures itself, and a cancelled one makes Python 3.11's pool
+            # thread print an InvalidStateError traceback
+            if not self._stopping:
+                for future in futures:
+                    future.cancel()
 
     def worker_pids(self) -> list[int]:
         """Process ids of the local worker processes started so far."""
@@ -110,12 +120,17 @@ class Runner:
         SIGTERM, removes the temporary file it is writing and exits)."""
         if self._pool is None:
             return
+        self._stopping = self._stopping or stop_workers
         if stop_workers:
-            for process in self._workers:
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    if process.is_alive():
-                        os.kill(process.pid, signal.SIGTERM)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 0.0)):
+                for process in self._workers:  # SIGKILL only for one stuck in a long native call
+                    with contextlib.suppress(OSError, ValueError, AttributeError):
+                        if process.is_alive():
+                            os.kill(process.pid, sig)
+                for process in self._workers:
+                    with contextlib.suppress(OSError, ValueError, AssertionError):
+                        process.join(wait_s)
+        self._pool.shutdown(wait=True, cancel_futures=not self._stopping)
         for process in self._workers:  # reaped: no zombie left behind
             with contextlib.suppress(OSError, ValueError, AssertionError):
                 process.join(5)
