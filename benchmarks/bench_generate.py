@@ -86,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+import lesionsynth
 from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, Bank, BankConfig, build_bank
 from lesionsynth.io import load_case
 from lesionsynth.io.nifti import has_fast_gzip, save_nifti
@@ -93,6 +94,7 @@ from lesionsynth.io.output import write_case
 from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, synthesize_case
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(lesionsynth.__file__).resolve().parents[1]
 BANK_FACTOR = 10
 ENDINGS = {"gz": ".nii.gz", "nii": ".nii"}
 
@@ -307,7 +309,8 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
         (out / "labelsTr").mkdir()
         arg = json.dumps({"cfg": conf, "bank": str(bank_dir), "out": str(out), "index": i, "val_folds": val_folds})
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        # the child imports the lesionsynth this process runs (an installed one, or the checkout's)
+        env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, env=env,
                               check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
