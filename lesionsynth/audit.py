@@ -222,7 +222,7 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
         volume = np.array([r.get("volume_mm3", np.nan) for r in rows], dtype=np.float64)
         keep = np.isfinite(x).all(axis=1) & (np.isfinite(volume) if match_volume else True)
         groups = [r.get("base_case", r.get("case_id")) for r in rows]
-        return x[keep], volume[keep], [g for g, k in zip(groups, np.broadcast_to(keep, len(groups))) if k]
+        return x[keep], volume[keep], [g for g, k in zip(groups, keep) if k]
     (x_real, v_real, g_real), (x_pasted, v_pasted, g_pasted) = matrix(real_features), matrix(pasted_features)
     out = {"auc": None, "auc_ci95": None, "reason": None, "features": list(features),
            "n_real": int(len(x_real)), "n_pasted": int(len(x_pasted)),

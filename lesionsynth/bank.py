@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -488,7 +489,7 @@ class Bank:
     def region_labels(self) -> tuple[int, ...]:
         return tuple(self.config["region_labels"])
 
-    @property
+    @cached_property
     def typical_lesion_count(self) -> int:
         """Median number of bank lesions per case (cases without any count as 0), at least MIN_TYPICAL_LESIONS."""
         per_case = {c["case_id"]: 0 for c in self.cases}

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -145,8 +146,6 @@ def fork_workers_usable(device: str = "cpu") -> bool:
 
 def worker_death(workers: list) -> str:
     """Why a worker pool broke, from its processes' exit codes: the signal that killed one, or its exit status."""
-    import time
-
     deadline = time.monotonic() + 3.0  # the pool may not have reaped the dead one yet
     codes: list = []
     while not codes and time.monotonic() < deadline:

@@ -96,6 +96,12 @@ def same_output(a: Path, b: Path) -> None:
         assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
 
 
+def resume_gives_the_uninterrupted_bytes(bank: Path, out: Path, uninterrupted: Path) -> None:
+    done = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    same_output(out, uninterrupted)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_run_and_its_workers_and_resume_gives_the_same_bytes(sig, bank, uninterrupted, tmp_path):
@@ -111,9 +117,7 @@ def test_signal_stops_the_run_and_its_workers_and_resume_gives_the_same_bytes(si
     assert "Traceback" not in err
     assert wait_gone(workers, 10) == []
     assert temporaries(out) == []
-    done = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    same_output(out, uninterrupted)
+    resume_gives_the_uninterrupted_bytes(bank, out, uninterrupted)
 
 
 @pytest.mark.slow
@@ -124,9 +128,7 @@ def test_workers_end_when_the_parent_is_killed(bank, uninterrupted, tmp_path):
     proc.communicate(timeout=30)
     assert wait_gone(workers, 10) == []  # they noticed their parent is gone
     assert temporaries(out) == []  # stopped by SIGTERM (the parent-death signal), each removed its own
-    done = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    same_output(out, uninterrupted)
+    resume_gives_the_uninterrupted_bytes(bank, out, uninterrupted)
 
 
 @pytest.mark.slow
