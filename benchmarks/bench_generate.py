@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import hashlib
 import io
 import json
@@ -87,11 +88,12 @@ from pathlib import Path
 import numpy as np
 
 import lesionsynth
-from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, Bank, BankConfig, build_bank
+from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, SPLINES_FILE, Bank, BankConfig, build_bank
 from lesionsynth.io import load_case
 from lesionsynth.io.nifti import has_fast_gzip, save_nifti
 from lesionsynth.io.output import write_case
 from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, synthesize_case
+from lesionsynth.plan import AugmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_PARENT = Path(lesionsynth.__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ BANK_FACTOR = 10
 ENDINGS = {"gz": ".nii.gz", "nii": ".nii"}
 
 TARGETS = {
-    "generate_vs_floor": 1.5,   # generate per case ≤ 1.5 × I/O floor (jobs 1)
+    "generate_vs_floor": 1.2,   # generate per case ≤ 1.2 × I/O floor (jobs 1, issue 14; issue 3 asked 1.5)
     "vs_torchio": 20.0,         # ≥ 20 × faster than TorchIO
     "jobs2_speedup": 1.8,       # ≥ 1.8 × throughput at --jobs 2
     "bank10_within": 0.10,      # 10× bank within 10 % of 1×
@@ -116,8 +118,11 @@ def summary(values) -> dict:
     return {"n": len(v), "median": statistics.median(v), "min": min(v), "max": max(v)}
 
 
-def gen_config(args, n: int) -> GenerateConfig:
+def gen_config(args, n: int, natural_pastes: int) -> GenerateConfig:
+    # natural_pastes pinned to the 1x bank's typical lesion count: the 10x bank repeats every lesion, so its
+    # own count per case is 10x larger and would change the donor draw (and the lesion work)
     return GenerateConfig(n=n, load=args.load, seed=args.seed, folds=args.folds,
+                          augment=AugmentConfig(natural_pastes=natural_pastes),
                           load_range=tuple(args.load_range) if args.load_range else None,
                           include_originals=False, compression_level=args.compression_level,
                           file_ending=ENDINGS[args.codec])
@@ -143,13 +148,14 @@ def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
     index = json.loads((src / "bank.json").read_text())
     n_img = (src / IMAGES_FILE).stat().st_size // 4   # offsets count float32 elements
     n_mask = (src / MASKS_FILE).stat().st_size        # and uint8 elements
-    for name in (IMAGES_FILE, MASKS_FILE):
+    n_spline = (src / SPLINES_FILE).stat().st_size // 4
+    for name in (IMAGES_FILE, MASKS_FILE, SPLINES_FILE):
         with open(src / name, "rb") as fin, open(dst / name, "wb") as fout:
             for _ in range(factor):
                 fin.seek(0)
                 shutil.copyfileobj(fin, fout, 16 << 20)
     for other in src.iterdir():  # likelihood map, body regions: per case, not per lesion
-        if other.name not in (IMAGES_FILE, MASKS_FILE, "bank.json"):
+        if other.name not in (IMAGES_FILE, MASKS_FILE, SPLINES_FILE, "bank.json"):
             shutil.copy2(other, dst / other.name)
     lesions = []
     for les in index["lesions"]:
@@ -159,6 +165,7 @@ def make_scaled_bank(src: Path, dst: Path, factor: int) -> dict:
                 entry["id"] = f"{les['id']}~copy{k}"
                 entry["image_offset"] = les["image_offset"] + k * n_img
                 entry["mask_offset"] = les["mask_offset"] + k * n_mask
+                entry["spline_offset"] = les["spline_offset"] + k * n_spline
             lesions.append(entry)
     index["lesions"] = lesions
     (dst / "bank.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -272,9 +279,11 @@ def status_kib(key):
 import numpy, scipy.ndimage, skfmm, nibabel
 from lesionsynth.bank import Bank
 from lesionsynth.pipeline import GenerateConfig, synthesize_case, _open_bank
-from lesionsynth.plan import plan_and_render_case
+from lesionsynth.plan import AugmentConfig, plan_and_render_case
 from lesionsynth.render import render_op
 conf = dict(a["cfg"]); conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
+conf["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in conf["augment"].items()})
 cfg = GenerateConfig(**conf)
 bank = _open_bank(a["bank"])
 base = status_kib("VmHWM")
@@ -301,7 +310,8 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     conf = {"n": cfg.n, "load": cfg.load, "seed": cfg.seed, "folds": cfg.folds, "include_originals": False,
             "load_range": list(cfg.load_range) if cfg.load_range else None,
-            "compression_level": cfg.compression_level, "file_ending": cfg.file_ending}
+            "compression_level": cfg.compression_level, "file_ending": cfg.file_ending,
+            "augment": dataclasses.asdict(cfg.augment)}
     rows = []
     for i in indices:
         out = tmp / f"case{i}"
@@ -448,7 +458,7 @@ def main() -> int:
                               "bank_json_bytes": (bank1 / "bank.json").stat().st_size}
         log(f"bank: {len(bank.lesions)} lesions from {len(bank.cases)} cases ({results['bank_build_s']:.1f}s); "
             f"10x bank: {results['bank_x10']['lesions']} lesions")
-        cfg = gen_config(args, n)
+        cfg = gen_config(args, n, bank.typical_lesion_count)
 
         # -- 1. generate at --jobs 1 (also the 1x bank run)
         wall1, cases1, res1 = run_generate(bank1, work / "out_j1", cfg, 1)
@@ -610,7 +620,7 @@ def main() -> int:
     print()
 
     checks = [
-        ("generate per case <= 1.5x I/O floor (jobs 1)", ratio_floor, ratio_floor <= TARGETS["generate_vs_floor"],
+        ("generate per case <= 1.2x I/O floor (jobs 1)", ratio_floor, ratio_floor <= TARGETS["generate_vs_floor"],
          f"{statistics.median(best1):.3f}s / {statistics.median(best_floor):.3f}s = {ratio_floor:.2f}x (medians of "
          f"per-case min over {n_pairs} interleaved rounds; paired per case {per_case_ratio['median']:.2f}x)"),
         ("throughput jobs 2 >= 1.8x jobs 1", speedup, speedup >= TARGETS["jobs2_speedup"],
@@ -620,11 +630,15 @@ def main() -> int:
         ("10x bank within 10% of 1x (per case)", bank_ratio, abs(bank_ratio - 1) <= TARGETS["bank10_within"],
          f"{b10['median']:.3f}s / {b1['median']:.3f}s = {bank_ratio:.3f}x (medians of per-case min over "
          f"{n_pairs} interleaved rounds; paired per case {paired_bank['median']:.3f}x)"),
-        ("peak memory per worker <= 3x one case", mem_inc["max"] / case_mib,
-         mem_inc["max"] / case_mib <= TARGETS["memory_vs_case"],
-         f"max increment {mem_inc['max']:.0f} MiB / {case_mib:.1f} MiB = {mem_inc['max'] / case_mib:.2f}x "
-         f"(total RSS {mem_tot['max']:.0f} MiB = {mem_tot['max'] / case_mib:.2f}x)"),
     ]
+    if mem:
+        checks.append(("peak memory per worker <= 3x one case", mem_inc["max"] / case_mib,
+                       mem_inc["max"] / case_mib <= TARGETS["memory_vs_case"],
+                       f"max increment {mem_inc['max']:.0f} MiB / {case_mib:.1f} MiB = "
+                       f"{mem_inc['max'] / case_mib:.2f}x (total RSS {mem_tot['max']:.0f} MiB = "
+                       f"{mem_tot['max'] / case_mib:.2f}x)"))
+    else:
+        checks.append(("peak memory per worker <= 3x one case", None, None, "skipped (--memory-cases 0)"))
     if tio_stats:
         same = [pairs["1x"][0][row["case_index"]]["total_s"] for row in tio_res["cases"]]
         paired_tio = summary(row["total_s"] / g for row, g in zip(tio_res["cases"], same))
