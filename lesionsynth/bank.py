@@ -24,11 +24,15 @@ from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_like
                     on_grid, reference_grid, region_world_points, splat)
 from .space import (ALIGNED_OVERLAP, POOR_OVERLAP, SPACES, RegImage, Registration, closest_case, foreground_overlap,
                     provisional_reference, reference_grid_of, register_case, registration_image, world_overlap)
+from .render.paste import SPLINE_PAD, spline_coefficients
 from .stats import noise_sd
 
 BANK_FORMAT = 1
 IMAGES_FILE = "lesion_images.f32"
 MASKS_FILE = "lesion_masks.u8"
+#: The crops' cubic B-spline coefficients (`render.paste.spline_coefficients`), made once here rather than per
+#: paste in every worker; memory-mapped, so the workers of a run share one copy in the page cache.
+SPLINES_FILE = "lesion_splines.f32"
 LIKELIHOOD_FILE = "likelihood.nii.gz"
 REGIONS_FILE = "body_regions.u1"  # packed coarse body masks of the cases without region labels
 TEMPLATE_REGION_FILE = "template_region.nii.gz"  # the template's tissue prior on the likelihood grid
@@ -372,16 +376,21 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
 
 def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, extra: dict, space: dict) -> None:
     lesions_meta = []
-    image_offset = mask_offset = 0
-    with open(folder / IMAGES_FILE, "wb") as fi, open(folder / MASKS_FILE, "wb") as fm:
+    image_offset = mask_offset = spline_offset = 0
+    with open(folder / IMAGES_FILE, "wb") as fi, open(folder / MASKS_FILE, "wb") as fm, \
+            open(folder / SPLINES_FILE, "wb") as fs:
         for r in results:
             for les in r["lesions"]:
                 image, mask = les.pop("_image"), les.pop("_mask")
+                splines = spline_coefficients(image)
                 les["image_offset"], les["mask_offset"] = image_offset, mask_offset
+                les["spline_offset"] = spline_offset
                 fi.write(image.tobytes())
                 fm.write(mask.tobytes())
+                fs.write(splines.tobytes())
                 image_offset += image.size
                 mask_offset += mask.size
+                spline_offset += splines.size
                 lesions_meta.append(les)
     region_offset = 0
     with open(folder / REGIONS_FILE, "wb") as fr:
@@ -474,7 +483,7 @@ class Bank:
         self.cases = self.index["cases"]
         self.channel_names = self.index["channel_names"]
         self.config = self.index["config"]
-        self._images = self._masks = None
+        self._images = self._masks = self._splines = None
         self._likelihood = None
         self._coarse_likelihood = None
         self._derived: OrderedDict = OrderedDict()
@@ -516,6 +525,18 @@ class Bank:
         image = self._images[les["image_offset"]: les["image_offset"] + c * n].reshape((c,) + shape)
         mask = self._masks[les["mask_offset"]: les["mask_offset"] + n].reshape(shape)
         return image, mask
+
+    def lesion_splines(self, lesion_id: str) -> np.ndarray | None:
+        """The lesion crop's stored spline coefficients (C, X+4, Y+4, Z+4) float32, a memory-mapped view;
+        None for a bank built before they were stored."""
+        les = self.by_id[lesion_id]
+        if "spline_offset" not in les:
+            return None
+        if self._splines is None:
+            self._splines = np.memmap(self.folder / SPLINES_FILE, dtype=np.float32, mode="r")
+        shape = (self.index["n_channels"],) + tuple(int(n) + 2 * SPLINE_PAD for n in les["shape"])
+        n = int(np.prod(shape))
+        return self._splines[les["spline_offset"]: les["spline_offset"] + n].reshape(shape)
 
     def derived(self, key, make):
         """`make()`'s result (an object with `nbytes`), kept for the most recently used keys up to

@@ -67,7 +67,11 @@ def prepared_mask(bank, lesion_id: str) -> PreparedMask:
 
 
 def prepared_coefficients(bank, lesion_id: str) -> np.ndarray:
-    """The bank lesion's cubic-spline coefficients (`paste.spline_coefficients`), reused in this worker."""
+    """The bank lesion's cubic-spline coefficients (`paste.spline_coefficients`): stored in the bank, or made
+    here and reused in this worker (a bank that predates stored coefficients)."""
+    stored = bank.lesion_splines(lesion_id)
+    if stored is not None:
+        return stored
     return bank.derived(("spline", lesion_id), lambda: spline_coefficients(bank.lesion_arrays(lesion_id)[0]))
 
 
