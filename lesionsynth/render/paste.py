@@ -467,8 +467,14 @@ def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: flo
     return new, channels[(slice(None),) + local], soft[local]
 
 
+#: Smallest feathered alpha that is written. The faint outer layers matter little to the image but are where
+#: the tissue levels of the intensity match are read (RING_ALPHA): cutting them at 0.01 raised the realism
+#: AUC on native brains from 0.65 to 0.80.
+MIN_ALPHA = 1e-6
+
+
 def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(flat indices, alpha) of the box voxels the feathered alpha reaches (alpha > 1e-6).
+    """(flat indices, alpha) of the box voxels the feathered alpha reaches (alpha > MIN_ALPHA).
 
     The alpha is 1 on every voxel the soft mask touches and on a halo of `halo_mm` around them, then falls off
     with a gaussian of `feather_mm`: the lesion keeps its own partial-volume edge, as it was in the donor
@@ -479,7 +485,7 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
     if settings.halo_mm > 0:
         grown = dilate(grown, ball(settings.halo_mm, spacing))
     alpha = ndimage.gaussian_filter(grown.astype(np.float32), sigma=settings.feather_mm / spacing, mode="constant")
-    idx = np.flatnonzero(alpha > 1e-6)
+    idx = np.flatnonzero(alpha > MIN_ALPHA)
     return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
 
 
@@ -489,7 +495,7 @@ SPLINE_NOISE_KEPT = 0.8
 #: Fewest tissue voxels around a paste from which the donor's resampled tissue level is read.
 MIN_RING_VOXELS = 10
 #: The ring the tissue levels are read on: written tissue voxels of alpha below this (the feather, past the halo).
-RING_ALPHA = 0.5
+RING_ALPHA = 0.03
 
 
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
