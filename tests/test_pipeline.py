@@ -177,3 +177,32 @@ def test_volume_warp_is_recorded_and_keeps_image_and_label_aligned(blob_bank, tm
         img = np.asarray(nib.load(out / "imagesTr" / f"{rec['case_id']}_0000.nii.gz").dataobj)
         # lesions stay bright: image and label were warped with the same grid
         assert np.median(img[label == 1]) > np.median(img[(label == 0) & (img > 50)]) + 15
+
+
+def test_stored_spline_coefficients_give_the_same_cases(blob_bank, tmp_path):
+    """The bank's stored spline coefficients are those a paste would make itself, and a bank without them
+    (built before they were stored) generates the same bytes."""
+    import shutil
+
+    from lesionsynth.bank import SPLINES_FILE
+    from lesionsynth.render.paste import spline_coefficients
+
+    bank = Bank(blob_bank)
+    for les in bank.lesions[:5]:
+        stored = bank.lesion_splines(les["id"])
+        assert np.array_equal(stored, spline_coefficients(bank.lesion_arrays(les["id"])[0]))
+    old = tmp_path / "old_bank"
+    shutil.copytree(blob_bank, old)
+    (old / SPLINES_FILE).unlink()
+    index = json.loads((old / "bank.json").read_text())
+    for les in index["lesions"]:
+        del les["spline_offset"]
+    (old / "bank.json").write_text(json.dumps(index))
+    assert Bank(old).lesion_splines(bank.lesions[0]["id"]) is None
+    cfg = GenerateConfig(n=3, load="high", seed=4)
+    generate(blob_bank, tmp_path / "new_out", cfg, progress=False)
+    generate(old, tmp_path / "old_out", cfg, progress=False)
+    written = sorted((tmp_path / "new_out").glob("*Tr/*.nii.gz"))
+    assert written
+    for path in written:
+        assert path.read_bytes() == (tmp_path / "old_out" / path.relative_to(tmp_path / "new_out")).read_bytes()
