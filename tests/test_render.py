@@ -451,3 +451,86 @@ def test_block_any_and_region_mask_match_their_plain_forms():
         grids = [np.minimum((np.arange(n) + s) // st, m - 1)
                  for n, s, st, m in zip(shape, start, region.stride, region.coarse.shape)]
         np.testing.assert_array_equal(region.mask_in(np.zeros(shape, np.uint8), start), region.coarse[np.ix_(*grids)])
+
+
+def _stats(lesion_median, shell_median, noise=2.0, p5=None, p95=None):
+    # percentiles of a lesion whose spread is its noise alone: the plateau is its median
+    p5 = lesion_median - 1.645 * noise if p5 is None else p5
+    p95 = lesion_median + 1.645 * noise if p95 is None else p95
+    return {"lesion": {"median": lesion_median, "p5": p5, "p95": p95}, "shell": {"median": shell_median},
+            "noise_sd": noise}
+
+
+def test_lesion_fraction_reads_bright_and_dark_channels_and_skips_flat_ones():
+    from lesionsynth.render.paste import lesion_fraction
+
+    # channel 0 bright (tissue 100, lesion 160), channel 1 dark (tissue 80, lesion 50), channel 2 without contrast
+    stats = [_stats(160.0, 100.0), _stats(50.0, 80.0), _stats(100.5, 100.0)]
+    values = np.array([[100.0, 130.0, 160.0], [80.0, 65.0, 50.0], [0.0, 1e6, -1e6]])
+    assert lesion_fraction(values, stats) == pytest.approx([0.0, 0.5, 1.0])
+    # a small lesion's median lies below its plateau: the plateau is read from its tail, less the noise
+    small = [_stats(130.0, 100.0, noise=2.0, p95=160.0 + 1.645 * 2.0)]
+    assert lesion_fraction(np.array([[130.0, 160.0]]), small) == pytest.approx([0.5, 1.0])
+    assert lesion_fraction(values[2:], stats[2:]) is None
+
+
+def test_intensity_cut_keeps_the_label_size_and_follows_the_intensity():
+    from lesionsynth.render.paste import CUT_BAND, intensity_cut
+
+    rng = np.random.default_rng(3)
+    cut = rng.uniform(0.0, 1.0, size=(6, 7, 8)).astype(np.float32)
+    cut[0] = 1.0
+    cut[-1] = 0.0
+    intensity = rng.uniform(100.0, 160.0, size=cut.size)  # lesion fraction (v - 100) / 60, unrelated to the cut
+
+    def lesion_values(idx):
+        return intensity[idx][None]
+
+    out = intensity_cut(cut, lesion_values, [_stats(160.0, 100.0)])
+    band = (cut >= CUT_BAND[0]) & (cut < CUT_BAND[1])
+    assert np.array_equal(out[~band], cut[~band])  # decided voxels keep their value
+    assert np.count_nonzero(out >= 0.5) == np.count_nonzero(cut >= 0.5)  # same label size
+    kept, left = intensity.reshape(cut.shape)[band & (out >= 0.5)], intensity.reshape(cut.shape)[band & (out < 0.5)]
+    assert kept.min() >= left.max()  # the brightest band voxels are the label's
+    # no contrast to read: the mask's cut stays
+    assert intensity_cut(cut, lesion_values, [_stats(100.2, 100.0)]) is cut
+
+
+def test_rotated_self_paste_keeps_the_spread_of_its_label(real_data, tmp_path):
+    """Native-space lesions pasted onto their own place, rotated: with the label's edge on the lesion's
+    intensity, the spread inside the label stays as it was; the resampled mask's cut alone widened it."""
+    from lesionsynth.audit import lesion_features
+    from lesionsynth.bank import Bank, build_bank
+    from lesionsynth.geometry import spacing_of
+    from lesionsynth.io import load_case
+    from lesionsynth.prior import allowed_region, is_ct
+    from lesionsynth.render import RenderContext, render_op
+
+    bank = Bank(build_bank(real_data / "native_brains", tmp_path / "bank", BankConfig(min_volume_mm3=20.0),
+                           jobs=2, progress=False))
+    ratios = {True: [], False: []}
+    for ref in bank.case_refs()[:3]:
+        case = load_case(ref, len(bank.channel_names))
+        spacing = spacing_of(case.affine)
+        region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, ())
+        comps, _ = ndimage.label(case.label > 0, structure=np.ones((3, 3, 3)))
+        inv = np.linalg.inv(case.affine)
+        for les in [x for x in bank.lesions if x["source_case"] == ref.case_id]:
+            at = comps[tuple(np.rint(inv[:3, :3] @ np.array(les["centroid_mm"]) + inv[:3, 3]).astype(int))]
+            before = lesion_features(case.channels, comps == at, case.label > 0, spacing) if at else None
+            if before is None:
+                continue
+            for from_intensity in (True, False):
+                settings = PasteSettings(tuple(is_ct(n) for n in bank.channel_names),
+                                         label_from_intensity=from_intensity)
+                ctx = RenderContext(bank.lesion_labels, 26, settings, region.mask_in)
+                channels, label = case.channels.copy(), np.zeros_like(case.label)
+                op = _identity_op(les, rotation_deg=[20.0, -15.0, 10.0])
+                render_op(channels, label, case.affine, op, bank, ctx).apply(channels, label)
+                after = lesion_features(channels, label > 0, label > 0, spacing)
+                if after is not None:
+                    ratios[from_intensity].append(np.mean([after[f"spread_{c}"] / before[f"spread_{c}"]
+                                                           for c in range(len(bank.channel_names))]))
+    assert len(ratios[True]) >= 10
+    with_cut, mask_only = np.median(ratios[True]), np.median(ratios[False])
+    assert abs(with_cut - 1.0) < 0.5 * abs(mask_only - 1.0), (with_cut, mask_only)

@@ -60,6 +60,7 @@ class PasteSettings:
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
     halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
+    label_from_intensity: bool = True  # the label's edge follows the lesion's half level (`intensity_cut`)
     device: str = "cpu"  # "cpu": numpy/scipy; "cuda": torch on the GPU (render.torch_backend)
 
 
@@ -580,6 +581,63 @@ def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray,
     return out
 
 
+#: The band of the resampled mask (soft values) where the label's edge is decided by the lesion's intensity.
+CUT_BAND = (0.2, 0.8)
+#: Smallest contrast-to-noise ratio (lesion level - shell level, in noise sd) of a channel that the lesion
+#: fraction is read from.
+MIN_FRACTION_CNR = 1.0
+
+
+def lesion_fraction(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
+    """Per voxel (N,), how far the donor's resampled values (C, N) lie from its surrounding tissue level (0)
+    towards its lesion level (1), channels weighted by their contrast-to-noise ratio squared; None if no
+    channel has a contrast of MIN_FRACTION_CNR noise sd. The lesion level is the plateau: its median, or,
+    for a small lesion whose median is pulled towards the tissue by its partial-volume edge, its 95th
+    (5th, for a dark lesion) percentile less the noise's share of it."""
+    total = weight = None
+    for c, st in enumerate(stats):
+        shell, lesion, noise = st["shell"]["median"], st["lesion"], float(st.get("noise_sd") or 0.0)
+        if shell is None or lesion.get("median") is None or noise <= 0:
+            continue
+        sign = 1.0 if lesion["median"] >= shell else -1.0
+        extreme = lesion["p95"] if sign > 0 else lesion["p5"]
+        plateau = lesion["median"] + sign * max(sign * (extreme - lesion["median"]) - 1.645 * noise, 0.0)
+        delta = plateau - shell
+        if abs(delta) < MIN_FRACTION_CNR * noise:
+            continue
+        w = (delta / noise) ** 2
+        part = w * (values[c].astype(np.float64) - shell) / delta
+        total, weight = (part, w) if total is None else (total + part, weight + w)
+    return None if total is None else total / weight
+
+
+def intensity_cut(cut: np.ndarray, lesion_values, stats: list[dict]) -> np.ndarray:
+    """The soft mask the label is cut from (at 0.5), its edge moved onto the lesion's intensity.
+
+    Resampling a 0/1 mask and cutting it at 0.5 gives a staircase that misses the lesion's visible edge by up
+    to half a voxel (rotated, deformed or regridded), so the label takes in some edge voxels of tissue and
+    leaves out some of lesion: a wider spread inside the pasted label than real labels have, which are
+    drawn on the lesion's intensity. In the band where the resampled mask is undecided (CUT_BAND), as many
+    voxels as the mask's cut would keep there are kept, but those of the highest lesion fraction
+    (`lesion_fraction` of the donor's resampled intensities): the label keeps its size and follows the
+    lesion's edge."""
+    band = (cut >= CUT_BAND[0]) & (cut < CUT_BAND[1])
+    idx = np.flatnonzero(band)
+    if not idx.size:
+        return cut
+    fraction = lesion_fraction(lesion_values(idx), stats)
+    if fraction is None:
+        return cut
+    keep = int(np.count_nonzero(cut.reshape(-1)[idx] >= 0.5))
+    order = np.argsort(-fraction, kind="stable")
+    inside = np.zeros(idx.size, dtype=bool)
+    inside[order[:keep]] = True
+    out = cut.copy()
+    # inside the band only: the label cannot grow onto a neighbouring lesion or shrink the lesion's core
+    out.reshape(-1)[idx] = np.where(inside, np.float32(0.5), np.float32(0.49))
+    return out
+
+
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
     """The soft mask of the largest connected piece of the lesion only.
 
@@ -635,9 +693,13 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
         start = np.array([s.start for s in box])
         shape = soft.shape
 
-        def lesion_values(idx):  # asked only when the paste is kept: the anti-aliasing blur is made then
+        made = {}
+
+        def lesion_values(idx):  # the anti-aliasing blur is made on first use, once per paste
+            if "coefficients" not in made:
+                made["coefficients"] = paste_coefficients(lesion_image, src_affine, affine, op, coefficients)
             return sample_channels(lesion_image, mapper, np.column_stack(np.unravel_index(idx, shape)) + start,
-                                   paste_coefficients(lesion_image, src_affine, affine, op, coefficients))
+                                   made["coefficients"])
     else:
         from .torch_backend import resample_lesion_torch
 
@@ -657,16 +719,17 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
         def lesion_values(idx):
             return lesion.reshape(lesion.shape[0], -1)[:, idx]
     sd = antialias_sd(src_affine, affine, op)
+    cut = soft
     if sd.max() >= MIN_ANTIALIAS_SD:
         if mapper is None:  # the torch path: the numpy path's point mapper of this paste
             mapper = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
                                        support_mm)[1]
-        cut = keep_main_body(label_soft(soft, box, mapper, lesion_mask, sd))
-        soft = np.where((soft > 0) & (cut == 0), np.float32(0.0), soft)  # the pieces keep_main_body left out
-        core = cut >= 0.5
-    else:
-        soft = keep_main_body(soft)
-        core = soft >= 0.5
+        cut = label_soft(soft, box, mapper, lesion_mask, sd)
+    if settings.label_from_intensity:
+        cut = intensity_cut(cut, lesion_values, lesion_meta["stats"])
+    body = keep_main_body(cut)
+    soft = np.where((soft > 0) & (body == 0), np.float32(0.0), soft)  # the pieces keep_main_body left out
+    core = body >= 0.5
     if not core.any():
         return None
     dest_label = np.ascontiguousarray(label[box])  # the box's own masks are C-ordered: no mixed-order passes
