@@ -687,6 +687,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-botto
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right}img{max-width:100%;height:auto;display:block;margin:.6em 0}
 .muted{color:#666;font-size:.9em}figure{margin:1.2em 0}figcaption{font-size:.9em;color:#444}
+.channels{display:flex;flex-wrap:wrap;gap:.5em}.channels>div{flex:1 1 480px}
 """
 
 
@@ -734,15 +735,18 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
     figures = {"loads": load_figure(run, folder / "loads.png")}
     before = before_stats(run)
     site_pngs, skipped = [], []
+    # every channel of a site is drawn: a paste can look right on one contrast and wrong on another
+    channels = [channel] + [c for c in range(len(run.channel_names)) if c != channel]
     for k, site in enumerate(sites):
-        name = f"site{k + 1:02d}_{site.record['case_id']}_{site.op['op']}{site.op_index + 1}.png"
+        stem = f"site{k + 1:02d}_{site.record['case_id']}_{site.op['op']}{site.op_index + 1}"
         try:
-            png = site_figure(site, run, channel, cache, folder / name)
+            pngs = [(c, site_figure(site, run, c, cache, folder / f"{stem}_c{c}.png")) for c in channels]
         except InputError as exc:  # a case file gone missing or unreadable: say so, draw the others
             skipped.append(f"{site.record['case_id']} op {site.op_index + 1}: {exc}")
-            png = None
-        if png is not None:
-            site_pngs.append((site, png))
+            pngs = []
+        pngs = [(c, png) for c, png in pngs if png is not None]
+        if pngs:
+            site_pngs.append((site, pngs))
         # keep memory bounded: drop images that no later site needs (labels stay for the counts)
         later = sites[k + 1:]
         for key in list(cache):
@@ -920,17 +924,18 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         chan = run.channel_names[channel] if channel < len(run.channel_names) else str(channel)
         parts.append(
             f"<p>{len({s.record['case_id'] for s, _ in site_pngs})} cases drawn at random (seed {seed}, up to "
-            f"{n_examples}), one pasted and one inpainted site each where the case has them. Channel "
-            f"<b>{html.escape(chan)}</b> (where the bank's lesions contrast most with their surroundings); "
+            f"{n_examples}), one pasted and one inpainted site each where the case has them. Every channel, "
+            f"<b>{html.escape(chan)}</b> first (where the bank's lesions contrast most with their surroundings); "
             "window: 1st–99th percentile of the base image. Rows: base case, synthetic case (both zoomed on the "
             "site), and the synthetic case's full slice with a box marking the zoom (left out when the zoom already "
             "shows the whole slice). Slices are in the closest RAS "
             "orientation with true voxel proportions (neurological view: patient's right on the right); "
             f"yellow = lesion label outline; dashed cyan = the lesion before it was inpainted; thin green = other "
             "labels (organ / region), when the labels have any.</p>")
-        for site, png in site_pngs:
-            parts.append(f"<figure>{_img_tag(png, site_title(site, run, channel))}"
-                         f"<figcaption>{html.escape(png.name)}</figcaption></figure>")
+        for site, pngs in site_pngs:
+            images = "".join(f'<div>{_img_tag(png, site_title(site, run, c))}</div>' for c, png in pngs)
+            parts.append(f'<figure><div class="channels">{images}</div>'
+                         f"<figcaption>{html.escape(', '.join(png.name for _, png in pngs))}</figcaption></figure>")
     elif not skipped:
         parts.append("<p>No case has a paste or inpaint operation: nothing to draw.</p>")
     for note in skipped:

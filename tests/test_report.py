@@ -76,7 +76,10 @@ def test_report_pngs_are_real_pictures(report, output):
     names = {p.name for p in folder.glob("*.png")}
     assert {"loads.png", "lesions.png"} <= names
     sites = sorted(n for n in names if n.startswith("site"))
-    assert 1 <= len(sites) <= 2 * 3  # at most one paste and one inpaint site per drawn case
+    n_channels = len(json.loads((output / "dataset.json").read_text())["channel_names"])
+    drawn = {n.rsplit("_c", 1)[0] for n in sites}  # one picture per channel of each site
+    assert len(sites) == n_channels * len(drawn)
+    assert 1 <= len(drawn) <= 2 * 3  # at most one paste and one inpaint site per drawn case
     records = _records(output)
     if any(op["op"] == "paste" for r in records for op in r["ops"]):
         assert any("_paste" in n for n in sites)
