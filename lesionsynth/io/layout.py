@@ -100,6 +100,18 @@ class NnunetLayout(OutputLayout):
         }
 
 
+class TestsetLayout(NnunetLayout):
+    """nnU-Net test cases: imagesTs/{case}_{XXXX}{ending} and labelsTs/{case}{ending}, for the testset
+    command to come (it adds its strata.csv to `write_final`)."""
+
+    __test__ = False  # a pytest collecting "Test*" names must not take this for a test class
+    images_folder = "imagesTs"
+    labels_folder = "labelsTs"
+
+    def write_final(self, records: list[dict], original_ids: list[str]) -> None:
+        """No dataset.json: nnU-Net's predictor reads a folder of test cases without one."""
+
+
 class BidsLayout(OutputLayout):
     """BIDS derivative dataset (io/bids.py): subject folders, a JSON sidecar per file, BIDS metadata."""
 
