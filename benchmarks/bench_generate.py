@@ -92,7 +92,7 @@ from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, SPLINES_FILE, Bank, BankCo
 from lesionsynth.io import load_case
 from lesionsynth.io.nifti import has_fast_gzip, save_nifti
 from lesionsynth.io.output import write_case
-from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, synthesize_case
+from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, run_layout, run_record, synthesize_case
 from lesionsynth.plan import AugmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +202,12 @@ def file_digests(out: Path) -> dict[str, str]:
             for sub in ("imagesTr", "labelsTr") for p in sorted((out / sub).iterdir())}
 
 
+def layout_of(out: Path, cfg: GenerateConfig, bank_dir: Path):
+    """The output layout generate hands its workers for a run of `cfg` from `bank_dir` into `out`."""
+    bank = Bank(bank_dir)
+    return run_layout(out, cfg, bank, run_record(bank, bank_dir, cfg))
+
+
 def count_lesions(out: Path, records: list[dict], connectivity: int, ending: str) -> list[int]:
     from scipy import ndimage
 
@@ -240,8 +246,10 @@ def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int
         return {"read_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0}
 
     def generate_with(name):
+        layout = layout_of(tmp / name, cfg, banks[name])
+
         def run(i):
-            return case_times(synthesize_case(i, str(banks[name]), str(tmp / name), cfg, val_folds)[1])
+            return case_times(synthesize_case(i, str(banks[name]), layout, cfg, val_folds)[1])
         return run
 
     variants = {"floor": floor, **{name: generate_with(name) for name in banks}}
@@ -265,6 +273,7 @@ def best_of_rounds(per_round: list[list[dict]], key: str = "total_s") -> list[fl
 
 CHILD = r"""
 import json, resource, sys, time
+from pathlib import Path
 a = json.loads(sys.argv[1])
 
 
@@ -278,7 +287,7 @@ def status_kib(key):
 
 import numpy, scipy.ndimage, skfmm, nibabel
 from lesionsynth.bank import Bank
-from lesionsynth.pipeline import GenerateConfig, synthesize_case, _open_bank
+from lesionsynth.pipeline import GenerateConfig, run_layout, run_record, synthesize_case, _open_bank
 from lesionsynth.plan import AugmentConfig, plan_and_render_case
 from lesionsynth.render import render_op
 conf = dict(a["cfg"]); conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
@@ -286,10 +295,11 @@ conf["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in conf["augment"].items()})
 cfg = GenerateConfig(**conf)
 bank = _open_bank(a["bank"])
+layout = run_layout(Path(a["out"]), cfg, bank, run_record(bank, a["bank"], cfg))
 base = status_kib("VmHWM")
 base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-rec, tm = synthesize_case(a["index"], a["bank"], a["out"], cfg, a["val_folds"])
+rec, tm = synthesize_case(a["index"], a["bank"], layout, cfg, a["val_folds"])
 wall = time.perf_counter() - t
 peak = status_kib("VmHWM")
 peak_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -379,10 +389,11 @@ def profile_cases(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: 
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     (tmp / "imagesTr").mkdir(parents=True)
     (tmp / "labelsTr").mkdir()
+    layout = layout_of(tmp, cfg, bank_dir)
     prof = cProfile.Profile()
     for i in indices:
         prof.enable()
-        synthesize_case(i, str(bank_dir), str(tmp), cfg, val_folds)
+        synthesize_case(i, str(bank_dir), layout, cfg, val_folds)
         prof.disable()
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime")

@@ -1,4 +1,5 @@
-"""Run `generate`: synthesise cases in parallel, write the nnU-Net dataset, manifest, splits and run record."""
+"""Run `generate`: synthesise cases in parallel, write the dataset (in its output layout), manifest, splits and
+run record."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .bank import Bank
 from .errors import InputError, Interrupted
 from .geometry import voxel_volume
 from .io import load_case
-from .io.output import case_paths, copy_original, write_case, write_json
+from .io.layout import LAYOUTS, OutputLayout, output_layout
+from .io.output import copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
 from .parallel import release_freed_memory
@@ -29,7 +31,7 @@ TEMPLATE_REGION_LEVEL = 0.5
 from .render import PasteSettings, RenderContext
 
 MANIFEST = "manifest.jsonl"
-FORMATS = ("nnunet", "bids")
+FORMATS = tuple(LAYOUTS)
 RUN_FILE = "run.json"
 
 
@@ -49,7 +51,7 @@ class GenerateConfig:
     file_ending: str = ".nii.gz"
     case_prefix: str = "syn"
     volume_warp: bool = False  # whole-case rotation/scale/elastic warp before the lesion work
-    format: str = "nnunet"     # output layout: "nnunet" (v2 raw) or "bids" (BIDS derivative)
+    format: str = "nnunet"     # output layout (io/layout.py): "nnunet" (v2 raw) or "bids" (BIDS derivative)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -102,9 +104,15 @@ def _cached_bank(folder: str, _stamp: int) -> Bank:
     return Bank(folder)
 
 
-def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, val_folds: list[list[str]],
-                    device: str = "cpu") -> tuple[dict, dict]:
-    """Make output case `index`: draw its plan, render it, write it. Returns (manifest record, timings)."""
+def synthetic_case_id(cfg: GenerateConfig, index: int) -> str:
+    """The case id of synthetic case `index`."""
+    return f"{cfg.case_prefix}{index:05d}"
+
+
+def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
+                    val_folds: list[list[str]], device: str = "cpu") -> tuple[dict, dict]:
+    """Make output case `index`: draw its plan, render it, write it in `layout`. Returns (manifest record,
+    timings)."""
     t0 = time.perf_counter()
     bank = _open_bank(bank_dir)
     rng = case_rng(cfg.seed, index)
@@ -154,9 +162,9 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
     achieved_vox = count_in(label, lesion_labels)
     t_lesion = time.perf_counter()
 
-    case_id = f"{cfg.case_prefix}{index:05d}"
-    paths = output_paths(Path(out), case_id, cfg, bank, original=False)
-    write_case(Path(out), case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
+    case_id = synthetic_case_id(cfg, index)
+    paths = layout.prepare_case(case_id)
+    write_case(layout.out, case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
     t_write = time.perf_counter()
 
     achieved = achieved_vox * voxel_volume(case.affine)
@@ -186,25 +194,15 @@ def synthesize_case(index: int, bank_dir: str, out: str, cfg: GenerateConfig, va
         "volume_warp": volume_warp,
         "ops": plan.ops,
     }
-    if cfg.format == "bids":
-        from .io import bids
-
-        bids.write_sidecars(Path(out), case_id, bank.channel_names, record, {"bank": str(Path(bank_dir).resolve())},
-                            labels=bank.index["labels"], ending=cfg.file_ending)
+    layout.write_case_extras(case_id, record)
     timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
     return record, timings
 
 
-def output_paths(out: Path, case_id: str, cfg: GenerateConfig, bank: Bank, original: bool):
-    """(image paths, label path) of a case in the chosen layout; folders are created."""
-    if cfg.format == "bids":
-        from .io import bids
-
-        paths = bids.bids_case_paths(out, case_id, bank.channel_names, cfg.file_ending,
-                                     labels=bank.index["labels"], original=original)
-        bids.make_case_dirs(paths[0] + [paths[1]])
-        return paths
-    return case_paths(out, case_id, len(bank.channel_names), cfg.file_ending)
+def run_layout(out: Path, cfg: GenerateConfig, bank: Bank, run: dict) -> OutputLayout:
+    """The output layout of a run (`cfg.format`), chosen once and handed to every worker; `run` is its
+    run record (run.json)."""
+    return output_layout(cfg.format, out, bank.channel_names, bank.index["labels"], cfg.file_ending, run)
 
 
 def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp: dict, device: str):
@@ -217,16 +215,12 @@ def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp:
     return torch_backend.warp_volume_torch(*args, device=device)
 
 
-def _copy_original_task(ref, bank_dir: str, out: str, cfg: GenerateConfig) -> str:
+def _copy_original_task(ref, bank_dir: str, layout: OutputLayout, cfg: GenerateConfig) -> str:
     bank = _open_bank(bank_dir)
     case = load_case(ref, len(bank.channel_names))
-    paths = output_paths(Path(out), ref.case_id, cfg, bank, original=True)
-    copy_original(Path(out), case, ref.image_paths, cfg.file_ending, cfg.compression_level, paths)
-    if cfg.format == "bids":
-        from .io import bids
-
-        bids.write_sidecars(Path(out), ref.case_id, bank.channel_names, None, {"bank": str(Path(bank_dir).resolve())},
-                            labels=bank.index["labels"], ending=cfg.file_ending)
+    paths = layout.prepare_case(ref.case_id, original=True)
+    copy_original(layout.out, case, ref.image_paths, cfg.file_ending, cfg.compression_level, paths)
+    layout.write_case_extras(ref.case_id, None)
     return ref.case_id
 
 
@@ -272,13 +266,13 @@ def _read_records(out: Path) -> dict[int, dict]:
     return done
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files left by a killed run (atomic writes use '.NAME.tmpPID'); those of a process that is
-    still running (another shard writing alongside) stay."""
+def _remove_stale_temporaries(folders: list[Path]) -> None:
+    """Temporary files left in `folders` by a killed run (atomic writes use '.NAME.tmpPID'); those of a
+    process that is still running (another shard writing alongside) stay."""
     from .io.nifti import temporary_owner
     from .parallel import process_alive
 
-    for folder in [out / "imagesTr", out / "labelsTr", out, *out.glob("sub-*/*")]:
+    for folder in folders:
         for tmp in folder.glob(".*.tmp*"):
             owner = temporary_owner(tmp.name)
             if owner is None or owner == os.getpid() or not process_alive(owner):
@@ -288,10 +282,11 @@ def _remove_stale_temporaries(out: Path) -> None:
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
              resume: bool = False, shard: tuple[int, int] = (0, 1), device: str = "cpu", backend: str = "local",
              scheduler: str | None = None) -> GenerateResult:
-    """Generate `cfg.n` synthetic cases from the bank into the nnU-Net v2 raw folder `out`.
+    """Generate `cfg.n` synthetic cases from the bank into the folder `out`, in the layout `cfg.format`.
 
-    Writes imagesTr/ and labelsTr/ (each file atomically), a progress record per case once its files are
-    in place, run.json first, and at the end manifest.jsonl, dataset.json and splits_final.json. With
+    Writes run.json first, then the case files (each atomically; nnU-Net: imagesTr/ and labelsTr/), a
+    progress record per case once its files are in place, and at the end manifest.jsonl, the layout's final
+    files (nnU-Net: dataset.json) and splits_final.json. With
     `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
     the same time into the same folder, and whichever finds every case done writes the final files.
     """
@@ -307,15 +302,14 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     out = Path(out)
     record = run_record(bank, bank_dir, cfg)
     check_base_cases(bank)
-    if cfg.format == "bids":
-        from .io import bids
-
-        bids.subject_labels([c["case_id"] for c in bank.cases] + [f"{cfg.case_prefix}{i:05d}" for i in range(cfg.n)])
-    _prepare_output(out, record, resume or shard_n > 1, nnunet_folders=cfg.format == "nnunet")
+    layout = run_layout(out, cfg, bank, record)
+    layout.check_case_ids([c["case_id"] for c in bank.cases] + [synthetic_case_id(cfg, i) for i in range(cfg.n)])
+    _prepare_output(out, record, resume or shard_n > 1)
+    layout.prepare()
     what = f"{out} (--shard {shard_i}/{shard_n})" if shard_n > 1 else str(out)
     with writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
         try:
-            return _generate_shard(bank, bank_dir, out, cfg, jobs, progress, resume, shard, device, backend,
+            return _generate_shard(bank, bank_dir, layout, cfg, jobs, progress, resume, shard, device, backend,
                                    scheduler)
         except Interrupted as exc:
             written = len(_read_records(out))
@@ -323,15 +317,17 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
                                           f"command with --resume to finish") from None
 
 
-def _generate_shard(bank: Bank, bank_dir: Path, out: Path, cfg: GenerateConfig, jobs: int, progress: bool,
-                    resume: bool, shard: tuple[int, int], device: str, backend: str, scheduler: str | None
-                    ) -> GenerateResult:
+def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: GenerateConfig, jobs: int,
+                    progress: bool, resume: bool, shard: tuple[int, int], device: str, backend: str,
+                    scheduler: str | None) -> GenerateResult:
     from tqdm import tqdm
 
     from .parallel import execution
 
+    out = layout.out
     shard_i, shard_n = shard
-    _remove_stale_temporaries(out) if resume else None
+    if resume:
+        _remove_stale_temporaries(layout.folders())
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
     done = _read_records(out)
     todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]
@@ -341,11 +337,11 @@ def _generate_shard(bank: Bank, bank_dir: Path, out: Path, cfg: GenerateConfig, 
     progress_file.parent.mkdir(exist_ok=True)
     with execution(backend, scheduler, jobs, device) as runner:
         if cfg.include_originals:
-            missing = [r for r in refs if not all(p.is_file() for p in _case_files(out, r.case_id, bank, cfg, True))]
-            copies = runner.map(_copy_original_task, [(r, str(bank_dir), str(out), cfg) for r in missing])
+            missing = [r for r in refs if not _case_done(layout, r.case_id, original=True)]
+            copies = runner.map(_copy_original_task, [(r, str(bank_dir), layout, cfg) for r in missing])
             for _ in tqdm(copies, total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
-        cases = runner.map(synthesize_case, [(i, str(bank_dir), str(out), cfg, val_folds, device) for i in todo])
+        cases = runner.map(synthesize_case, [(i, str(bank_dir), layout, cfg, val_folds, device) for i in todo])
         with open(progress_file, "a") as log:
             for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
                 log.write(json.dumps(rec) + "\n")
@@ -354,15 +350,19 @@ def _generate_shard(bank: Bank, bank_dir: Path, out: Path, cfg: GenerateConfig, 
                 timings.append(timing)
     done = _read_records(out)
     records = [done[i] for i in sorted(done) if i < cfg.n]
-    if len(records) == cfg.n and _originals_complete(out, bank, cfg):
-        finalize(out, bank, cfg, records, val_folds)
+    if len(records) == cfg.n and _originals_complete(layout, bank, cfg):
+        finalize(layout, bank, cfg, records, val_folds)
     return GenerateResult(out, records, timings)
 
 
-def _originals_complete(out: Path, bank: Bank, cfg: GenerateConfig) -> bool:
+def _case_done(layout: OutputLayout, case_id: str, original: bool) -> bool:
+    return all(p.is_file() for p in layout.case_files(case_id, original))
+
+
+def _originals_complete(layout: OutputLayout, bank: Bank, cfg: GenerateConfig) -> bool:
     if not cfg.include_originals:
         return True
-    return all(p.is_file() for c in bank.cases for p in _case_files(out, c["case_id"], bank, cfg, True))
+    return all(_case_done(layout, c["case_id"], original=True) for c in bank.cases)
 
 
 def finalize_run(out: str | Path) -> GenerateResult:
@@ -378,28 +378,17 @@ def finalize_run(out: str | Path) -> GenerateResult:
     conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
     cfg = GenerateConfig(**conf)
     bank = Bank(run["bank"])
+    layout = run_layout(out, cfg, bank, run)
     done = _read_records(out)
     missing = [i for i in range(cfg.n) if i not in done]
     if missing:
         raise InputError(f"{out}: {len(missing)} of {cfg.n} cases are not done yet (first: index {missing[0]}); "
                          f"run the remaining shards first")
-    if not _originals_complete(out, bank, cfg):
+    if not _originals_complete(layout, bank, cfg):
         raise InputError(f"{out}: some original cases are missing; run the remaining shards first")
     records = [done[i] for i in range(cfg.n)]
-    finalize(out, bank, cfg, records, fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed))
+    finalize(layout, bank, cfg, records, fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed))
     return GenerateResult(out, records, [])
-
-
-def _case_files(out: Path, case_id: str, bank: Bank, cfg: GenerateConfig, original: bool) -> list[Path]:
-    """Every file of a case (with BIDS sidecars), to tell whether it is complete."""
-    if cfg.format == "bids":
-        from .io import bids
-
-        images, label = bids.bids_case_paths(out, case_id, bank.channel_names, cfg.file_ending,
-                                             labels=bank.index["labels"], original=original)
-        return images + [label] + [bids.sidecar_path(p) for p in images + [label]]
-    images, label = case_paths(out, case_id, len(bank.channel_names), cfg.file_ending)
-    return images + [label]
 
 
 def check_base_cases(bank: Bank) -> None:
@@ -421,8 +410,9 @@ def check_base_cases(bank: Bank) -> None:
                                  f"changed since build-bank); rebuild the bank")
 
 
-def _prepare_output(out: Path, record: dict, resume: bool, nnunet_folders: bool = True) -> None:
-    """Create the output folder; refuse a non-empty one unless it is an unfinished run of the same config."""
+def _prepare_output(out: Path, record: dict, resume: bool) -> None:
+    """Create the output folder and write run.json; refuse a non-empty folder unless it is an unfinished run
+    of the same config."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     # a shard starting at the same moment may be half-way through writing run.json: its temporary file
@@ -441,33 +431,18 @@ def _prepare_output(out: Path, record: dict, resume: bool, nnunet_folders: bool 
             raise InputError(f"{out}: holds an earlier run of this configuration; add --resume to complete it")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, record)  # first, so that a shard starting alongside sees whose folder it is
-    if nnunet_folders:
-        (out / "imagesTr").mkdir(exist_ok=True)
-        (out / "labelsTr").mkdir(exist_ok=True)
 
 
-def finalize(out: Path, bank: Bank, cfg: GenerateConfig, records: list[dict], val_folds: list[list[str]]) -> None:
-    """Write the sorted manifest, dataset.json and splits_final.json once every case is in place."""
+def finalize(layout: OutputLayout, bank: Bank, cfg: GenerateConfig, records: list[dict],
+             val_folds: list[list[str]]) -> None:
+    """Write the sorted manifest, the layout's final files (dataset.json or the BIDS metadata) and
+    splits_final.json once every case is in place."""
     from .io.nifti import write_bytes_atomic
 
+    out = layout.out
     write_bytes_atomic(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in records).encode())
     originals = [c["case_id"] for c in bank.cases] if cfg.include_originals else []
-    labels = dict(sorted(bank.index["labels"].items(), key=lambda kv: kv[1]))
-    dataset = {
-        "channel_names": {str(i): name for i, name in enumerate(bank.channel_names)},
-        "labels": labels,
-        "numTraining": len(originals) + len(records),
-        "file_ending": cfg.file_ending,
-        "description": f"lesionsynth {__version__}: {len(records)} synthetic cases (load '{cfg.load}', "
-                       f"mode '{cfg.mode}', seed {cfg.seed})" + (f" + {len(originals)} originals" if originals else ""),
-    }
-    if cfg.format == "bids":
-        from .io import bids
-
-        bids.write_bids_metadata(out, json.loads((out / RUN_FILE).read_text()), records, originals,
-                                 bank.channel_names, labels)
-    else:
-        write_json(out / "dataset.json", dataset)
+    layout.write_final(records, originals)
     if originals and len(val_folds) > 1:
         splits = []
         for f, val in enumerate(val_folds):

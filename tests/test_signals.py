@@ -205,5 +205,5 @@ def test_stale_temporaries_of_a_live_writer_stay(tmp_path):
     live = tmp_path / "imagesTr" / f".b.nii.gz.tmp{os.getppid()}"  # another process, still running
     stale.write_bytes(b"x")
     live.write_bytes(b"x")
-    _remove_stale_temporaries(tmp_path)
+    _remove_stale_temporaries([tmp_path / "imagesTr"])
     assert not stale.exists() and live.exists()

@@ -1,4 +1,8 @@
-"""Find the cases of a dataset (nnU-Net v2 raw, Medical Segmentation Decathlon, CSV/JSON list) and load them."""
+"""Find the cases of a dataset (nnU-Net v2 raw, Medical Segmentation Decathlon, CSV/JSON list).
+
+Reading a case is `validate.load_case` (it runs the checks of `lesionsynth check`): validate imports
+the types here, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -257,19 +261,3 @@ def _open_list(path: Path) -> DatasetSpec:
         if not missing:
             cases.append(CaseRef(case_id, images, base / label, declared_labels=_declared(labels)))
     return DatasetSpec(path, "list", channels, labels, cases, problems)
-
-
-def load_case(ref: CaseRef, n_channels: int) -> Case:
-    """Read one case (all channels + label); InputError with a one-line message if anything is wrong.
-
-    The checks are those of `lesionsynth check` (io/validate.py): unreadable or truncated files, shapes,
-    affines, 4-D images, NaN/inf voxels, empty channels, non-integer/negative/undeclared label values.
-    """
-    from .validate import inspect_case
-
-    check = inspect_case(ref, n_channels, ref.declared_labels or None, keep_data=True)
-    if check.problems:
-        more = len(check.problems) - 1
-        raise InputError(str(check.problems[0]) + (f" (and {more} more problem{'s' if more > 1 else ''} in case "
-                                                   f"{ref.case_id})" if more else ""))
-    return check.case

@@ -23,9 +23,11 @@ def image_dtype(header) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def case_paths(out: Path, case_id: str, n_channels: int, ending: str) -> tuple[list[Path], Path]:
-    images = [out / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(n_channels)]
-    return images, out / "labelsTr" / f"{case_id}{ending}"
+def case_paths(out: Path, case_id: str, n_channels: int, ending: str, images_folder: str = "imagesTr",
+               labels_folder: str = "labelsTr") -> tuple[list[Path], Path]:
+    """(image paths, label path) of a case in nnU-Net's naming: {case}_{XXXX}{ending} and {case}{ending}."""
+    images = [out / images_folder / f"{case_id}_{c:04d}{ending}" for c in range(n_channels)]
+    return images, out / labels_folder / f"{case_id}{ending}"
 
 
 class WriteError(LesionsynthError):
@@ -36,7 +38,7 @@ def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray,
                ending: str = ".nii.gz", compression_level: int = 1, paths=None) -> None:
     """Write all channels then the label, each atomically, with the base case's affine and headers.
 
-    `paths` = (image paths, label path) of another layout (BIDS); default the nnU-Net layout."""
+    `paths` = (image paths, label path) from the run's layout (io/layout.py); default the nnU-Net layout."""
     images, label_path = paths or case_paths(out, case_id, channels.shape[0], ending)
     try:
         _write_case_files(images, label_path, channels, label, base, compression_level)

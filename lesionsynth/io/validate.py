@@ -1,7 +1,8 @@
 """Check a whole dataset before anything is written: every file of every case, all problems at once.
 
 `validate_dataset` is what `lesionsynth check DATASET` runs; `inspect_case` holds the per-case checks and
-is shared with `load_case`, so build-bank and generate stop with the same one-line message for a fault.
+`load_case` reads a case through them, so build-bank and generate stop with the same one-line message for
+a fault.
 Everything reported here is an error: there is no warning class.
 """
 
@@ -350,6 +351,20 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
                 stack[c] = chan
         case = Case(cid, stack, label, np.asarray(label_img.affine, dtype=np.float64), headers, label_img.header)
     return CaseCheck(case, problems, counts)
+
+
+def load_case(ref: CaseRef, n_channels: int) -> Case:
+    """Read one case (all channels + label); InputError with a one-line message if anything is wrong.
+
+    The checks are those of `lesionsynth check`: unreadable or truncated files, shapes, affines, 4-D images,
+    NaN/inf voxels, empty channels, non-integer/negative/undeclared label values.
+    """
+    check = inspect_case(ref, n_channels, ref.declared_labels or None, keep_data=True)
+    if check.problems:
+        more = len(check.problems) - 1
+        raise InputError(str(check.problems[0]) + (f" (and {more} more problem{'s' if more > 1 else ''} in case "
+                                                   f"{ref.case_id})" if more else ""))
+    return check.case
 
 
 def _check_task(kind: str, item, n_channels: int, declared, channel_names):
