@@ -234,11 +234,11 @@ def score_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT when it holds a previous score output."),
 ) -> None:
     """Score predicted labels against the truth: Dice, lesion detection and volume per case and per stratum."""
-    from .score import ScoreConfig, score
+    from .score import ScoreConfig, score_predictions
 
     config = ScoreConfig(iou_threshold=iou_threshold, connectivity=connectivity,
                          lesion_labels=tuple(lesion_label or ()), n_resamples=bootstrap, seed=seed)
-    result = score(pred, truth, out, config, jobs=_jobs(jobs), overwrite=overwrite, progress=True)
+    result = score_predictions(pred, truth, out, config, jobs=_jobs(jobs), overwrite=overwrite, progress=True)
     for line in result.warnings:
         typer.echo(f"warning: {line}", err=True)
     overall = result.summary["overall"]

@@ -370,7 +370,7 @@ def level_order(levels: list[str], values: dict[str, list[str]]) -> list[str]:
     """A factor's levels in plotting order: by their number when every level is one (bins: by lower edge),
     else by the median of their cases' values when those are numbers, else as first listed."""
     def key_of(level: str) -> float | None:
-        if level in ("0", "none"):
+        if level == "none":  # the median lesion size of a case without lesions: first
             return -math.inf
         if "-" in level and all(_number(part) is not None for part in level.split("-", 1)):
             return _number(level.split("-", 1)[0])
@@ -449,8 +449,8 @@ def check_out(out: Path, overwrite: bool) -> None:
                          f"--overwrite replaces only those")
 
 
-def score(pred: str | Path, truth: str | Path, out: str | Path, config: ScoreConfig | None = None, jobs: int = 1,
-          overwrite: bool = False, progress: bool = False) -> ScoreResult:
+def score_predictions(pred: str | Path, truth: str | Path, out: str | Path, config: ScoreConfig | None = None,
+                      jobs: int = 1, overwrite: bool = False, progress: bool = False) -> ScoreResult:
     """Score the predictions in PRED against TRUTH and write DIR (`out`): cases.csv, strata.csv, summary.json,
     score.html. Nothing is written unless every case is scored."""
     from tqdm import tqdm

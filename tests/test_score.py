@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from lesionsynth.errors import InputError
 from lesionsynth.metrics import bootstrap_means, case_metrics, match_lesions
-from lesionsynth.score import ScoreConfig, open_truth, score, volume_bin
+from lesionsynth.score import ScoreConfig, level_order, open_truth, score_predictions, volume_bin
 
 from .conftest import blob_dataset
 
@@ -133,7 +133,7 @@ def scored(sample):
     """cases.csv rows of every fault scored with the defaults (any overlap, 26-connectivity), by case id."""
     out = {}
     for name, folder in sample["preds"].items():
-        result = score(folder, sample["testset"], sample["root"] / f"score_{name}", ScoreConfig(n_resamples=200))
+        result = score_predictions(folder, sample["testset"], sample["root"] / f"score_{name}", ScoreConfig(n_resamples=200))
         assert not result.warnings
         out[name] = {r["case_id"]: r for r in read_csv(result.out / "cases.csv")}
     return out
@@ -326,9 +326,9 @@ def test_bootstrap_is_reproducible():
 
 def test_bootstrap_seed_reaches_the_output(sample, tmp_path):
     pred, truth = sample["preds"]["dropped"], sample["testset"]
-    first = score(pred, truth, tmp_path / "a", ScoreConfig(n_resamples=300, seed=5))
-    again = score(pred, truth, tmp_path / "b", ScoreConfig(n_resamples=300, seed=5), jobs=2)
-    other = score(pred, truth, tmp_path / "c", ScoreConfig(n_resamples=300, seed=6))
+    first = score_predictions(pred, truth, tmp_path / "a", ScoreConfig(n_resamples=300, seed=5))
+    again = score_predictions(pred, truth, tmp_path / "b", ScoreConfig(n_resamples=300, seed=5), jobs=2)
+    other = score_predictions(pred, truth, tmp_path / "c", ScoreConfig(n_resamples=300, seed=6))
     text = [(r.out / "strata.csv").read_text() for r in (first, again, other)]
     assert text[0] == text[1] and text[0] != text[2]
     assert (first.out / "cases.csv").read_text() == (again.out / "cases.csv").read_text()  # --jobs 2 the same
@@ -341,6 +341,29 @@ def test_volume_bins():
     assert volume_bin(9999)[0] == "3000-10000"
     assert volume_bin(0.5)[0] == "0.3-1"
     assert volume_bin(1e-3 * 1000 * 1000)[0] == "1000-3000"
+
+
+def test_level_order():
+    assert level_order(["high", "low", "medium"], {"high": ["9"], "low": ["1"], "medium": ["5", "4"]}) == \
+        ["low", "medium", "high"]
+    assert level_order(["2.0", "-1", "0", "0.5"], {}) == ["-1", "0", "0.5", "2.0"]
+    assert level_order(["30-100", "none", "3-10"], {}) == ["none", "3-10", "30-100"]
+    assert level_order(["b", "a"], {"b": ["x"], "a": ["y"]}) == ["b", "a"]  # as listed
+
+
+def test_case_without_lesions_in_a_plain_folder(tmp_path):
+    truth = blob_dataset(tmp_path / "ds", n_cases=2)
+    folder = tmp_path / "labels"
+    shutil.copytree(truth / "labelsTr", folder)
+    img = nib.load(folder / "case0.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), folder / "case0.nii.gz")
+    result = score_predictions(folder, folder, tmp_path / "out", ScoreConfig(n_resamples=20))
+    assert open_truth(folder).kind == "folder"
+    rows = {r["case_id"]: r for r in read_csv(tmp_path / "out" / "cases.csv")}
+    assert rows["case0"]["stratum"] == "truth_load=0; median_lesion_size=none"
+    assert rows["case0"]["dice"] == rows["case0"]["lesion_f1"] == "1" and rows["case0"]["rel_volume_diff"] == ""
+    assert result.summary["overall"]["rel_volume_diff"]["n"] == 1  # the empty case is left out of that mean
+    assert [s["level"] for s in result.summary["strata"] if s["factor"] == "median_lesion_size"][0] == "none"
 
 
 def test_nnunet_dataset_truth_is_binned(sample, real_data, tmp_path):
@@ -371,12 +394,12 @@ def test_lesion_label_selects_values(tmp_path):
         label = np.asarray(img.dataobj).copy()
         label[label == 1] = 0  # the organ not predicted: wrong for label 1, right for the lesions
         nib.save(nib.Nifti1Image(label, img.affine, img.header), pred / path.name)
-    lesions_only = score(pred, truth, tmp_path / "a", ScoreConfig(lesion_labels=(2,), n_resamples=50))
+    lesions_only = score_predictions(pred, truth, tmp_path / "a", ScoreConfig(lesion_labels=(2,), n_resamples=50))
     assert all(r["dice"] == 1 for r in lesions_only.rows)
-    every_label = score(pred, truth, tmp_path / "b", ScoreConfig(n_resamples=50))
+    every_label = score_predictions(pred, truth, tmp_path / "b", ScoreConfig(n_resamples=50))
     assert all(r["dice"] < 1 for r in every_label.rows)
     with pytest.raises(InputError, match=r"--lesion-label 3: not a label of .*dataset.json"):
-        score(pred, truth, tmp_path / "c", ScoreConfig(lesion_labels=(3,)))
+        score_predictions(pred, truth, tmp_path / "c", ScoreConfig(lesion_labels=(3,)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +449,7 @@ def test_small_affine_difference_is_tolerated(sample, tmp_path):
     affine = img.affine.copy()
     affine[:3, 3] += 2e-4  # float32 rounding of a header written by another tool
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), pred / "ATLAS_002.nii.gz")
-    assert score(pred, sample["testset"], tmp_path / "out", ScoreConfig(n_resamples=10)).rows[1]["dice"] == 1
+    assert score_predictions(pred, sample["testset"], tmp_path / "out", ScoreConfig(n_resamples=10)).rows[1]["dice"] == 1
 
 
 def test_error_missing_prediction(sample, tmp_path):
