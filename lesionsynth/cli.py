@@ -226,7 +226,7 @@ def score_cmd(
                                         "highest IoU first."),
     connectivity: int = typer.Option(26, "--connectivity", help="Lesion connectivity: 6, 18 or 26."),
     lesion_label: Optional[List[int]] = typer.Option(None, "--lesion-label", help="Label value(s) that count as "
-                                                     "lesion [default: every non-zero label]."),
+                                                     "lesion (default: every non-zero label)."),
     bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the cases for the 95 % "
                                   "intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),

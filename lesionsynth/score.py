@@ -232,8 +232,9 @@ def find_predictions(pred_dir: str | Path, truth: TruthSet) -> tuple[dict[str, P
     missing = [c for c in truth.cases if c.case_id not in found]
     if missing:
         ending = truth.file_ending or _ending_of(missing[0].label_path)
+        more = f" (and {len(missing) - 1} more cases)" if len(missing) > 1 else ""
         raise InputError(f"{pred_dir / (missing[0].case_id + ending)}: prediction missing for truth case "
-                         f"{missing[0].case_id}" + (f" (and {len(missing) - 1} more cases)" if len(missing) > 1 else ""))
+                         f"{missing[0].case_id}{more}")
     known = {c.case_id for c in truth.cases}
     return {c.case_id: found[c.case_id] for c in truth.cases}, sorted(set(found) - known)
 
@@ -500,17 +501,25 @@ def score_predictions(pred: str | Path, truth: str | Path, out: str | Path, conf
         strata = case.strata if truth_set.kind == "testset" else bin_strata(r["metrics"])
         rows.append({"case_id": case.case_id, "strata": strata, **r["metrics"]})
     overall, strata = summarise(rows, config)
-    summary = {
+    summary = _summary(Path(pred), truth_set, config, sorted(known_labels), overall, strata, warnings)
+    _write_outputs(out, rows, strata, overall, summary)
+    return ScoreResult(out, rows, summary, warnings)
+
+
+def _summary(pred: Path, truth_set: TruthSet, config: ScoreConfig, label_set: list[int], overall: dict,
+             strata: list[dict], warnings: list[str]) -> dict:
+    """summary.json: where the numbers come from, how they were made, the overall and per stratum statistics."""
+    return {
         "producer": PRODUCER,
-        "pred": str(Path(pred).resolve()),
+        "pred": str(pred.resolve()),
         "truth": str(truth_set.root.resolve()),
         "truth_kind": truth_set.kind,
-        "n_cases": len(rows),
+        "n_cases": len(truth_set.cases),
         "settings": {
             "overlap_rule": OVERLAP_RULE, "reference_implementation": "panoptica NaiveThresholdMatching (IoU)",
             "iou_threshold": config.iou_threshold, "connectivity": config.connectivity,
             "lesion_labels": list(config.lesion_labels) or "every non-zero label",
-            "label_set": sorted(known_labels), "convention": CONVENTION,
+            "label_set": label_set, "convention": CONVENTION,
             "strata": ("the test set's (factor, level) from strata.csv" if truth_set.kind == "testset" else BIN_RULE),
             "bootstrap": {"resamples": config.n_resamples, "seed": config.seed, "interval": "95 % percentile",
                           "unit": "case"},
@@ -519,8 +528,6 @@ def score_predictions(pred: str | Path, truth: str | Path, out: str | Path, conf
         "strata": strata,
         "warnings": warnings,
     }
-    _write_outputs(out, rows, strata, overall, summary)
-    return ScoreResult(out, rows, summary, warnings)
 
 
 # --------------------------------------------------------------------------------------------------

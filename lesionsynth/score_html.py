@@ -230,7 +230,8 @@ def _factor_panels(summary: dict) -> list[str]:
         colour = PALETTE[k % len(PALETTE)]
         levels = [s["level"] for s in strata]
         counts = ", ".join(f"{html.escape(s['level'])}: {s['n']}" for s in strata)
-        parts.append(f'<h3><span style="color:{colour}">■</span> {html.escape(FACTOR_TITLES.get(factor, factor))}</h3>'
+        name = html.escape(FACTOR_TITLES.get(factor, factor))
+        parts.append(f'<h3><span style="color:{colour}">■</span> {name}</h3>'
                      f'<p class="muted">cases per level: {counts}</p><div class="panels">')
         for key, title, kind in CURVES:
             parts.append(curve_svg(title, kind, factor, levels, [s["metrics"][key] for s in strata],
@@ -283,7 +284,8 @@ def score_html(rows: list[dict], summary: dict) -> str:
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{title}</h1>",
         f'<p class="sub">predictions <b>{html.escape(summary["pred"])}</b> against truth '
-        f'<b>{html.escape(summary["truth"])}</b> ({html.escape(summary["truth_kind"])}, {summary["n_cases"]} cases)</p>',
+        f'<b>{html.escape(summary["truth"])}</b> ({html.escape(summary["truth_kind"])}, '
+        f'{summary["n_cases"]} cases)</p>',
         _cards(summary),
         f'<p class="muted">Means over cases with 95 % bootstrap intervals ({boot["resamples"]} resamples of the cases, '
         f'seed {boot["seed"]}). A lesion counts as detected on {rule} with a predicted component, matched one to one '

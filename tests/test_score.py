@@ -133,7 +133,8 @@ def scored(sample):
     """cases.csv rows of every fault scored with the defaults (any overlap, 26-connectivity), by case id."""
     out = {}
     for name, folder in sample["preds"].items():
-        result = score_predictions(folder, sample["testset"], sample["root"] / f"score_{name}", ScoreConfig(n_resamples=200))
+        result = score_predictions(folder, sample["testset"], sample["root"] / f"score_{name}",
+                                   ScoreConfig(n_resamples=200))
         assert not result.warnings
         out[name] = {r["case_id"]: r for r in read_csv(result.out / "cases.csv")}
     return out
@@ -376,7 +377,8 @@ def test_nnunet_dataset_truth_is_binned(sample, real_data, tmp_path):
     factors = {s["factor"] for s in summary["strata"]}
     assert factors == {"truth_load", "median_lesion_size"}
     cases = {r["case_id"]: r for r in read_csv(tmp_path / "s" / "cases.csv")}
-    assert cases["ATLAS_002"]["stratum"] == "truth_load=3000-10000; median_lesion_size=3000-10000"  # 7279 mm³, one lesion
+    # ATLAS_002: one lesion of 7279 mm³
+    assert cases["ATLAS_002"]["stratum"] == "truth_load=3000-10000; median_lesion_size=3000-10000"
     for s in summary["strata"]:
         for case_id in s["cases"]:
             value = float(cases[case_id]["truth_load_mm3" if s["factor"] == "truth_load" else
@@ -449,7 +451,8 @@ def test_small_affine_difference_is_tolerated(sample, tmp_path):
     affine = img.affine.copy()
     affine[:3, 3] += 2e-4  # float32 rounding of a header written by another tool
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), pred / "ATLAS_002.nii.gz")
-    assert score_predictions(pred, sample["testset"], tmp_path / "out", ScoreConfig(n_resamples=10)).rows[1]["dice"] == 1
+    result = score_predictions(pred, sample["testset"], tmp_path / "out", ScoreConfig(n_resamples=10))
+    assert result.rows[1]["case_id"] == "ATLAS_002" and result.rows[1]["dice"] == 1
 
 
 def test_error_missing_prediction(sample, tmp_path):
