@@ -214,6 +214,46 @@ def check(
         raise typer.Exit(InputError.exit_code)
 
 
+@app.command("score")
+def score_cmd(
+    pred: Path = typer.Argument(..., help="Folder of predicted label files, as nnUNetv2_predict writes them "
+                                "(CASE_ID + file ending; its other files are ignored)."),
+    truth: Path = typer.Argument(..., help="The truth: a lesionsynth test set (labelsTs/ + strata.csv), an nnU-Net "
+                                 "v2 raw dataset (labelsTs/, else labelsTr/) or a folder of label files."),
+    out: Path = typer.Option(..., "--out", help="New folder for cases.csv, strata.csv, summary.json and score.html."),
+    iou_threshold: float = typer.Option(0.0, "--iou-threshold", help="A truth lesion and a predicted component "
+                                        "match when they overlap with IoU ≥ this (0: any overlap); one to one, "
+                                        "highest IoU first."),
+    connectivity: int = typer.Option(26, "--connectivity", help="Lesion connectivity: 6, 18 or 26."),
+    lesion_label: Optional[List[int]] = typer.Option(None, "--lesion-label", help="Label value(s) that count as "
+                                                     "lesion (default: every non-zero label)."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the cases for the 95 % "
+                                  "intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT when it holds a previous score output."),
+) -> None:
+    """Score predicted labels against the truth: Dice, lesion detection and volume per case and per stratum."""
+    from .score import ScoreConfig, score_predictions
+
+    config = ScoreConfig(iou_threshold=iou_threshold, connectivity=connectivity,
+                         lesion_labels=tuple(lesion_label or ()), n_resamples=bootstrap, seed=seed)
+    result = score_predictions(pred, truth, out, config, jobs=_jobs(jobs), overwrite=overwrite, progress=True)
+    for line in result.warnings:
+        typer.echo(f"warning: {line}", err=True)
+    overall = result.summary["overall"]
+
+    def stat(key: str) -> str:
+        s = overall[key]
+        if s["mean"] is None:
+            return "–"
+        lo, hi = s["ci95"]
+        return f"{s['mean']:.3f} [{lo:.3f}–{hi:.3f}]" if lo is not None else f"{s['mean']:.3f}"
+
+    typer.echo(f"score: {result.out} ({len(result.rows)} cases; Dice {stat('dice')}, lesion F1 {stat('lesion_f1')}, "
+               f"recall {stat('lesion_recall')}, precision {stat('lesion_precision')})")
+
+
 def _jobs(jobs: int) -> int:
     if jobs == 0 or jobs < -1:
         raise InputError(f"--jobs {jobs}: use a positive number, or -1 for all cores")

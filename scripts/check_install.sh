@@ -51,6 +51,9 @@ step "lesionsynth generate --shard (x2) and finalize"
 step "lesionsynth report";   "${ls[@]}" report out
 "$work/user-env/bin/python" -c "import json; a = json.load(open('out/report/realism.json')); assert a['auc'] is not None, a['reason']; print('realism AUC', round(a['auc'], 3))"
 step "lesionsynth inspect";  "${ls[@]}" inspect out | head -n 8
+step "lesionsynth score (the labels against themselves)"
+"${ls[@]}" score dataset/labelsTr dataset --out scored --jobs 2 --bootstrap 200
+"$work/user-env/bin/python" -c "import json; s = json.load(open('scored/summary.json')); assert s['overall']['dice']['mean'] == 1, s['overall']['dice']"
 step "one-line errors"
 if "${ls[@]}" build-bank dataset --out bank2 --recipe no_such_recipe 2>err.txt; then exit 1; fi
 cat err.txt; [ "$(wc -l <err.txt)" -eq 1 ]
