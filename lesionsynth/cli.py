@@ -167,13 +167,13 @@ def testset(
                                                               "0.5 1.5), noise in units of the case's own noise "
                                                               "sd (default 0 2)."),
     load_mm3: Optional[float] = typer.Option(None, "--load-mm3", help="The load held fixed by size, contrast and "
-                                             "noise [default: the test cases' median real load; size: at most "
-                                             "100 lesions of the smallest size bin]."),
+                                             "noise, mm³ (default: the test cases' median real load; size: at "
+                                             "most 100 lesions of the smallest size bin)."),
     seed: int = typer.Option(0, "--seed"),
     tolerance: float = typer.Option(0.1, "--tolerance", help="Relative load tolerance."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its [augment] "
-                                         "section sets the lesion augmentation ranges [default: the bank's]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its augment "
+                                         "section sets the lesion augmentation ranges (default: the bank's)."),
     compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
     uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
