@@ -117,6 +117,11 @@ def select_test_cases(bank_case_ids, ids: str | None = None, splits: str | Path 
         chosen = [c.strip() for c in ids.split(",") if c.strip()]
     else:
         chosen = []
+    return cases_in_bank(chosen, bank_case_ids)
+
+
+def cases_in_bank(chosen, bank_case_ids) -> tuple[str, ...]:
+    """The chosen test cases, sorted and once each; refused if there are none or one is not in the bank."""
     if not chosen:
         raise InputError(NO_TEST_CASES)
     known = set(bank_case_ids)
@@ -366,8 +371,8 @@ def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int
     cfg.validate()
     bank_dir, out = Path(bank_dir), Path(out)
     bank = Bank(bank_dir)
-    cfg = resolve_levels(replace(cfg, test_cases=select_test_cases([c["case_id"] for c in bank.cases],
-                                                                   ",".join(cfg.test_cases))), bank)
+    cfg = resolve_levels(replace(cfg, test_cases=cases_in_bank(cfg.test_cases, [c["case_id"] for c in bank.cases])),
+                         bank)
     check_base_cases(bank)
     record = run_record(bank, bank_dir, cfg)
     layout = TestsetLayout(out, tuple(bank.channel_names), dict(bank.index["labels"]), cfg.file_ending, record)
