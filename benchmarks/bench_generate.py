@@ -287,14 +287,14 @@ def status_kib(key):
 
 import numpy, scipy.ndimage, skfmm, nibabel
 from lesionsynth.bank import Bank
-from lesionsynth.pipeline import GenerateConfig, run_layout, run_record, synthesize_case, _open_bank
+from lesionsynth.pipeline import GenerateConfig, open_bank, run_layout, run_record, synthesize_case
 from lesionsynth.plan import AugmentConfig, plan_and_render_case
 from lesionsynth.render import render_op
 conf = dict(a["cfg"]); conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
 conf["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in conf["augment"].items()})
 cfg = GenerateConfig(**conf)
-bank = _open_bank(a["bank"])
+bank = open_bank(a["bank"])
 layout = run_layout(Path(a["out"]), cfg, bank, run_record(bank, a["bank"], cfg))
 base = status_kib("VmHWM")
 base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -630,8 +630,10 @@ class Bank:
                                                               values_affine))
         return self._coarse_likelihood[1]
 
-    def coarse_template_region(self, stride, affine: np.ndarray, coarse_shape, case_id: str) -> np.ndarray | None:
-        """The template's tissue prior (0-1) on a bank case's coarse grid, or None if the bank has none."""
+    def coarse_template_region(self, stride, affine: np.ndarray, coarse_shape, case_id: str | None
+                               ) -> np.ndarray | None:
+        """The template's tissue prior (0-1) on a bank case's coarse grid (None: a grid in the reference's
+        world space), or None if the bank has none."""
         name = self.index.get("space", {}).get("template_region_file")
         if not name:
             return None
@@ -640,8 +642,9 @@ class Bank:
         path = self.folder / name
         img = load_nifti(path)
         values = np.asarray(read_array(img, path), dtype=np.float32)
+        to_case = self.case_from_ref(case_id) if case_id is not None else np.eye(4)
         return coarse_likelihood(stride, affine, None, coarse_shape, values,
-                                 self.case_from_ref(case_id) @ np.asarray(img.affine, dtype=np.float64))
+                                 to_case @ np.asarray(img.affine, dtype=np.float64))
 
     def likelihood(self) -> tuple[np.ndarray, np.ndarray]:
         """(map, affine) of the lesion likelihood map, loaded once."""

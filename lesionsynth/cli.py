@@ -100,7 +100,8 @@ def generate(
     out: Path = typer.Option(..., "--out", help="Output folder (nnU-Net v2 raw dataset)."),
     n: int = typer.Option(..., "--n", help="Number of synthetic cases."),
     load: str = typer.Option(..., "--load", help="low, medium, high, uniform, gaussian or real."),
-    mode: str = typer.Option("both", "--mode", help="both, populate or inpaint."),
+    mode: str = typer.Option("both", "--mode", help="both, populate, inpaint or replace (remove the base case's "
+                             "lesions, then populate)."),
     seed: int = typer.Option(0, "--seed"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
     load_range: Optional[Tuple[float, float]] = typer.Option(None, "--load-range", help="LO HI: load range in mm³ "
@@ -143,6 +144,61 @@ def generate(
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
                           device=device, backend=backend, scheduler=scheduler)
     _summary(result, n)
+
+
+@app.command()
+def testset(
+    bank: Path = typer.Argument(..., help="Lesion bank folder made by build-bank."),
+    out: Path = typer.Option(..., "--out", help="New folder for the test set (imagesTs/, labelsTs/, strata.csv)."),
+    vary: str = typer.Option(..., "--vary", help="The factor that changes between levels: load (lesion load, "
+                             "mm³), size (few large or many small lesions at one load), contrast (brightness of "
+                             "the pasted lesions) or noise (Gaussian noise over the whole case)."),
+    levels: int = typer.Option(..., "--levels", help="Number of levels K."),
+    per_level: int = typer.Option(..., "--per-level", help="Cases per level (the same base cases and seeds at "
+                                  "every level)."),
+    test_cases: Optional[str] = typer.Option(None, "--test-cases", help="ID,ID,...: the bank cases that are "
+                                             "test cases (the only base cases and donors)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="nnU-Net splits_final.json whose fold --fold "
+                                          "'val' cases are the test cases."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Fold of --splits."),
+    level_range: Optional[Tuple[float, float]] = typer.Option(None, "--range", help="LO HI of the levels: load "
+                                                              "in mm³ (log-spaced; default: the bank's real "
+                                                              "loads), contrast as paste brightness (default "
+                                                              "0.5 1.5), noise in units of the case's own noise "
+                                                              "sd (default 0 2)."),
+    load_mm3: Optional[float] = typer.Option(None, "--load-mm3", help="The load held fixed by size, contrast and "
+                                             "noise, mm³ (default: the test cases' median real load; size: at "
+                                             "most 100 lesions of the smallest size bin)."),
+    seed: int = typer.Option(0, "--seed"),
+    tolerance: float = typer.Option(0.1, "--tolerance", help="Relative load tolerance."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name or TOML file: its augment "
+                                         "section sets the lesion augmentation ranges (default: the bank's)."),
+    compression_level: int = typer.Option(1, "--compression-level", help="gzip level (isal: 0-3)."),
+    uncompressed: bool = typer.Option(False, "--uncompressed", help="Write .nii instead of .nii.gz."),
+    resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+) -> None:
+    """Render the test cases at K graded levels of one factor, all else fixed, for nnU-Net inference and
+    'lesionsynth score' (strata.csv: case_id,factor,level,value; level = the level's index, value = the
+    factor measured on the written case)."""
+    from .bank import Bank
+    from .plan import AugmentConfig
+    from .recipes import load_recipe, make_config
+    from .testset import TestsetConfig, select_test_cases
+    from .testset import testset as run_testset
+
+    opened = Bank(bank)
+    chosen = select_test_cases([c["case_id"] for c in opened.cases], test_cases, splits, fold)
+    recipe = recipe or opened.index.get("run", {}).get("recipe")
+    augment = make_config(AugmentConfig, load_recipe(recipe) if recipe else None, "augment", {})
+    cfg = TestsetConfig(factor=vary, n_levels=levels, per_level=per_level, test_cases=chosen, seed=seed,
+                        level_range=(float(level_range[0]), float(level_range[1])) if level_range else None,
+                        load_mm3=load_mm3, tolerance=tolerance, compression_level=compression_level,
+                        file_ending=".nii" if uncompressed else ".nii.gz", augment=augment)
+    records = run_testset(bank, out, cfg, jobs=_jobs(jobs), resume=resume)
+    reached = sum(r["reached"] for r in records)
+    typer.echo(f"test set: {out} ({len(records)} cases, {levels} levels of {vary} from {len(chosen)} test "
+               f"case(s); {reached} within tolerance of their load)")
 
 
 def space_lines(index: dict) -> list[str]:

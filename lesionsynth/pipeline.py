@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bank import Bank
-from .errors import InputError, Interrupted
+from .bank import Bank, intensity_reference
+from .errors import InputError, Interrupted, LesionsynthError
 from .geometry import voxel_volume
 from .io import load_case
 from .io.layout import LAYOUTS, OutputLayout, output_layout
@@ -28,7 +28,7 @@ from .prior import Region, allowed_region, is_ct, placement_density
 
 #: Where the template's tissue prior (a probability) is at least this, lesions may go.
 TEMPLATE_REGION_LEVEL = 0.5
-from .render import PasteSettings, RenderContext
+from .render import PasteSettings, RenderContext, apply_plan
 
 MANIFEST = "manifest.jsonl"
 FORMATS = tuple(LAYOUTS)
@@ -94,7 +94,7 @@ def training_cases(val_folds: list[list[str]], fold: int, all_ids: list[str]) ->
     return sorted(set(all_ids) - set(val_folds[fold]))
 
 
-def _open_bank(folder: str) -> Bank:
+def open_bank(folder: str) -> Bank:
     """One Bank per worker process (its memory maps stay open), renewed when bank.json changes."""
     return _cached_bank(folder, (Path(folder) / "bank.json").stat().st_mtime_ns)
 
@@ -109,57 +109,34 @@ def synthetic_case_id(cfg: GenerateConfig, index: int) -> str:
     return f"{cfg.case_prefix}{index:05d}"
 
 
+def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str]) -> tuple[int, list[str], str]:
+    """(home fold, the cases that fold trains on, base case) of output case `index`: the cases take turns as
+    base within their fold's training cases, and those training cases are its donors."""
+    home_fold = index % len(val_folds)
+    train = training_cases(val_folds, home_fold, case_ids)
+    return home_fold, train, train[(index // len(val_folds)) % len(train)]
+
+
+def donor_lesions(bank: Bank, cases) -> list[dict]:
+    """The bank's lesions (of a lesion label) cut out of `cases`, in bank order."""
+    cases, lesion_labels = set(cases), bank.lesion_labels
+    return [les for les in bank.lesions if les["source_case"] in cases and les["label_value"] in lesion_labels]
+
+
 def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
                     val_folds: list[list[str]], device: str = "cpu") -> tuple[dict, dict]:
-    """Make output case `index`: draw its plan, render it, write it in `layout`. Returns (manifest record,
-    timings)."""
+    """Make output case `index`: read its base case, do its lesion work (`synthesize_arrays`), write it in
+    `layout`. Returns (manifest record, timings)."""
     t0 = time.perf_counter()
-    bank = _open_bank(bank_dir)
+    bank = open_bank(bank_dir)
     rng = case_rng(cfg.seed, index)
-    all_ids = [c["case_id"] for c in bank.cases]
-    home_fold = index % len(val_folds)
-    train = training_cases(val_folds, home_fold, all_ids)
-    base_id = train[(index // len(val_folds)) % len(train)]
+    home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases])
     ref = next(r for r in bank.case_refs() if r.case_id == base_id)
-    target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
     case = load_case(ref, len(bank.channel_names))
     release_freed_memory()  # the file buffers of the read
     t_read = time.perf_counter()
-    volume_warp = draw_volume_warp(rng, cfg.augment) if cfg.volume_warp else None
-    if volume_warp is not None:
-        case.channels, case.label = warp_case(case.channels, case.label, case.affine, volume_warp, device)
-
-    lesion_labels = bank.lesion_labels
-    region = bank.body_region(base_id) if volume_warp is None else None
-    if region is None:
-        region = allowed_region(case.channels, case.label, case.affine, bank.channel_names, bank.region_labels)
-    prior = bank.coarse_template_region(region.stride, case.affine, region.coarse.shape, base_id)
-    if prior is not None and not region.region_labels:  # the template's tissue prior bounds the body region
-        region = Region(region.stride, region.coarse & (prior >= TEMPLATE_REGION_LEVEL), ())
-    likelihood = bank.coarse_likelihood(region.stride, case.affine, case.label.shape, region.coarse.shape, base_id,
-                                        within=region.coarse)
-    if prior is not None:
-        likelihood = likelihood * prior
-    density = placement_density(region, case.label, case.affine, lesion_labels, likelihood)
-    train_set = set(train)
-    donors = [les for les in bank.lesions if les["source_case"] in train_set
-              and les["label_value"] in lesion_labels]
-    ct_channels = tuple(is_ct(n) for n in bank.channel_names)
-    base_info = bank.case_info(base_id)
-    context = None
-    # region labels already say which tissue lesions belong to (liver, lung, white matter): the context
-    # match is for the body-foreground region, where nothing else does
-    if cfg.augment.context_tolerance > 0 and base_info.get("intensity_ref") is not None and not region.region_labels:
-        context = ContextMatch(base_info["intensity_ref"], ct_channels, cfg.augment.context_tolerance,
-                               bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
-                               bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
-    ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]),
-                        PasteSettings(tuple(is_ct(n) for n in bank.channel_names), device=device), region.mask_in,
-                        region.contains, cfg.augment.min_region_fraction)
-    channels, label = case.channels, case.label
-    plan = plan_and_render_case(channels, label, case.affine, bank, donors, density, ctx, rng, target,
-                                cfg.tolerance, cfg.mode, cfg.augment, region, context)
-    achieved_vox = count_in(label, lesion_labels)
+    channels, label, lesion_record = synthesize_arrays(case.channels, case.label, case.affine, bank, cfg, rng,
+                                                       base_id, donor_lesions(bank, train), device)
     t_lesion = time.perf_counter()
 
     case_id = synthetic_case_id(cfg, index)
@@ -167,14 +144,81 @@ def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: Genera
     write_case(layout.out, case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
     t_write = time.perf_counter()
 
-    achieved = achieved_vox * voxel_volume(case.affine)
-    donor_cases = sorted({op["source_case"] for op in plan.ops if op["op"] == "paste"})
-    record = {
-        "case_id": case_id,
-        "case_index": index,
-        "base_case": base_id,
-        "seed": cfg.seed,
-        "home_fold": home_fold,
+    record = {"case_id": case_id, "case_index": index, "base_case": base_id, "seed": cfg.seed,
+              "home_fold": home_fold, **lesion_record}
+    layout.write_case_extras(case_id, record)
+    timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
+    return record, timings
+
+
+def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank: Bank,
+                      cfg: GenerateConfig, rng: np.random.Generator, base_case_id: str | None = None,
+                      donors: list[dict] | None = None, device: str = "cpu", replay: dict | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The lesion work of one case, in memory: draw its target load (and whole-case warp, `cfg.volume_warp`)
+    from `rng`, then inpaint and populate until the target is reached. Works in place on `channels`
+    (float32 (C, X, Y, Z)) and `label` (uint8 (X, Y, Z)) unless a warp makes new ones. Returns (channels,
+    label, record): the case's manifest fields from `load_family` on.
+
+    `base_case_id` says the arrays are that bank case as it was read: its stored body region, intensity
+    reference and registration are used. None: any other image, whose body region and intensity reference
+    are computed from the arrays; the likelihood map is read in world space, or not at all in a registered
+    bank (its transform is known for its own cases only: placement is uniform over the body region).
+    `donors`: the bank lesions to paste (default: every lesion of a lesion label). `replay`: a record of this
+    function to render again instead of drawing a plan (`rng` is not used)."""
+    lesion_labels = bank.lesion_labels
+    if replay is None:
+        target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
+        volume_warp = draw_volume_warp(rng, cfg.augment) if cfg.volume_warp else None
+    else:
+        target, volume_warp = replay["target_load_mm3"], replay["volume_warp"]
+    if volume_warp is not None:
+        channels, label = warp_case(channels, label, affine, volume_warp, device)
+
+    stored = base_case_id is not None
+    region = bank.body_region(base_case_id) if stored and volume_warp is None else None
+    if region is None:
+        region = allowed_region(channels, label, affine, bank.channel_names, bank.region_labels)
+    intensity_ref = bank.case_info(base_case_id).get("intensity_ref") if stored else \
+        intensity_reference(channels, region)
+    world = stored or not bank.registered  # where the bank's maps can be read on these arrays
+    prior = bank.coarse_template_region(region.stride, affine, region.coarse.shape, base_case_id) if world else None
+    if prior is not None and not region.region_labels:  # the template's tissue prior bounds the body region
+        region = Region(region.stride, region.coarse & (prior >= TEMPLATE_REGION_LEVEL), ())
+    likelihood = None
+    if world:
+        likelihood = bank.coarse_likelihood(region.stride, affine, label.shape, region.coarse.shape, base_case_id,
+                                            within=region.coarse)
+        if prior is not None:
+            likelihood = likelihood * prior
+    density = placement_density(region, label, affine, lesion_labels, likelihood)
+    if donors is None:
+        donors = donor_lesions(bank, [c["case_id"] for c in bank.cases])
+    ct_channels = tuple(is_ct(n) for n in bank.channel_names)
+    context = None
+    # region labels already say which tissue lesions belong to (liver, lung, white matter): the context
+    # match is for the body-foreground region, where nothing else does
+    if cfg.augment.context_tolerance > 0 and intensity_ref is not None and not region.region_labels:
+        context = ContextMatch(intensity_ref, ct_channels, cfg.augment.context_tolerance,
+                               bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
+                               bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
+    ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels, device=device),
+                        region.mask_in, region.contains, cfg.augment.min_region_fraction)
+    if replay is not None:
+        apply_plan(channels, label, affine, replay["ops"], bank, ctx)
+        return channels, label, replayed_record(replay, label, affine, lesion_labels)
+    plan = plan_and_render_case(channels, label, affine, bank, donors, density, ctx, rng, target,
+                                cfg.tolerance, cfg.mode, cfg.augment, region, context)
+    return channels, label, lesion_record(plan, target, cfg, label, affine, lesion_labels, density.fallback,
+                                          volume_warp)
+
+
+def lesion_record(plan, target: float, cfg: GenerateConfig, label: np.ndarray, affine: np.ndarray, lesion_labels,
+                  placement_fallback: str | None, volume_warp: dict | None) -> dict:
+    """What a case's plan did, as manifest fields (the achieved load counted on the rendered label)."""
+    achieved_vox = count_in(label, lesion_labels)
+    achieved = achieved_vox * voxel_volume(affine)
+    return {
         "load_family": cfg.load,
         "mode": cfg.mode,
         "target_load_mm3": plan.target_load_mm3,
@@ -189,14 +233,22 @@ def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: Genera
         "failed_placements": plan.failed_tries,
         "refused_placements": dict(sorted(plan.refused.items())),
         "sharp_donors": plan.sharp_donors,
-        "placement_fallback": density.fallback,
-        "donor_cases": donor_cases,
+        "placement_fallback": placement_fallback,
+        "donor_cases": sorted({op["source_case"] for op in plan.ops if op["op"] == "paste"}),
         "volume_warp": volume_warp,
         "ops": plan.ops,
     }
-    layout.write_case_extras(case_id, record)
-    timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
-    return record, timings
+
+
+def replayed_record(record: dict, label: np.ndarray, affine: np.ndarray, lesion_labels) -> dict:
+    """`record` once its plan is rendered again; a LesionsynthError if the load it reached differs (the plan
+    was made on other arrays, or with another bank)."""
+    achieved_vox = count_in(label, lesion_labels)
+    if achieved_vox != record["achieved_load_voxels"]:
+        raise LesionsynthError(f"the recorded plan does not reproduce on these arrays: {achieved_vox} lesion "
+                               f"voxels instead of {record['achieved_load_voxels']} (made on another image or "
+                               f"with another bank?)")
+    return dict(record)
 
 
 def run_layout(out: Path, cfg: GenerateConfig, bank: Bank, run: dict) -> OutputLayout:
@@ -216,7 +268,7 @@ def warp_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, warp:
 
 
 def _copy_original_task(ref, bank_dir: str, layout: OutputLayout, cfg: GenerateConfig) -> str:
-    bank = _open_bank(bank_dir)
+    bank = open_bank(bank_dir)
     case = load_case(ref, len(bank.channel_names))
     paths = layout.prepare_case(ref.case_id, original=True)
     copy_original(layout.out, case, ref.image_paths, cfg.file_ending, cfg.compression_level, paths)

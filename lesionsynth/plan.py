@@ -17,7 +17,8 @@ from .labels import count_in, label_in
 from .prior import PlacementDensity, context_distance, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
 
-MODES = ("both", "populate", "inpaint")
+#: replace: remove every lesion of the base case, then populate to the target from the donors alone
+MODES = ("both", "populate", "inpaint", "replace")
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                          density: PlacementDensity, ctx: RenderContext, rng: np.random.Generator,
                          target_mm3: float, tolerance: float, mode: str, cfg: AugmentConfig,
                          region, context: ContextMatch | None = None) -> CasePlan:
-    """Run the per-case loop in place on `channels`/`label`: inpaint while above target, populate while below.
+    """Run the per-case loop in place on `channels`/`label`: inpaint while above target (mode replace: every
+    lesion of the case), populate while below.
 
     Every accepted operation is recorded with all its parameters; the achieved load is counted on the
     label array itself.
@@ -308,10 +310,11 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
     plan = CasePlan(round(target_mm3, 3), load_vox * vv)
     hi, lo = target_mm3 * (1 + tolerance), target_mm3 * (1 - tolerance)
 
-    if mode in ("both", "inpaint") and load_vox * vv > hi:
+    clear = mode == "replace"
+    if (mode in ("both", "inpaint") and load_vox * vv > hi) or (clear and load_vox > 0):
         comps = lesion_components(label, lesion_labels, ctx.connectivity)
-        while load_vox * vv > hi and comps and len(plan.ops) < cfg.max_ops:
-            best = min(comps, key=lambda c: abs((load_vox - c.voxels) * vv - target_mm3))
+        while (clear or load_vox * vv > hi) and comps and len(plan.ops) < cfg.max_ops:
+            best = comps[0] if clear else min(comps, key=lambda c: abs((load_vox - c.voxels) * vv - target_mm3))
             if mode == "inpaint" and abs((load_vox - best.voxels) * vv - target_mm3) >= abs(load_vox * vv - target_mm3):
                 break
             comps.remove(best)
@@ -325,7 +328,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             op["removed_mm3"] = round(removed * vv, 3)
             plan.ops.append(op)
 
-    if mode in ("both", "populate") and donors:
+    if mode in ("both", "populate", "replace") and donors:
         donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
         while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
                and plan.prechecks_refused < cfg.max_prechecks_refused):

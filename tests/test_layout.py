@@ -48,8 +48,10 @@ def test_testset_paths_carry_channel_suffixes(tmp_path):
     assert _rel([label], tmp_path) == ["labelsTs/case_7.nii.gz"]
     layout.prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagesTs", "labelsTs"]
-    layout.write_final([], [])
-    assert not (tmp_path / "dataset.json").exists()
+    layout.write_final([{"case_id": "case_7", "factor": "noise", "level": 2, "measured_value": 1.5}], [])
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["numTraining"] == 0 and meta["file_ending"] == ".nii.gz" and meta["channel_names"]["1"] == "FLAIR"
+    assert (tmp_path / "strata.csv").read_text() == "case_id,factor,level,value\ncase_7,noise,2,1.5\n"
 
 
 def test_bids_case_files_include_sidecars(tmp_path):

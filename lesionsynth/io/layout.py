@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import InputError
 from . import bids
+from .nifti import write_bytes_atomic
 from .output import case_paths, write_json
 
 CasePaths = tuple[list[Path], Path]  # (one image path per channel, label path)
@@ -101,15 +102,45 @@ class NnunetLayout(OutputLayout):
 
 
 class TestsetLayout(NnunetLayout):
-    """nnU-Net test cases: imagesTs/{case}_{XXXX}{ending} and labelsTs/{case}{ending}, for the testset
-    command to come (it adds its strata.csv to `write_final`)."""
+    """A controlled test set (`lesionsynth testset`): imagesTs/{case}_{XXXX}{ending} and labelsTs/{case}{ending}
+    for nnU-Net's predictor, and at the end dataset.json and strata.csv (from each case's record: its
+    `factor`, `level` index and `measured_value`, the factor measured on the written case)."""
 
     __test__ = False  # a pytest collecting "Test*" names must not take this for a test class
     images_folder = "imagesTs"
     labels_folder = "labelsTs"
 
     def write_final(self, records: list[dict], original_ids: list[str]) -> None:
-        """No dataset.json: nnU-Net's predictor reads a folder of test cases without one."""
+        write_json(self.out / "dataset.json", self.dataset_json(records, original_ids))
+        write_bytes_atomic(self.out / STRATA_FILE, strata_csv(records).encode())
+
+    def dataset_json(self, records: list[dict], original_ids: list[str]) -> dict:
+        """dataset.json of test cases (no training cases), with the factor and its nominal levels."""
+        conf = self.run.get("config", {})
+        return {
+            "channel_names": {str(i): name for i, name in enumerate(self.channel_names)},
+            "labels": self.sorted_labels(),
+            "numTraining": 0,
+            "numTest": len(records),
+            "file_ending": self.ending,
+            "description": f"lesionsynth {__version__}: controlled test set, {len(records)} cases varying "
+                           f"{conf.get('factor')!r} over {len(conf.get('levels', []))} levels (seed "
+                           f"{conf.get('seed')})",
+            "testset": {"factor": conf.get("factor"), "levels": conf.get("levels"),
+                        "test_cases": conf.get("test_cases")},
+        }
+
+
+STRATA_FILE = "strata.csv"
+STRATA_COLUMNS = ("case_id", "factor", "level", "value")
+
+
+def strata_csv(records: list[dict]) -> str:
+    """strata.csv of a test set: `case_id,factor,level,value`, one row per case, in record order."""
+    rows = [",".join(STRATA_COLUMNS)]
+    for rec in records:
+        rows.append(f"{rec['case_id']},{rec['factor']},{rec['level']},{rec['measured_value']:.6g}")
+    return "\n".join(rows) + "\n"
 
 
 class BidsLayout(OutputLayout):

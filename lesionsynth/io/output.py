@@ -47,14 +47,20 @@ def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray,
                          f"the folder, then rerun with --resume") from None
 
 
+def as_written(data: np.ndarray, header) -> np.ndarray:
+    """A channel's values as its file will hold them: rounded and clipped to an integer on-disk dtype."""
+    dtype = image_dtype(header)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(data), info.min, info.max)
+    return data
+
+
 def _write_case_files(images, label_path, channels, label, base, compression_level) -> None:
     for c, path in enumerate(images):
-        dtype = image_dtype(base.channel_headers[c])
-        data = channels[c]
-        if dtype.kind in "iu":
-            info = np.iinfo(dtype)
-            data = np.clip(np.rint(data), info.min, info.max)
-        save_nifti(path, data, base.affine, base.channel_headers[c], dtype, compression_level)
+        header = base.channel_headers[c]
+        save_nifti(path, as_written(channels[c], header), base.affine, header, image_dtype(header),
+                   compression_level)
     save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
 
 

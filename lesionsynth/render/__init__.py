@@ -75,16 +75,23 @@ def prepared_coefficients(bank, lesion_id: str) -> np.ndarray:
     return bank.derived(("spline", lesion_id), lambda: spline_coefficients(bank.lesion_arrays(lesion_id)[0]))
 
 
-def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
-                ctx: RenderContext) -> tuple[np.ndarray, np.ndarray]:
-    """Replay recorded operations on copies of a base case's arrays."""
-    channels, label = channels.copy(order="K"), label.copy(order="K")
+def apply_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
+               ctx: RenderContext) -> None:
+    """Replay recorded operations in place on a base case's arrays."""
     for op in ops:
         patch = render_op(channels, label, affine, op, bank, ctx)
         if patch is None:
             raise RuntimeError(f"recorded operation no longer applies: {op}")
         patch.apply(channels, label)
+
+
+def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
+                ctx: RenderContext) -> tuple[np.ndarray, np.ndarray]:
+    """Replay recorded operations on copies of a base case's arrays."""
+    channels, label = channels.copy(order="K"), label.copy(order="K")
+    apply_plan(channels, label, affine, ops, bank, ctx)
     return channels, label
 
 
-__all__ = ["PasteSettings", "Patch", "PreparedMask", "RenderContext", "prepared_mask", "render_op", "render_plan"]
+__all__ = ["PasteSettings", "Patch", "PreparedMask", "RenderContext", "apply_plan", "prepared_mask", "render_op",
+           "render_plan"]
