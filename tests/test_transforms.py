@@ -124,7 +124,9 @@ def test_torchio_pipeline_in_dataloader_workers(mni, mni_bank):
     again = _tio_loader_outputs(mni, mni_bank, seed=0)
     for (t1, flair, seg, history), (t1b, flair_b, seg_b, _) in zip(first, again):
         assert torch.equal(t1, t1b) and torch.equal(flair, flair_b) and torch.equal(seg, seg_b)
-    plans = [history[-1].plan for *_, history in first]
+    from lesionsynth.transforms import recorded_plan
+
+    plans = [recorded_plan(history) for *_, history in first]
     assert [p["case_id"] for p in plans] == list(LOADER_CASES)
     assert [p["base_case"] for p in plans] == list(LOADER_CASES)  # known by their file names
     assert plans[0]["lesions_added"] > 0 and plans[1]["lesions_removed"] > 0
@@ -201,7 +203,10 @@ def test_monai_pipeline_in_dataloader_workers(mni, mni_bank):
     for a, b in zip(first, again):
         assert torch.equal(a["image"].as_tensor(), b["image"].as_tensor())
         assert torch.equal(a["label"].as_tensor(), b["label"].as_tensor())
-    plans = [s["label"].applied_operations[-1]["extra_info"]["lesionmix"] for s in first]
+    from lesionsynth.transforms import recorded_plan
+
+    plans = [recorded_plan(s) for s in first]
+    assert plans == [s["image"].applied_operations[-1]["extra_info"]["lesionmix"] for s in first]
     assert [p["base_case"] for p in plans] == list(LOADER_CASES)
     assert plans[0]["lesions_added"] > 0 and plans[1]["lesions_removed"] > 0
     assert all(p["case_id"] not in p["donor_cases"] for p in plans)
@@ -253,7 +258,9 @@ def test_another_image_on_its_own_grid_in_loader_dtypes(mni, mni_bank):
     sample = tio.Subject(t1=tio.ScalarImage(tensor=t1, affine=affine), flair=tio.ScalarImage(tensor=flair, affine=affine),
                          seg=tio.LabelMap(tensor=seg, affine=affine), case_id="MS_01039")
     out = LesionMix(mni_bank, load="uniform", load_range=(60000.0, 70000.0), seed=5)(sample)
-    plan = out.applied_transforms[-1][1]["plan"]
+    from lesionsynth.transforms import recorded_plan
+
+    plan = recorded_plan(out)
     assert plan["case_id"] == "MS_01039" and plan["base_case"] is None
     assert plan["lesions_added"] > 0 and "MS_01039" not in plan["donor_cases"]
     assert out.t1.data.dtype == torch.int16 and out.flair.data.dtype == torch.float64
@@ -280,6 +287,9 @@ def test_a_changed_bank_case_is_another_image(mni, mni_bank):
     assert mix(subject).applied_transforms[-1][1]["plan"]["base_case"] == "ATLAS_003"
     plan = mix(flipped).applied_transforms[-1][1]["plan"]
     assert plan["case_id"] == "ATLAS_003" and plan["base_case"] is None
+    # without a name or a file, the case is found by its grid and its content among the six on that grid
+    from_tensors = tio.Subject({k: type(im)(tensor=im.data, affine=im.affine) for k, im in subject.items()})
+    assert mix(from_tensors).applied_transforms[-1][1]["plan"]["base_case"] == "ATLAS_003"
 
 
 def test_a_sample_of_a_registered_bank_that_is_not_its_case_is_placed_by_region_only(blob_bank):

@@ -14,7 +14,7 @@ import importlib
 #: Public name → the module that defines it.
 _MODULES = {"RandomLesionMix": "torchio_mix", "LesionMix": "torchio_mix",
             "RandLesionMixd": "monai_mix", "LesionMixd": "monai_mix",
-            "LesionMixer": "core"}
+            "LesionMixer": "core", "recorded_plan": "core"}
 
 __all__ = sorted(_MODULES)
 

@@ -99,22 +99,31 @@ def case_of_paths(bank: Bank, paths) -> str | None:
 
 def stored_case(bank: Bank, channels: np.ndarray, label: np.ndarray, affine: np.ndarray,
                 case_id: str | None) -> str | None:
-    """The bank case these arrays are, as build-bank read it (`is_unchanged`): `case_id` if it is one, or
-    without a name the one case they match; None for any other image."""
+    """The bank case these arrays are, as build-bank read it (same grid, then `is_unchanged`): `case_id` if it
+    is one, or without a name the case they match; None for any other image."""
     known = [c["case_id"] for c in bank.cases]
     candidates = ([case_id] if case_id in known else []) if case_id is not None else known
-    return next((cid for cid in candidates if is_unchanged(bank, cid, channels, label, affine)), None)
+    candidates = [cid for cid in candidates if on_grid_of(bank, cid, label.shape, affine)]
+    if not candidates:
+        return None
+    lesion_voxels = count_in(label, bank.lesion_labels)
+    return next((cid for cid in candidates if is_unchanged(bank, cid, channels, label, affine, lesion_voxels)), None)
 
 
-def is_unchanged(bank: Bank, case_id: str, channels: np.ndarray, label: np.ndarray, affine: np.ndarray) -> bool:
-    """Whether the arrays are bank case `case_id` as it was read: its grid and lesion voxel count, the voxels of
-    every crop the bank cut from it, and its intensity reference. A crop, flip or intensity change made before
-    this transform makes the sample another image, for which the case's stored region and registration are
-    wrong."""
+def on_grid_of(bank: Bank, case_id: str, shape, affine: np.ndarray) -> bool:
+    """Whether (shape, affine) is bank case `case_id`'s grid."""
     info = bank.case_info(case_id)
-    if tuple(label.shape) != tuple(info["shape"]) or not np.allclose(affine, info["affine"], atol=AFFINE_ATOL_MM):
-        return False
-    if count_in(label, bank.lesion_labels) != info["load_voxels"]:
+    return tuple(shape) == tuple(info["shape"]) and np.allclose(affine, info["affine"], atol=AFFINE_ATOL_MM)
+
+
+def is_unchanged(bank: Bank, case_id: str, channels: np.ndarray, label: np.ndarray, affine: np.ndarray,
+                 lesion_voxels: int) -> bool:
+    """Whether arrays on bank case `case_id`'s grid, with `lesion_voxels` lesion voxels, are that case as it was
+    read: its lesion voxel count, the voxels of every crop the bank cut from it, and its intensity reference.
+    A flip or intensity change made before this transform makes the sample another image, for which the
+    case's stored region and registration are wrong."""
+    info = bank.case_info(case_id)
+    if lesion_voxels != info["load_voxels"]:
         return False
     if not all(crop_matches(bank, les, channels, label, affine) for les in bank.lesions
                if les["source_case"] == case_id):
@@ -187,3 +196,21 @@ def check_grid(affines: list[np.ndarray], names: list[str]) -> np.ndarray:
             raise InputError(f"{name}: its affine differs from that of {names[0]}; the images and the label must "
                              f"share one grid")
     return first
+
+
+def recorded_plan(sample) -> dict | None:
+    """The record of the last LesionMix plan applied to a sample, or None: a TorchIO subject (from its
+    history) or the list of transforms `tio.utils.history_collate` gives per sample; a MONAI MetaTensor or a
+    dictionary of them (from their applied operations)."""
+    if isinstance(sample, (list, tuple)):  # transforms
+        return next((t.plan for t in reversed(sample) if type(t).__name__ == "LesionMix"), None)
+    history = getattr(sample, "applied_transforms", None)
+    if history is not None:
+        return next((args.get("plan") for name, args in reversed(history) if name == "LesionMix"), None)
+    values = sample.values() if isinstance(sample, dict) else [sample]
+    for value in values:
+        for op in reversed(getattr(value, "applied_operations", None) or []):
+            info = op.get("extra_info") if isinstance(op, dict) else None
+            if isinstance(info, dict) and "lesionmix" in info:
+                return info["lesionmix"]
+    return None
