@@ -232,8 +232,13 @@ def test_monai_set_random_state_decides_the_plan(mni, mni_bank):
     seeds = []
     for state in (3, 3, 4):
         mix = RandLesionMixd(["image"], "label", mni_bank, mode="inpaint", load="low").set_random_state(state)
-        seeds.append(mix(dict(sample))["label"].applied_operations[-1]["extra_info"]["lesionmix"]["seed"])
+        out = mix(dict(sample))
+        seeds.append(out["label"].applied_operations[-1]["extra_info"]["lesionmix"]["seed"])
     assert seeds[0] == seeds[1] != seeds[2]
+    # the inverse moves nothing and drops its trace, so that earlier spatial transforms can be inverted
+    undone = mix.inverse(out)
+    assert undone["label"].applied_operations == [] and undone["image"].applied_operations == []
+    assert undone["image"] is out["image"]
 
 
 # ---------------------------------------------------------------------------------------------------- any image

@@ -1,4 +1,5 @@
-"""Tensors in and out of the lesion work: any dtype a loader produces, on the CPU."""
+"""Tensors in and out of the lesion work: any dtype a loader produces; the work runs on the CPU and its results go
+back to the input's device."""
 
 from __future__ import annotations
 
@@ -26,14 +27,18 @@ def torch_dtype(reference) -> torch.dtype:
 
 
 def channels_like(values: np.ndarray, reference) -> torch.Tensor:
-    """Float32 channels as a contiguous tensor of `reference`'s dtype: floats cast, integers rounded and
-    clipped as `generate` writes an integer channel (`io.output.stored_values`)."""
+    """Float32 channels as a contiguous tensor of `reference`'s dtype and device: floats cast, integers
+    rounded and clipped as `generate` writes an integer channel (`io.output.stored_values`)."""
     dtype = torch_dtype(reference)
-    if dtype.is_floating_point:
-        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
-    return torch.from_numpy(np.ascontiguousarray(stored_values(values, torch.zeros(0, dtype=dtype).numpy().dtype)))
+    if not dtype.is_floating_point:
+        values = stored_values(values, torch.zeros(0, dtype=dtype).numpy().dtype)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device=device_of(reference), dtype=dtype)
 
 
 def label_like(label: np.ndarray, reference) -> torch.Tensor:
-    """A uint8 label (1, X, Y, Z) as a contiguous tensor of `reference`'s dtype."""
-    return torch.from_numpy(np.ascontiguousarray(label)).to(torch_dtype(reference))
+    """A uint8 label (1, X, Y, Z) as a contiguous tensor of `reference`'s dtype and device."""
+    return torch.from_numpy(np.ascontiguousarray(label)).to(device=device_of(reference), dtype=torch_dtype(reference))
+
+
+def device_of(reference) -> torch.device:
+    return reference.device if isinstance(reference, torch.Tensor) else torch.device("cpu")
