@@ -24,3 +24,8 @@ class Interrupted(LesionsynthError):
         self.exit_code = 128 + self.signum
         name = signal.Signals(self.signum).name
         super().__init__(message or f"stopped by {name}")
+
+
+class MissingExtraError(LesionsynthError, ImportError):
+    """An optional part of lesionsynth was used without the extra that installs what it needs; the message
+    names the extra (e.g. "pip install 'lesionsynth[torchio]'")."""

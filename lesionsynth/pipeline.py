@@ -96,7 +96,10 @@ def training_cases(val_folds: list[list[str]], fold: int, all_ids: list[str]) ->
 
 def open_bank(folder: str) -> Bank:
     """One Bank per worker process (its memory maps stay open), renewed when bank.json changes."""
-    return _cached_bank(folder, (Path(folder) / "bank.json").stat().st_mtime_ns)
+    index = Path(folder) / "bank.json"
+    if not index.is_file():
+        return Bank(folder)  # says in one line what is wrong
+    return _cached_bank(folder, index.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=4)

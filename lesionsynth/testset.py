@@ -22,7 +22,7 @@ from .errors import InputError, Interrupted
 from .geometry import voxel_volume
 from .io import load_case
 from .io.layout import TestsetLayout
-from .io.output import as_written, write_case
+from .io.output import image_dtype, stored_values, write_case
 from .labels import count_in
 from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, _prepare_output, _read_records,
                        _remove_stale_temporaries, check_base_cases, donor_lesions, open_bank, synthesize_arrays)
@@ -329,7 +329,9 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
     if cfg.factor == "noise":
         added_sds = [round(cfg.levels[level] * sd, 6) for sd in own_sds]
         add_noise(channels, added_sds, noise_rng(cfg.seed, j))
-    written = [as_written(ch, h) for ch, h in zip(channels, case.channel_headers)]
+    # measured on the values the files will hold (an integer dataset's rounding included)
+    written = [np.asarray(stored_values(ch, image_dtype(h)), dtype=np.float32)
+               for ch, h in zip(channels, case.channel_headers)]
     if cfg.factor == "load":
         value = measured_load(label, case.affine, lesion_labels)
     elif cfg.factor == "size":

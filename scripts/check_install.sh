@@ -27,7 +27,7 @@ echo "recipes: $recipes in recipes/, $in_wheel in the wheel, $in_sdist in the sd
 step "install the wheel alone into a fresh environment"
 "$python" -m venv "$work/user-env"
 "$work/user-env/bin/pip" install -q "$wheel" 2>"$work/pip.log" || { cat "$work/pip.log"; exit 1; }
-"$work/user-env/bin/pip" list 2>/dev/null | grep -Ei "^(torch|dask|pytest|nnunetv2|torchio) " && { echo "extras installed"; exit 1; }
+"$work/user-env/bin/pip" list 2>/dev/null | grep -Ei "^(torch|dask|pytest|nnunetv2|torchio|monai) " && { echo "extras installed"; exit 1; }
 ls=("$work/user-env/bin/lesionsynth")
 cp -r "$data" "$work/dataset"
 cd "$work"  # nothing of the checkout on the path
@@ -59,4 +59,15 @@ if "${ls[@]}" build-bank dataset --out bank2 --recipe no_such_recipe 2>err.txt; 
 cat err.txt; [ "$(wc -l <err.txt)" -eq 1 ]
 if "${ls[@]}" generate bank --out cuda --n 1 --load low --device cuda 2>err.txt; then exit 1; fi
 cat err.txt; [ "$(wc -l <err.txt)" -eq 1 ] && [ ! -e cuda/imagesTr ]
+step "the transforms without their extras: one line naming the extra"
+"$work/user-env/bin/python" - <<'EOF'
+for name, extra in (("RandomLesionMix", "torchio"), ("RandLesionMixd", "monai")):
+    try:
+        exec(f"from lesionsynth.transforms import {name}")
+    except ImportError as exc:
+        print(exc)
+        assert f"pip install 'lesionsynth[{extra}]'" in str(exc) and "\n" not in str(exc)
+    else:
+        raise SystemExit(f"{name} imported without the [{extra}] extra")
+EOF
 echo "install check passed"

@@ -47,19 +47,19 @@ def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray,
                          f"the folder, then rerun with --resume") from None
 
 
-def as_written(data: np.ndarray, header) -> np.ndarray:
-    """A channel's values as its file will hold them: rounded and clipped to an integer on-disk dtype."""
-    dtype = image_dtype(header)
+def stored_values(data: np.ndarray, dtype) -> np.ndarray:
+    """Channel values as `dtype` holds them: rounded and clipped to an integer type's range, else cast."""
+    dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(data), info.min, info.max)
-    return data
+        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    return np.asarray(data).astype(dtype, copy=False)
 
 
 def _write_case_files(images, label_path, channels, label, base, compression_level) -> None:
     for c, path in enumerate(images):
-        header = base.channel_headers[c]
-        save_nifti(path, as_written(channels[c], header), base.affine, header, image_dtype(header),
+        dtype = image_dtype(base.channel_headers[c])
+        save_nifti(path, stored_values(channels[c], dtype), base.affine, base.channel_headers[c], dtype,
                    compression_level)
     save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
 
