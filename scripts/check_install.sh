@@ -51,6 +51,9 @@ step "lesionsynth generate --shard (x2) and finalize"
 step "lesionsynth report";   "${ls[@]}" report out
 "$work/user-env/bin/python" -c "import json; a = json.load(open('out/report/realism.json')); assert a['auc'] is not None, a['reason']; print('realism AUC', round(a['auc'], 3))"
 step "lesionsynth inspect";  "${ls[@]}" inspect out | head -n 8
+step "lesionsynth testset --vary load"
+"${ls[@]}" testset bank --out testset --vary load --levels 2 --per-level 1 --test-cases MS_01038 --jobs 2 2>/dev/null
+test "$(wc -l < testset/strata.csv)" -eq 3
 step "lesionsynth score (the labels against themselves)"
 "${ls[@]}" score dataset/labelsTr dataset --out scored --jobs 2 --bootstrap 200
 "$work/user-env/bin/python" -c "import json; s = json.load(open('scored/summary.json')); assert s['overall']['dice']['mean'] == 1, s['overall']['dice']"
