@@ -91,7 +91,8 @@ def main() -> None:
             t_torchio, subject = timed(lambda: mix(subjects[case_id]))
             mixd = LesionMixd(["image"], "label", bank_dir, load=args.load, seed=seed)
             t_monai, sample = timed(lambda: mixd(dicts[case_id]))
-            assert np.array_equal(subject.flair.data[0].numpy(), ch[1]) and np.array_equal(sample["label"][0].numpy(), lab)
+            assert np.array_equal(subject.flair.data[0].numpy(), ch[1])
+            assert np.array_equal(sample["label"][0].numpy(), lab)
             rows.append({"case": case_id, "seed": seed, "ops": len(rec["ops"]), "generate_s": t_generate,
                          "torchio_s": t_torchio, "monai_s": t_monai})
             print(f"{case_id:10s} seed {seed:3d}: {len(rec['ops']):3d} ops  generate {t_generate:6.2f} s  "

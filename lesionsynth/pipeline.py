@@ -184,12 +184,13 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
         region = allowed_region(channels, label, affine, bank.channel_names, bank.region_labels)
     intensity_ref = bank.case_info(base_case_id).get("intensity_ref") if stored else \
         intensity_reference(channels, region)
-    world = stored or not bank.registered  # where the bank's maps can be read on these arrays
-    prior = bank.coarse_template_region(region.stride, affine, region.coarse.shape, base_case_id) if world else None
+    maps_readable = stored or not bank.registered  # the bank knows where its maps lie on these arrays
+    prior = (bank.coarse_template_region(region.stride, affine, region.coarse.shape, base_case_id)
+             if maps_readable else None)
     if prior is not None and not region.region_labels:  # the template's tissue prior bounds the body region
         region = Region(region.stride, region.coarse & (prior >= TEMPLATE_REGION_LEVEL), ())
     likelihood = None
-    if world:
+    if maps_readable:
         likelihood = bank.coarse_likelihood(region.stride, affine, label.shape, region.coarse.shape, base_case_id,
                                             within=region.coarse)
         if prior is not None:

@@ -250,7 +250,7 @@ def test_another_image_on_its_own_grid_in_loader_dtypes(mni, mni_bank):
     tio = pytest.importorskip("torchio")
     import torch
 
-    from lesionsynth.transforms import LesionMix
+    from lesionsynth.transforms import LesionMix, recorded_plan
 
     subject = tio_subject(mni, "MS_01039")
     crop = (slice(20, 170), slice(30, 200), slice(40, 160))
@@ -260,11 +260,10 @@ def test_another_image_on_its_own_grid_in_loader_dtypes(mni, mni_bank):
     t1 = torch.round(subject.t1.data[(slice(None),) + crop] * 10).to(torch.int16)
     flair = subject.flair.data[(slice(None),) + crop].to(torch.float64)
     seg = subject.seg.data[(slice(None),) + crop].to(torch.int64)
-    sample = tio.Subject(t1=tio.ScalarImage(tensor=t1, affine=affine), flair=tio.ScalarImage(tensor=flair, affine=affine),
+    sample = tio.Subject(t1=tio.ScalarImage(tensor=t1, affine=affine),
+                         flair=tio.ScalarImage(tensor=flair, affine=affine),
                          seg=tio.LabelMap(tensor=seg, affine=affine), case_id="MS_01039")
     out = LesionMix(mni_bank, load="uniform", load_range=(60000.0, 70000.0), seed=5)(sample)
-    from lesionsynth.transforms import recorded_plan
-
     plan = recorded_plan(out)
     assert plan["case_id"] == "MS_01039" and plan["base_case"] is None
     assert plan["lesions_added"] > 0 and "MS_01039" not in plan["donor_cases"]
