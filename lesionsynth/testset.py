@@ -17,13 +17,12 @@ import numpy as np
 from scipy import ndimage
 
 from . import __version__
-from .bank import Bank, lesion_mask
+from .bank import Bank, case_load, lesion_mask
 from .errors import InputError, Interrupted
 from .geometry import voxel_volume
 from .io import load_case
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .labels import count_in
 from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, _prepare_output, _read_records,
                        _remove_stale_temporaries, check_base_cases, donor_lesions, open_bank, synthesize_arrays)
 from .plan import AugmentConfig, case_rng, lesion_components
@@ -268,11 +267,6 @@ def add_noise(channels: np.ndarray, sds, rng: np.random.Generator) -> None:
             channels[c] += np.float32(sd) * noise
 
 
-def measured_load(label: np.ndarray, affine: np.ndarray, lesion_labels) -> float:
-    """Lesion load of a label volume, mm³."""
-    return count_in(label, lesion_labels) * voxel_volume(affine)
-
-
 def median_lesion_volume(label: np.ndarray, affine: np.ndarray, lesion_labels, connectivity: int) -> float:
     """Median volume (mm³) of the connected lesions of a label volume (0 without any)."""
     comps = lesion_components(label, lesion_labels, connectivity)
@@ -333,7 +327,7 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
     written = [np.asarray(stored_values(ch, image_dtype(h)), dtype=np.float32)
                for ch, h in zip(channels, case.channel_headers)]
     if cfg.factor == "load":
-        value = measured_load(label, case.affine, lesion_labels)
+        value = case_load(label, case.affine, lesion_labels)[0]
     elif cfg.factor == "size":
         value = median_lesion_volume(label, case.affine, lesion_labels, int(bank.config["connectivity"]))
     elif cfg.factor == "contrast":
