@@ -8,7 +8,7 @@ Python API (what the commands call)::
     scores = score_predictions("predictions", "testset", "scores", ScoreConfig(iou_threshold=0.0), jobs=2)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import InputError, LesionsynthError  # noqa: E402
 from .bank import BankConfig, build_bank  # noqa: E402

@@ -368,7 +368,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
     (the same draw every time); each case is read once.
     """
     from .io import load_case
-    from .report import OutputRun, _read_label, read_output
+    from .output_run import OutputRun, _read_label, read_output
 
     t0 = time.perf_counter()
     run = out_dir if isinstance(out_dir, OutputRun) else read_output(out_dir)
@@ -385,7 +385,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
         expected_real = Counter(les["source_case"] for les in run.bank_index["lesions"]
                                 if int(les.get("label_value", lesion_labels[0])) in wanted)
     else:
-        from .report import component_volumes
+        from .output_run import component_volumes
 
         originals = sorted(p.name[: -len(run.file_ending)] for p in (run.out / "labelsTr").glob(f"*{run.file_ending}")
                            if p.name[: -len(run.file_ending)] not in synthetic)

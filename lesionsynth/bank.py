@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset

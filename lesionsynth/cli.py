@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError, LesionsynthError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

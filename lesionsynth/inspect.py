@@ -155,7 +155,7 @@ def _dataset(path: Path) -> list[str]:
 
 def _scan_labels(cases, lesion_labels) -> tuple[list[int], list[float], list[float]]:
     from .io.nifti import load_nifti
-    from .report import component_volumes
+    from .output_run import component_volumes
 
     counts, loads, vols = [], [], []
     for ref in cases:
@@ -243,7 +243,7 @@ def _space_lines(index: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ output
 
 def _output(path: Path) -> list[str]:
-    from .report import read_output
+    from .output_run import read_output
 
     run = read_output(path)
     cfg = run.config

@@ -26,9 +26,17 @@ BACKENDS = ("local", "dask")
 
 @contextlib.contextmanager
 def worker_threads_limited(jobs: int):
-    """Limit native threads in joblib workers (and here) to one each while running `jobs` > 1 workers."""
+    """Limit native threads in joblib workers (and here) to one each while running `jobs` > 1 workers; at
+    jobs 1, this process's BLAS to one thread for the run.
+
+    The lesion work's small matrix products gain nothing from a second BLAS thread, which spins between
+    them: at jobs 1 it burnt about 0.3 s of CPU per MNI-sized case that the threads reading and writing
+    the cases next to it (`pipeline.overlapped_cases`) need."""
     if jobs == 1:
-        yield
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):
+            yield
         return
     saved = {k: os.environ.get(k) for k in _THREAD_VARS}
     for k in _THREAD_VARS:
@@ -67,8 +75,13 @@ class Runner:
         self._workers: list = []
         self._stopping = False
 
+    @property
+    def in_process(self) -> bool:
+        """Whether calls run in this process (jobs 1), one after another."""
+        return self.jobs == 1
+
     def map(self, fn, calls: Iterable[tuple]) -> Iterator:
-        if self.jobs == 1:
+        if self.in_process:
             return (fn(*args) for args in calls)
         if self.fork:
             # submitted now, not when the results are first asked for: the workers are forked before the

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .bank import Bank, intensity_reference
 from .errors import InputError, Interrupted, LesionsynthError
 from .geometry import voxel_volume
@@ -29,6 +29,7 @@ from .prior import Region, allowed_region, is_ct, placement_density
 #: Where the template's tissue prior (a probability) is at least this, lesions may go.
 TEMPLATE_REGION_LEVEL = 0.5
 from .render import PasteSettings, RenderContext, apply_plan
+from .render.backend import lesion_resampler
 
 MANIFEST = "manifest.jsonl"
 FORMATS = tuple(LAYOUTS)
@@ -130,28 +131,96 @@ def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: Genera
                     val_folds: list[list[str]], device: str = "cpu") -> tuple[dict, dict]:
     """Make output case `index`: read its base case, do its lesion work (`synthesize_arrays`), write it in
     `layout`. Returns (manifest record, timings)."""
+    job = read_stage(index, bank_dir, cfg, val_folds)
+    return write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg)
+
+
+@dataclass
+class CaseJob:
+    """One output case between the stages of `synthesize_case`."""
+
+    index: int
+    home_fold: int
+    train: list[str]
+    base_id: str
+    case: object                 # the base case as read (io.Case)
+    read_s: float
+    channels: np.ndarray | None = None
+    label: np.ndarray | None = None
+    lesion_record: dict | None = None
+    lesion_s: float = 0.0
+
+
+def read_stage(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[list[str]]) -> CaseJob:
+    """Read the base case of output case `index` (bank lookup + `load_case`)."""
     t0 = time.perf_counter()
     bank = open_bank(bank_dir)
-    rng = case_rng(cfg.seed, index)
     home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases])
     ref = next(r for r in bank.case_refs() if r.case_id == base_id)
     case = load_case(ref, len(bank.channel_names))
     release_freed_memory()  # the file buffers of the read
-    t_read = time.perf_counter()
-    channels, label, lesion_record = synthesize_arrays(case.channels, case.label, case.affine, bank, cfg, rng,
-                                                       base_id, donor_lesions(bank, train), device)
-    t_lesion = time.perf_counter()
+    return CaseJob(index, home_fold, train, base_id, case, time.perf_counter() - t0)
 
-    case_id = synthetic_case_id(cfg, index)
+
+def lesion_stage(job: CaseJob, bank_dir: str, cfg: GenerateConfig, device: str = "cpu") -> CaseJob:
+    """The lesion work of a read case (`synthesize_arrays` with the case's own random generator)."""
+    t0 = time.perf_counter()
+    bank = open_bank(bank_dir)
+    job.channels, job.label, job.lesion_record = synthesize_arrays(
+        job.case.channels, job.case.label, job.case.affine, bank, cfg, case_rng(cfg.seed, job.index), job.base_id,
+        donor_lesions(bank, job.train), device)
+    job.lesion_s = time.perf_counter() - t0
+    return job
+
+
+def write_stage(job: CaseJob, layout: OutputLayout, cfg: GenerateConfig) -> tuple[dict, dict]:
+    """Write a case whose lesion work is done; returns (manifest record, timings)."""
+    t0 = time.perf_counter()
+    case_id = synthetic_case_id(cfg, job.index)
     paths = layout.prepare_case(case_id)
-    write_case(layout.out, case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
-    t_write = time.perf_counter()
-
-    record = {"case_id": case_id, "case_index": index, "base_case": base_id, "seed": cfg.seed,
-              "home_fold": home_fold, **lesion_record}
+    write_case(layout.out, case_id, job.channels, job.label, job.case, cfg.file_ending, cfg.compression_level,
+               paths)
+    t_write = time.perf_counter() - t0
+    record = {"case_id": case_id, "case_index": job.index, "base_case": job.base_id, "seed": cfg.seed,
+              "home_fold": job.home_fold, **job.lesion_record}
     layout.write_case_extras(case_id, record)
-    timings = {"case_id": case_id, "read_s": t_read - t0, "lesion_s": t_lesion - t_read, "write_s": t_write - t_lesion}
+    timings = {"case_id": case_id, "read_s": job.read_s, "lesion_s": job.lesion_s, "write_s": t_write}
     return record, timings
+
+
+def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
+                     val_folds: list[list[str]], device: str = "cpu"):
+    """`synthesize_case` of every index in `todo`, in order, in this process, with the I/O of the cases
+    next to each one overlapped with its lesion work: the next case is read and the previous one written
+    in two threads while this one's lesion work runs (gzip and fsync release the GIL). Yields (record,
+    timings) once a case's files are in place. Each case is the same pure function of its index as
+    `synthesize_case`, so the bytes do not change; at most three cases are in memory.
+
+    On an exception (a signal's `Interrupted` too) the read in progress and the write in progress are let
+    finish (each file is written atomically: stopping it would leave a temporary), nothing new starts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-write")
+    next_read = writing = None
+    try:
+        if todo:
+            next_read = reader.submit(read_stage, todo[0], bank_dir, cfg, val_folds)
+        for k in range(len(todo)):
+            job = next_read.result()
+            next_read = (reader.submit(read_stage, todo[k + 1], bank_dir, cfg, val_folds) if k + 1 < len(todo)
+                         else None)
+            job = lesion_stage(job, bank_dir, cfg, device)
+            if writing is not None:
+                yield writing.result()
+            writing = writer.submit(write_stage, job, layout, cfg)
+            del job
+        if writing is not None:
+            done, writing = writing, None
+            yield done.result()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
 
 
 def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank: Bank,
@@ -206,8 +275,8 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
         context = ContextMatch(intensity_ref, ct_channels, cfg.augment.context_tolerance,
                                bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
                                bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
-    ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels, device=device),
-                        region.mask_in, region.contains, cfg.augment.min_region_fraction)
+    ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels),
+                        region.mask_in, region.contains, cfg.augment.min_region_fraction, lesion_resampler(device))
     if replay is not None:
         apply_plan(channels, label, affine, replay["ops"], bank, ctx)
         return channels, label, replayed_record(replay, label, affine, lesion_labels)
@@ -397,13 +466,20 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
             copies = runner.map(_copy_original_task, [(r, str(bank_dir), layout, cfg) for r in missing])
             for _ in tqdm(copies, total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
-        cases = runner.map(synthesize_case, [(i, str(bank_dir), layout, cfg, val_folds, device) for i in todo])
-        with open(progress_file, "a") as log:
-            for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                done[rec["case_index"]] = rec
-                timings.append(timing)
+        if runner.in_process:
+            cases = overlapped_cases(todo, str(bank_dir), layout, cfg, val_folds, device)
+        else:
+            cases = runner.map(synthesize_case, [(i, str(bank_dir), layout, cfg, val_folds, device) for i in todo])
+        try:
+            with open(progress_file, "a") as log:
+                for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    done[rec["case_index"]] = rec
+                    timings.append(timing)
+        finally:
+            if hasattr(cases, "close"):
+                cases.close()  # now, not when the traceback is freed: its threads finish their file first
     done = _read_records(out)
     records = [done[i] for i in sorted(done) if i < cfg.n]
     if len(records) == cfg.n and _originals_complete(layout, bank, cfg):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import __version__
+from ._version import __version__
 from .bank import Bank, case_load, lesion_mask
 from .errors import InputError, Interrupted
 from .geometry import voxel_volume

@@ -206,3 +206,29 @@ def test_stored_spline_coefficients_give_the_same_cases(blob_bank, tmp_path):
     assert written
     for path in written:
         assert path.read_bytes() == (tmp_path / "old_out" / path.relative_to(tmp_path / "new_out")).read_bytes()
+
+
+def test_a_failing_read_at_jobs_1_stops_after_the_write_in_progress(blob_bank, tmp_path, monkeypatch):
+    """At --jobs 1 the next case is read while this one's lesion work runs (`overlapped_cases`): an error in
+    that read reaches the caller as it is, the cases before it are written whole, nothing temporary is left,
+    and --resume then gives the bytes of an uninterrupted run."""
+    from lesionsynth import pipeline
+
+    cfg = GenerateConfig(n=6, load="high", seed=11)
+    generate(blob_bank, tmp_path / "ref", cfg, jobs=1, progress=False)
+    real_read = pipeline.read_stage
+
+    def failing_read(index, *args):
+        if index == 3:
+            raise InputError("case 3: unreadable (a test)")
+        return real_read(index, *args)
+
+    monkeypatch.setattr(pipeline, "read_stage", failing_read)
+    with pytest.raises(InputError, match="case 3: unreadable"):
+        generate(blob_bank, tmp_path / "out", cfg, jobs=1, progress=False)
+    written = sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir() if p.name.startswith("syn"))
+    assert written == [f"syn{i:05d}.nii.gz" for i in range(3)]
+    assert not [p for p in (tmp_path / "out").rglob(".*.tmp*")]
+    monkeypatch.setattr(pipeline, "read_stage", real_read)
+    generate(blob_bank, tmp_path / "out", cfg, jobs=1, progress=False, resume=True)
+    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "ref")

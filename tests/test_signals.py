@@ -29,9 +29,9 @@ def bank(real_data, tmp_path_factory) -> Path:
     return out
 
 
-def generate_cmd(bank: Path, out: Path, *extra: str) -> list[str]:
+def generate_cmd(bank: Path, out: Path, *extra: str, jobs: int = 2) -> list[str]:
     return [*CLI, "generate", str(bank), "--out", str(out), "--n", "12", "--load", "high", "--seed", "3",
-            "--jobs", "2", *extra]
+            "--jobs", str(jobs), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def start_and_wait_for_progress(cmd: list[str], out: Path) -> tuple[subprocess.Popen, list[int]]:
+def start_and_wait_for_progress(cmd: list[str], out: Path, workers_wanted: int = 2
+                                ) -> tuple[subprocess.Popen, list[int]]:
     """Start a run and wait until its workers run and it has written at least one synthetic case."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -60,7 +61,7 @@ def start_and_wait_for_progress(cmd: list[str], out: Path) -> tuple[subprocess.P
     while time.monotonic() < deadline:
         workers = children(proc.pid) or workers
         logs = list((out / ".progress").glob("*.jsonl")) if (out / ".progress").is_dir() else []
-        if len(workers) >= 2 and any(p.stat().st_size for p in logs):
+        if len(workers) >= workers_wanted and any(p.stat().st_size for p in logs):
             return proc, workers
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -116,6 +117,26 @@ def test_signal_stops_the_run_and_its_workers_and_resume_gives_the_same_bytes(si
     assert last.startswith(f"error: stopped by {signal.Signals(sig).name}: ") and "--resume" in last, err
     assert "Traceback" not in err
     assert wait_gone(workers, 10) == []
+    assert temporaries(out) == []
+    resume_gives_the_uninterrupted_bytes(bank, out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_at_jobs_1_lets_the_overlapped_io_finish_and_resume_gives_the_same_bytes(bank, uninterrupted,
+                                                                                        tmp_path):
+    """At --jobs 1 the next case is read and the last one written in threads (`pipeline.overlapped_cases`):
+    a signal stops the run within seconds, the file in progress is finished (no temporary), and --resume
+    gives the bytes of an uninterrupted --jobs 2 run."""
+    out = tmp_path / "out"
+    proc, _ = start_and_wait_for_progress(generate_cmd(bank, out, jobs=1), out, workers_wanted=0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 128 + signal.SIGTERM
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM: ") and "--resume" in last, err
+    assert "Traceback" not in err
     assert temporaries(out) == []
     resume_gives_the_uninterrupted_bytes(bank, out, uninterrupted)
 

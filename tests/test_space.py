@@ -4,7 +4,6 @@ generate; `--space auto` chooses as documented; a poor registration is named, ne
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -288,3 +288,52 @@ def test_module_imports_and_resolves_without_torch():
             "try:\n    tb.resolve_device('cuda')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("InputError --device cuda: torch is not installed")
+
+
+def _paste_case(spacing, seed, lesion=True):
+    """A two-channel MR-like case (tissue 100, lesion 170 and 0.5x + 10, noise sd 2) with one lesion."""
+    from lesionsynth.io.dataset import Case
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(round(n / s)) for n, s in zip((48.0, 48.0, 40.0), spacing))
+    affine = np.diag(list(spacing) + [1.0])
+    g = np.indices(shape).astype(float)
+    dist = np.sqrt(sum(((g[i] - (n - 1) / 2) * s) ** 2 for i, (n, s) in enumerate(zip(shape, spacing))))
+    inside = (dist < 6.0) & lesion
+    image = np.where(inside, 170.0, 100.0) + rng.normal(0, 2.0, shape)
+    return Case("c", np.stack([image, 0.5 * image + 10]).astype(np.float32), inside.astype(np.uint8), affine,
+                [None, None], None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paste_on_the_torch_resampler_matches_the_numpy_one(seed):
+    """paste_patch gives the same patch whichever resampler `render.backend.lesion_resampler` picks (the torch
+    twin run on CPU torch here): the same label, blended channels within the channel tolerance."""
+    from lesionsynth.bank import BankConfig, extract_lesions
+    from lesionsynth.render.backend import lesion_resampler
+    from lesionsynth.render.paste import PasteSettings, paste_patch, resample_on_cpu
+
+    rng = np.random.default_rng(seed)
+    donor = _paste_case(SPACINGS[seed % 3], seed)
+    target = _paste_case((1.0, 1.0, 1.0) if seed % 2 else (0.9, 0.9, 2.5), seed + 10, lesion=False)
+    lesion = extract_lesions(donor, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    centre = target.affine[:3, :3] @ ((np.array(target.label.shape) - 1) / 2) + target.affine[:3, 3]
+    op = {"op": "paste", "lesion_id": lesion["id"], "label_value": 1, "centre_mm": centre.tolist(),
+          "flip": [False, bool(seed % 2), False], "rotation_deg": rng.uniform(-30, 30, 3).tolist(),
+          "scale": float(rng.uniform(0.8, 1.2)), "elastic_mm": np.clip(rng.normal(0, 1, (4, 4, 4, 3)), -2, 2).tolist(),
+          "brightness": [1.1, 0.9], "noise_gain": 1.0, "noise_seed": 7}
+    assert lesion_resampler("cpu") is resample_on_cpu
+    patches = []
+    for resample in (lesion_resampler("cpu"), lesion_resampler("cpu", torch_on_cpu=True)):
+        patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, op, (1,),
+                            lambda crop, start: np.ones(crop.shape, bool), PasteSettings((False, False)),
+                            resample=resample)
+        channels = target.channels.copy()
+        label = target.label.copy()
+        patch.apply(channels, label)
+        patches.append((patch.box, label, channels))
+    (box0, label0, ch0), (box1, label1, ch1) = patches
+    assert box0 == box1
+    assert label0.sum() > 100 and (label0 != label1).sum() <= max(2, 0.01 * label0.sum())
+    assert np.abs(ch1 - ch0).max() <= 1e-3 * 170

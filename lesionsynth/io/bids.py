@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InputError
 from .nifti import write_bytes_atomic
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inpaint import inpaint_patch
-from .paste import PasteSettings, Patch, PreparedMask, paste_patch, spline_coefficients
+from .paste import PasteSettings, Patch, PreparedMask, paste_patch, resample_on_cpu, spline_coefficients
 
 
 @dataclass
@@ -20,6 +20,7 @@ class RenderContext:
     region_fn: object  # callable(label_crop, start) -> bool mask
     region_points: object = None  # callable(label, voxel indices (N, 3)) -> bool: in the allowed region
     min_region_fraction: float = 0.0  # the planner's limit (with region_points: early rejection)
+    resample: object = resample_on_cpu  # how a paste is resampled (`backend.lesion_resampler` of the device)
 
 
 #: How far below the planner's region limit the landing estimate of a paste may fall before the paste is
@@ -52,7 +53,8 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
         image, mask = bank.lesion_arrays(op["lesion_id"])
         return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
                            ctx.lesion_labels, ctx.region_fn, ctx.paste, prepared_mask(bank, op["lesion_id"]),
-                           landing_check(label, ctx), lambda: prepared_coefficients(bank, op["lesion_id"]))
+                           landing_check(label, ctx), lambda: prepared_coefficients(bank, op["lesion_id"]),
+                           ctx.resample)
     if op["op"] == "inpaint":
         return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")

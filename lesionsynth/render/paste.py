@@ -61,7 +61,6 @@ class PasteSettings:
     feather_mm: float = 0.5
     halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
     label_from_intensity: bool = True  # the label's edge follows the lesion's half level (`intensity_cut`)
-    device: str = "cpu"  # "cpu": numpy/scipy; "cuda": torch on the GPU (render.torch_backend)
 
 
 def feather_support_mm(settings: "PasteSettings") -> float:
@@ -454,6 +453,47 @@ def resample_lesion(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src
     return box, channels, soft
 
 
+@dataclass
+class Resampled:
+    """A lesion resampled onto a case, as `paste_patch` uses it (from `resample_on_cpu` or its torch twin)."""
+
+    box: tuple[slice, ...]  # the box of `soft` in the case
+    soft: np.ndarray        # (X, Y, Z) float32 soft mask, > 0 where the lesion reaches
+    lesion_values: object   # lesion_values(flat box indices (N,)) -> (C, N) float32 resampled channels
+    mapper: object          # mapper() -> the paste's PointMapper (target voxels to source coordinates)
+
+
+def resample_on_cpu(lesion_image: np.ndarray, prepared: PreparedMask, src_affine, src_centre, tgt_affine,
+                    tgt_shape, op: dict, support_mm: float, land_check=None, coefficients=None) -> Resampled | None:
+    """The numpy/scipy resampling of a paste (`resample_mask`): the soft mask now, the channels later and only
+    at the voxels asked for (the anti-aliasing blur of the crop, if the paste needs one, is made once, on the
+    first ask). None if the lesion misses the volume or fails `land_check`."""
+    resampled = resample_mask(prepared.mask, src_affine, src_centre, tgt_affine, tgt_shape, op, prepared.src_box,
+                              support_mm, prepared, land_check)
+    if resampled is None:
+        return None
+    box, soft, mapper = resampled
+    start, shape = np.array([s.start for s in box]), soft.shape
+    made = {}
+
+    def lesion_values(idx):
+        # each voxel is interpolated once: the label's edge (`intensity_cut`) asks for some voxels first, the
+        # blend for them again with the rest of the feather
+        if not made:
+            made["coefficients"] = paste_coefficients(lesion_image, src_affine, tgt_affine, op, coefficients)
+            made["values"] = np.empty((lesion_image.shape[0], soft.size), dtype=np.float32)
+            made["known"] = np.zeros(soft.size, dtype=bool)
+        values, known = made["values"], made["known"]
+        missing = idx[~known[idx]]
+        if missing.size:
+            values[:, missing] = sample_channels(
+                lesion_image, mapper, np.column_stack(np.unravel_index(missing, shape)) + start, made["coefficients"])
+            known[missing] = True
+        return values[:, idx]
+
+    return Resampled(box, soft, lesion_values, lambda: mapper)
+
+
 def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: float, tgt_affine):
     """(box, channels, soft) cut down to the soft mask (> 0) grown by `support_mm`, as `resample_lesion`
     returns them (the torch path computes its whole box); None if the soft mask is empty."""
@@ -672,59 +712,29 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
                 settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None,
-                coefficients=None) -> Patch | None:
+                coefficients=None, resample=None) -> Patch | None:
     """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume
-    (or, on the numpy path, fails `land_check`, see `resample_mask`).
+    or fails `land_check` (see `resample_mask`).
 
     `region_fn(label_crop, start)` gives the allowed-region mask of a box, used to pick local tissue.
-    `coefficients`: the crop's spline coefficients or a callable giving them (see `paste_coefficients`); on
-    the numpy path they are asked for only when the paste is blended.
+    `coefficients`: the crop's spline coefficients or a callable giving them (see `paste_coefficients`).
+    `resample`: how the lesion is resampled onto the case (`resample_on_cpu`, the default, or its torch twin;
+    `render.backend.lesion_resampler` picks one from the device).
     The channel values are blended by `apply`, from and into the channels it is given (`channels` here
     only keeps the signature of `inpaint_patch`); apply it before the case arrays change otherwise.
     """
     src_affine = np.asarray(lesion_meta["affine"], dtype=np.float64)
-    support_mm = feather_support_mm(settings)
-    where = (lesion_meta["centroid_mm"], affine, label.shape, op, lesion_meta.get("mask_box"), support_mm)
-    if settings.device == "cpu":
-        resampled = resample_mask(lesion_mask, src_affine, *where, prepared, land_check)
-        if resampled is None:
-            return None
-        box, soft, mapper = resampled
-        start = np.array([s.start for s in box])
-        shape = soft.shape
-
-        made = {}
-
-        def lesion_values(idx):  # the anti-aliasing blur is made on first use, once per paste
-            if "coefficients" not in made:
-                made["coefficients"] = paste_coefficients(lesion_image, src_affine, affine, op, coefficients)
-            return sample_channels(lesion_image, mapper, np.column_stack(np.unravel_index(idx, shape)) + start,
-                                   made["coefficients"])
-    else:
-        from .torch_backend import resample_lesion_torch
-
-        prepared = prepared if prepared is not None else PreparedMask(lesion_mask, lesion_meta.get("mask_box"))
-        if land_check is not None:  # the same early test as the numpy path, so both plan alike
-            landing = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
-                                        support_mm)
-            if landing is None or not land_check(landing[2]):
-                return None
-        resampled = resample_lesion_torch(lesion_image, lesion_mask, src_affine, *where, device=settings.device,
-                                          prepared=prepared, coefficients=coefficients)
-        if resampled is None:
-            return None
-        box, lesion, soft = resampled
-        mapper = None
-
-        def lesion_values(idx):
-            return lesion.reshape(lesion.shape[0], -1)[:, idx]
+    prepared = prepared if prepared is not None else PreparedMask(lesion_mask, lesion_meta.get("mask_box"))
+    resampled = (resample or resample_on_cpu)(
+        lesion_image, prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
+        feather_support_mm(settings), land_check, coefficients)
+    if resampled is None:
+        return None
+    box, soft, lesion_values = resampled.box, resampled.soft, resampled.lesion_values
     sd = antialias_sd(src_affine, affine, op)
     cut = soft
     if sd.max() >= MIN_ANTIALIAS_SD:
-        if mapper is None:  # the torch path: the numpy path's point mapper of this paste
-            mapper = estimated_landing(prepared, src_affine, lesion_meta["centroid_mm"], affine, label.shape, op,
-                                       support_mm)[1]
-        cut = label_soft(soft, box, mapper, lesion_mask, sd)
+        cut = label_soft(soft, box, resampled.mapper(), lesion_mask, sd)
     if settings.label_from_intensity:
         cut = intensity_cut(cut, lesion_values, lesion_meta["stats"])
     body = keep_main_body(cut)

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import spacing_of
-from .paste import SPLINE_PAD, crop_to_support, mask_voxels, paste_coefficients
+from .paste import SPLINE_PAD, Resampled, crop_to_support, estimated_landing, mask_voxels, paste_coefficients
 from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates, source_from_target
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -212,7 +212,6 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
     a, b, s = _grid_affine(m, [sl.start for sl in box], src_mask.shape)
     control_grid = _elastic_grid_units(control, m, tgt_affine, s) if control.size else None
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
-    n_ch = int(src_image.shape[0])
     coeffs = paste_coefficients(src_image, src_affine, tgt_affine, op, coefficients)
     with torch.inference_mode():
         mask = _to_device([src_mask], device)
@@ -229,6 +228,31 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
         channels.masked_fill_(~_support(soft, reach), 0.0)
         channels, soft = channels.cpu().numpy(), soft.cpu().numpy()
     return crop_to_support(box, channels, soft, support_mm, tgt_affine)
+
+
+def resample_on_torch(lesion_image: np.ndarray, prepared, src_affine, src_centre, tgt_affine, tgt_shape, op: dict,
+                      support_mm: float, land_check=None, coefficients=None, device: str = "cuda"
+                      ) -> Resampled | None:
+    """torch twin of `paste.resample_on_cpu` (same arguments, plus `device`): the channels and the mask are
+    resampled on the device at once (`resample_lesion_torch`). The landing check is the numpy path's, so that
+    both paths plan alike; the point mapper (for the label's anti-aliasing) is the numpy path's too."""
+    landing = None
+    if land_check is not None:
+        landing = estimated_landing(prepared, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
+        if landing is None or not land_check(landing[2]):
+            return None
+    resampled = resample_lesion_torch(lesion_image, prepared.mask, src_affine, src_centre, tgt_affine, tgt_shape,
+                                      op, prepared.src_box, support_mm, device=device, prepared=prepared,
+                                      coefficients=coefficients)
+    if resampled is None:
+        return None
+    box, lesion, soft = resampled
+
+    def mapper():
+        known = landing or estimated_landing(prepared, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
+        return known[1]
+
+    return Resampled(box, soft, lambda idx: lesion.reshape(lesion.shape[0], -1)[:, idx], mapper)
 
 
 # ------------------------------------------------------------------------------------------ full-volume warps
