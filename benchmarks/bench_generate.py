@@ -17,23 +17,27 @@ What is measured (all times are wall clock, `time.perf_counter`; the machine may
 row reports median, min and max over cases):
 
 1. `generate(..., jobs=1)`, one whole run: per-case read / lesion work / write from the returned timings
-   (measured inside `synthesize_case`: read = bank lookup + target draw + `load_case`; lesion = region,
-   placement density, the plan/render loop and the label count; write = `write_case`).
+   (measured inside the stages of `synthesize_case`: read = bank lookup + `load_case`; lesion = target
+   draw, region, placement density, the plan/render loop and the label count; write = `write_case`). At
+   --jobs 1 generate overlaps them (`pipeline.overlapped_cases`: the next case is read and the previous one
+   written in two threads while a case's lesion work runs), so these stage times overlap in wall clock.
 2. Interleaved per case (`--pair-rounds P`, default 3): for each case, back to back in one process, the I/O
    floor (`lesionsynth.io.load_case` + `lesionsynth.io.output.write_case` of its base case, same codec and
-   level, no lesion work), `synthesize_case` (what each generate worker runs per case) with the 1x bank,
-   and with the 10x bank; the order rotates from case to case and round to round. Per case the fastest of
-   the P rounds is kept. generate / floor = median over cases of generate / median over cases of the
-   floor (the target); the per-case paired ratio is printed too. Interleaving matters on a shared machine
-   whose speed drifts by 20-25 % over minutes: whole runs of one variant after another compare different
-   periods of the machine, measurements seconds apart compare the code.
-3. Throughput: wall clock of the whole `generate` call (bank opening, run.json, worker start-up at
-   --jobs 2 (processes forked from this one on Linux, see `lesionsynth.parallel`), all cases,
-   manifest/dataset.json/splits; not the originals, which are left out) at --jobs 1 and --jobs 2 on the
-   same N cases, in --rounds R rounds (default 3) of one call at each, back to back, the order alternating
-   from round to round; speed-up = median over rounds of wall_j1 / wall_j2 (the fastest calls' ratio is
-   printed too). The jobs-1 call of item 1 is not used here: it ran minutes earlier, in another period of
-   the machine.
+   level, no lesion work), `synthesize_case` (the stages one after another, as each worker of a --jobs N
+   run does per case) with the 1x bank, and with the 10x bank; the order rotates from case to case and
+   round to round. Per case the fastest of the P rounds is kept: the cost of the lesion work itself, and
+   the 10x-bank comparison. Interleaving matters on a shared machine whose speed drifts by 20-25 % over
+   minutes: whole runs of one variant after another compare different periods of the machine,
+   measurements seconds apart compare the code.
+3. Whole calls, in --rounds R rounds (default 3), back to back in an order that rotates from round to
+   round: `generate` at --jobs 1 and at --jobs 2 (bank opening, run.json, worker start-up at --jobs 2
+   (processes forked from this one on Linux, see `lesionsynth.parallel`), all cases,
+   manifest/dataset.json/splits; not the originals, which are left out), and the I/O floor of the same
+   cases as a whole run: read and write of each output case's base case one after another, and the same
+   overlapped as generate overlaps them (read-ahead and write-behind threads). **The target**: generate
+   --jobs 1 / the sequential I/O floor, median over the rounds of the two calls' ratio; the ratio to the
+   overlapped floor and the CPU seconds per case (this process, its threads included) are printed with
+   it. Speed-up = median over rounds of wall_j1 / wall_j2 (the fastest calls' ratio is printed too).
 4. Bank size: the 10× bank is bank.json with every lesion entry repeated 10 times (copies right after the
    original, new ids) and the crop files concatenated 10 times, each copy's offsets pointing into its own
    copy of the arrays, so the bank really is 10× larger on disk and in bank.json. Because each lesion's
@@ -268,7 +272,8 @@ def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int
     return out
 
 
-def floor_run(bank_dir: Path, base_cases: list[str], out: Path, level: int, ending: str, overlap: bool) -> tuple[float, float]:
+def floor_run(bank_dir: Path, base_cases: list[str], out: Path, level: int, ending: str, overlap: bool
+              ) -> tuple[float, float]:
     """(wall s, CPU s of this process) of the I/O floor of a whole run: read and write the base case of every
     output case, no lesion work. `overlap`: as generate does at --jobs 1 (`pipeline.overlapped_cases`), the
     next case read and the previous one written in two threads; else one case after another."""
@@ -702,7 +707,8 @@ def main() -> int:
          f"cases, back to back: {vs_floor:.2f}x (rounds {rr(vs_floor_rounds)}); {per_case('jobs1'):.3f}s / "
          f"{per_case('floor'):.3f}s per case"),
         ("throughput jobs 2 >= 1.8x jobs 1", speedup, speedup >= TARGETS["jobs2_speedup"],
-         f"median over {n_rounds} rounds of jobs 1 and jobs 2 back to back: {speedup:.2f}x (rounds "
+         f"(jobs 1 overlaps its I/O with the lesion work in threads: "
+         f"{statistics.median(cpus['jobs1']) / statistics.median(walls['jobs1']):.2f} cores busy) median over {n_rounds} rounds of jobs 1 and jobs 2 back to back: {speedup:.2f}x (rounds "
          f"{', '.join(f'{v:.2f}x' for v in round_speedups)}); fastest calls {thr2:.3f} / {thr1:.3f} cases/s "
          f"= {thr2 / thr1:.2f}x"),
         ("10x bank within 10% of 1x (per case)", bank_ratio, abs(bank_ratio - 1) <= TARGETS["bank10_within"],
