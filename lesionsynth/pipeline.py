@@ -205,9 +205,10 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
     timings) once a case's files are in place. Each case is the same pure function of its index as
     `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are in memory.
 
-    On an exception (a signal's `Interrupted` too) the read in progress and the write in progress are let
-    finish (each file is written atomically: stopping it would leave a temporary); queued ones are dropped
-    (a case whose files are not all written has no progress record, so --resume makes it again)."""
+    On an exception (a signal's `Interrupted` too) the writes handed to the writer are finished (at most
+    WRITE_BEHIND cases; each file is written atomically, so stopping one would leave a temporary), the read
+    in progress is let finish and queued reads are dropped. A case written then has no progress record yet:
+    --resume makes it again, with the same bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-read")
@@ -230,7 +231,7 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
             yield writes.popleft().result()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
 
 
 def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank: Bank,
