@@ -44,6 +44,10 @@ step "lesionsynth build-bank --recipe stroke_t1"
 "${ls[@]}" build-bank dataset --out bank --recipe stroke_t1 --jobs 2 2>/dev/null
 step "lesionsynth generate --jobs 2"
 "${ls[@]}" generate bank --out out --n 6 --load high --seed 0 --jobs 2 2>/dev/null
+step "lesionsynth generate --jobs 1 (I/O overlapped in threads): the same bytes as --jobs 2"
+"${ls[@]}" generate bank --out out1 --n 6 --load high --seed 0 --jobs 1 2>/dev/null
+for sub in imagesTr labelsTr; do diff -r "out/$sub" "out1/$sub"; done
+cmp out/manifest.jsonl out1/manifest.jsonl && echo "images, labels and manifest identical"
 step "lesionsynth generate --shard (x2) and finalize"
 "${ls[@]}" generate bank --out sharded --n 4 --load low --seed 0 --jobs 2 --shard 0/2 2>/dev/null
 "${ls[@]}" generate bank --out sharded --n 4 --load low --seed 0 --jobs 2 --shard 1/2 2>/dev/null
