@@ -98,6 +98,7 @@ from lesionsynth.io.nifti import has_fast_gzip, save_nifti
 from lesionsynth.io.output import write_case
 from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, run_layout, run_record, synthesize_case
 from lesionsynth.plan import AugmentConfig
+from lesionsynth.parallel import overlapped
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_PARENT = Path(lesionsynth.__file__).resolve().parents[1]
@@ -275,10 +276,8 @@ def interleaved(banks: dict[str, Path], cfg: GenerateConfig, n: int, rounds: int
 def floor_run(bank_dir: Path, base_cases: list[str], out: Path, level: int, ending: str, overlap: bool
               ) -> tuple[float, float]:
     """(wall s, CPU s of this process) of the I/O floor of a whole run: read and write the base case of every
-    output case, no lesion work. `overlap`: as generate does at --jobs 1 (`pipeline.overlapped_cases`), the
-    next case read and the previous one written in two threads; else one case after another."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    output case, no lesion work. `overlap`: through the same `parallel.overlapped` as generate at --jobs 1
+    (the next case read and the previous one written in two threads); else one case after another."""
     bank = Bank(bank_dir)
     refs = {r.case_id: r for r in bank.case_refs()}
     n_channels = len(bank.channel_names)
@@ -286,25 +285,19 @@ def floor_run(bank_dir: Path, base_cases: list[str], out: Path, level: int, endi
     (out / "labelsTr").mkdir()
 
     def read(i):
-        return load_case(refs[base_cases[i]], n_channels)
+        return i, load_case(refs[base_cases[i]], n_channels)
 
-    def write(i, case):
+    def write(job):
+        i, case = job
         write_case(out, f"floor{i:05d}", case.channels, case.label, case, ending, level)
 
     t, cpu = time.perf_counter(), time.process_time()
     if not overlap:
         for i in range(len(base_cases)):
-            write(i, read(i))
+            write(read(i))
     else:
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-            next_read, writing = reader.submit(read, 0), None
-            for i in range(len(base_cases)):
-                case = next_read.result()
-                next_read = reader.submit(read, i + 1) if i + 1 < len(base_cases) else None
-                if writing is not None:
-                    writing.result()
-                writing = writer.submit(write, i, case)
-            writing.result()
+        for _ in overlapped(range(len(base_cases)), read, lambda job: job, write):
+            pass
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     shutil.rmtree(out)
     return wall, cpu

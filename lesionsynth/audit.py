@@ -368,7 +368,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
     (the same draw every time); each case is read once.
     """
     from .io import load_case
-    from .output_run import OutputRun, _read_label, read_output
+    from .output_run import OutputRun, read_label, read_output
 
     t0 = time.perf_counter()
     run = out_dir if isinstance(out_dir, OutputRun) else read_output(out_dir)
@@ -391,7 +391,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
                            if p.name[: -len(run.file_ending)] not in synthetic)
         expected_real = Counter()
         for cid in originals:
-            label, affine = _read_label(run.label_path(cid))
+            label, affine = read_label(run.label_path(cid))
             expected_real[cid] = len(component_volumes(label, affine, lesion_labels, connectivity,
                                                        run.min_volume_mm3))
     expected_pasted = Counter({r["case_id"]: sum(op["op"] == "paste" for op in r["ops"])
@@ -414,7 +414,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
                 lesion_all = lesion_in_case[box]
                 comps, sizes, keep = _components(lesion_all, connectivity, MIN_VOXELS)
                 if kind == "pasted":  # only the components holding voxels that are not lesion in the base case
-                    base_label, _ = _read_label(_case_ref(run, base_of[cid], True).label_path)
+                    base_label, _ = read_label(_case_ref(run, base_of[cid], True).label_path)
                     if base_label.shape != case.label.shape:
                         raise InputError(f"{cid}: grid differs from its base case {base_of[cid]}")
                     new = lesion_all & ~label_in(base_label[box], lesion_labels)

@@ -17,7 +17,6 @@ MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 
 
-
 @dataclass
 class OutputRun:
     """What a generate output folder records about itself."""
@@ -126,7 +125,8 @@ def component_volumes(label: np.ndarray, affine: np.ndarray, lesion_labels, conn
     return vols[vols >= min_volume_mm3]
 
 
-def _read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 label volume, affine) of a written label file."""
     from .io.nifti import load_nifti
 
     img = load_nifti(path)
@@ -136,7 +136,8 @@ def _read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(img.shape[:3]).astype(np.int16, copy=False), np.asarray(img.affine, dtype=np.float64)
 
 
-def _read_channel(path: Path, channel: int, four_d: bool) -> tuple[np.ndarray, np.ndarray]:
+def read_channel(path: Path, channel: int, four_d: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 channel volume, affine) of a written image file (`four_d`: channel `channel` of a 4-D file)."""
     from .io.nifti import load_nifti, read_array
 
     img = load_nifti(path)

@@ -304,6 +304,39 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
         client.close()
 
 
+def overlapped(items: Iterable, read, work, write, read_ahead: int = 1, write_behind: int = 1) -> Iterator:
+    """write(work(read(item))) for each item, yielded in order, with the reads and writes of the items next
+    to one overlapped with its `work`: `read` runs ahead in one thread, `write` behind in another, `work` in
+    the caller's thread. At most 1 + read_ahead + write_behind items' data are held at once.
+
+    On an exception (a signal's `Interrupted` too) every write handed to the writer is finished (a write
+    stopped half-way would leave a temporary file), the read in progress is let finish and queued reads
+    are dropped; items written then were not yielded."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-write")
+    reads, writes = deque(), deque()
+    try:
+        queued = iter(items)
+        reads.extend(reader.submit(read, item) for item in islice(queued, read_ahead))
+        while reads:
+            data = reads.popleft().result()
+            reads.extend(reader.submit(read, item) for item in islice(queued, 1))
+            data = work(data)
+            while len(writes) >= write_behind:
+                yield writes.popleft().result()
+            writes.append(writer.submit(write, data))
+            del data
+        while writes:
+            yield writes.popleft().result()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by numpy back to the operating system (glibc only; a no-op elsewhere).
 

@@ -3,12 +3,10 @@ run record."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +22,7 @@ from .io.layout import LAYOUTS, OutputLayout, output_layout
 from .io.output import copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
-from .parallel import release_freed_memory
+from .parallel import overlapped, release_freed_memory
 from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
 from .prior import Region, allowed_region, is_ct, placement_density
 
@@ -200,38 +198,15 @@ WRITE_BEHIND = 1
 def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
                      val_folds: list[list[str]], device: str = "cpu"):
     """`synthesize_case` of every index in `todo`, in order, in this process, with the I/O of the cases
-    next to each one overlapped with its lesion work: the next case is read and the previous one written
-    in two threads while this one's lesion work runs (gzip and fsync release the GIL). Yields (record,
-    timings) once a case's files are in place. Each case is the same pure function of its index as
-    `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are in memory.
-
-    On an exception (a signal's `Interrupted` too) the writes handed to the writer are finished (at most
-    WRITE_BEHIND cases; each file is written atomically, so stopping one would leave a temporary), the read
-    in progress is let finish and queued reads are dropped. A case written then has no progress record yet:
-    --resume makes it again, with the same bytes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    reader = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-read")
-    writer = ThreadPoolExecutor(1, thread_name_prefix="lesionsynth-write")
-    reads, writes = deque(), deque()
-    try:
-        queued = iter(todo)
-        for index in itertools.islice(queued, READ_AHEAD):
-            reads.append(reader.submit(read_stage, index, bank_dir, cfg, val_folds))
-        while reads:
-            job = reads.popleft().result()
-            for index in itertools.islice(queued, 1):
-                reads.append(reader.submit(read_stage, index, bank_dir, cfg, val_folds))
-            job = lesion_stage(job, bank_dir, cfg, device)
-            while len(writes) >= WRITE_BEHIND:
-                yield writes.popleft().result()
-            writes.append(writer.submit(write_stage, job, layout, cfg))
-            del job
-        while writes:
-            yield writes.popleft().result()
-    finally:
-        reader.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
+    next to each one overlapped with its lesion work (`parallel.overlapped`): the next case is read and the
+    previous one written in two threads while this one's lesion work runs (gzip and fsync release the GIL).
+    Yields (record, timings) once a case's files are in place. Each case is the same pure function of its
+    index as `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are
+    in memory. On an exception the cases handed to the writer are finished but not yielded: they have no
+    progress record yet, so --resume makes them again, with the same bytes."""
+    return overlapped(todo, lambda index: read_stage(index, bank_dir, cfg, val_folds),
+                      lambda job: lesion_stage(job, bank_dir, cfg, device),
+                      lambda job: write_stage(job, layout, cfg), READ_AHEAD, WRITE_BEHIND)
 
 
 def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank: Bank,
@@ -386,7 +361,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _read_records(out: Path) -> dict[int, dict]:
+def read_records(out: Path) -> dict[int, dict]:
     """Records of finished cases: the final manifest and every shard's progress file."""
     done: dict[int, dict] = {}
     files = [out / MANIFEST] + sorted((out / PROGRESS_DIR).glob("*.jsonl"))
@@ -402,7 +377,7 @@ def _read_records(out: Path) -> dict[int, dict]:
     return done
 
 
-def _remove_stale_temporaries(folders: list[Path]) -> None:
+def remove_stale_temporaries(folders: list[Path]) -> None:
     """Temporary files left in `folders` by a killed run (atomic writes use '.NAME.tmpPID'); those of a
     process that is still running (another shard writing alongside) stay."""
     from .io.nifti import temporary_owner
@@ -440,7 +415,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     check_base_cases(bank)
     layout = run_layout(out, cfg, bank, record)
     layout.check_case_ids([c["case_id"] for c in bank.cases] + [synthetic_case_id(cfg, i) for i in range(cfg.n)])
-    _prepare_output(out, record, resume or shard_n > 1)
+    prepare_output(out, record, resume or shard_n > 1)
     layout.prepare()
     what = f"{out} (--shard {shard_i}/{shard_n})" if shard_n > 1 else str(out)
     with writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
@@ -448,7 +423,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
             return _generate_shard(bank, bank_dir, layout, cfg, jobs, progress, resume, shard, device, backend,
                                    scheduler)
         except Interrupted as exc:
-            written = len(_read_records(out))
+            written = len(read_records(out))
             raise Interrupted(exc.signum, f"{exc}: {written} of {cfg.n} cases written to {out}; run the same "
                                           f"command with --resume to finish") from None
 
@@ -463,9 +438,9 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
     out = layout.out
     shard_i, shard_n = shard
     if resume:
-        _remove_stale_temporaries(layout.folders())
+        remove_stale_temporaries(layout.folders())
     val_folds = fold_assignment([c["case_id"] for c in bank.cases], cfg.folds, cfg.seed)
-    done = _read_records(out)
+    done = read_records(out)
     todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]
     refs = [r for k, r in enumerate(bank.case_refs()) if k % shard_n == shard_i]
     timings: list[dict] = []
@@ -491,7 +466,7 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
         finally:
             if hasattr(cases, "close"):
                 cases.close()  # now, not when the traceback is freed: its threads finish their file first
-    done = _read_records(out)
+    done = read_records(out)
     records = [done[i] for i in sorted(done) if i < cfg.n]
     if len(records) == cfg.n and _originals_complete(layout, bank, cfg):
         finalize(layout, bank, cfg, records, val_folds)
@@ -522,7 +497,7 @@ def finalize_run(out: str | Path) -> GenerateResult:
     cfg = GenerateConfig(**conf)
     bank = Bank(run["bank"])
     layout = run_layout(out, cfg, bank, run)
-    done = _read_records(out)
+    done = read_records(out)
     missing = [i for i in range(cfg.n) if i not in done]
     if missing:
         raise InputError(f"{out}: {len(missing)} of {cfg.n} cases are not done yet (first: index {missing[0]}); "
@@ -553,7 +528,7 @@ def check_base_cases(bank: Bank) -> None:
                                  f"changed since build-bank); rebuild the bank")
 
 
-def _prepare_output(out: Path, record: dict, resume: bool) -> None:
+def prepare_output(out: Path, record: dict, resume: bool) -> None:
     """Create the output folder and write run.json; refuse a non-empty folder unless it is an unfinished run
     of the same config."""
     if out.exists() and not out.is_dir():

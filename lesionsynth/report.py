@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputError, LesionsynthError
 from .geometry import apply_affine
-from .output_run import OutputRun, _read_channel, _read_label, component_volumes, read_output
+from .output_run import OutputRun, component_volumes, read_channel, read_label, read_output
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -64,7 +64,7 @@ def before_stats(run: OutputRun) -> LesionStats | None:
         return None
     counts, volumes = [], []
     for p in labels:
-        label, affine = _read_label(p)
+        label, affine = read_label(p)
         vols = component_volumes(label, affine, run.lesion_labels, run.connectivity, run.min_volume_mm3)
         counts.append(len(vols))
         volumes.extend(vols.tolist())
@@ -77,7 +77,7 @@ def after_stats(run: OutputRun, cache: dict) -> LesionStats:
         path = run.label_path(rec["case_id"])
         if not path.is_file():
             continue
-        label, affine = cache.get(("label", rec["case_id"])) or _read_label(path)
+        label, affine = cache.get(("label", rec["case_id"])) or read_label(path)
         vols = component_volumes(label, affine, run.lesion_labels, run.connectivity, run.min_volume_mm3)
         counts.append(len(vols))
         volumes.extend(vols.tolist())
@@ -360,8 +360,8 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Pat
 
     rec, op = site.record, site.op
     after_img, affine = _cached(cache, ("image", rec["case_id"], channel),
-                                lambda: _read_channel(run.image_path(rec["case_id"], channel), channel, False))
-    after_lab, _ = _cached(cache, ("label", rec["case_id"]), lambda: _read_label(run.label_path(rec["case_id"])))
+                                lambda: read_channel(run.image_path(rec["case_id"], channel), channel, False))
+    after_lab, _ = _cached(cache, ("label", rec["case_id"]), lambda: read_label(run.label_path(rec["case_id"])))
     before = _base_case(run, rec["base_case"], channel, cache)
     lesion_labels = run.lesion_labels
 
@@ -531,8 +531,8 @@ def _base_case(run: OutputRun, case_id: str, channel: int, cache: dict):
         candidates.append((run.image_path(case_id, channel), False, run.label_path(case_id)))
         for img_path, four_d, lab_path in candidates:
             if img_path is not None and img_path.is_file() and lab_path.is_file():
-                image, _ = _read_channel(img_path, channel, four_d)
-                label, _ = _read_label(lab_path)
+                image, _ = read_channel(img_path, channel, four_d)
+                label, _ = read_label(lab_path)
                 window = tuple(float(x) for x in np.percentile(image[::2, ::2, ::2], [1, 99]))
                 if window[1] <= window[0]:
                     window = (window[0], window[0] + 1.0)

@@ -23,8 +23,8 @@ from .geometry import voxel_volume
 from .io import load_case
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, _prepare_output, _read_records,
-                       _remove_stale_temporaries, check_base_cases, donor_lesions, open_bank, synthesize_arrays)
+from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, check_base_cases, donor_lesions, open_bank,
+                       prepare_output, read_records, remove_stale_temporaries, synthesize_arrays)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd
@@ -373,13 +373,13 @@ def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int
     record = run_record(bank, bank_dir, cfg)
     layout = TestsetLayout(out, tuple(bank.channel_names), dict(bank.index["labels"]), cfg.file_ending, record)
     n = cfg.n_levels * cfg.per_level
-    _prepare_output(out, record, resume)
+    prepare_output(out, record, resume)
     layout.prepare()
     with writer_lock(out / PROGRESS_DIR / "testset.lock", str(out)), stop_on_signals():
         try:
             if resume:
-                _remove_stale_temporaries(layout.folders())
-            done = _read_records(out)
+                remove_stale_temporaries(layout.folders())
+            done = read_records(out)
             todo = [i for i in range(n) if i not in done]
             progress_file = out / PROGRESS_DIR / "testset.jsonl"
             with execution("local", None, jobs, "cpu") as runner, open(progress_file, "a") as log:
@@ -388,9 +388,9 @@ def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
         except Interrupted as exc:
-            raise Interrupted(exc.signum, f"{exc}: {len(_read_records(out))} of {n} cases written to {out}; run "
+            raise Interrupted(exc.signum, f"{exc}: {len(read_records(out))} of {n} cases written to {out}; run "
                                           f"the same command with --resume to finish") from None
-    done = _read_records(out)
+    done = read_records(out)
     records = [done[i] for i in range(n)]
     finalize_testset(layout, records)
     return records

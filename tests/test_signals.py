@@ -217,7 +217,7 @@ def test_an_exception_in_a_worker_keeps_its_type_and_message():
 
 
 def test_stale_temporaries_of_a_live_writer_stay(tmp_path):
-    from lesionsynth.pipeline import _remove_stale_temporaries
+    from lesionsynth.pipeline import remove_stale_temporaries
 
     (tmp_path / "imagesTr").mkdir()
     dead = subprocess.Popen(["true"])
@@ -226,5 +226,5 @@ def test_stale_temporaries_of_a_live_writer_stay(tmp_path):
     live = tmp_path / "imagesTr" / f".b.nii.gz.tmp{os.getppid()}"  # another process, still running
     stale.write_bytes(b"x")
     live.write_bytes(b"x")
-    _remove_stale_temporaries([tmp_path / "imagesTr"])
+    remove_stale_temporaries([tmp_path / "imagesTr"])
     assert not stale.exists() and live.exists()
