@@ -159,13 +159,18 @@ def fork_workers_usable(device: str = "cpu") -> bool:
 
 def worker_death(workers: list) -> str:
     """Why a worker pool broke, from its processes' exit codes: the signal that killed one, or its exit status."""
-    deadline = time.monotonic() + 3.0  # the pool may not have reaped the dead one yet
+    # the pool terminates the others (SIGTERM; a worker that catches it exits with 128 + SIGTERM) once one has
+    # died, and may reap them before the one that died first: wait a little for a code that is not theirs
+    stopped = (-signal.SIGTERM, 128 + signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
     codes: list = []
-    while not codes and time.monotonic() < deadline:
+    first: list = []
+    while not first and time.monotonic() < deadline:
         codes = [(p.pid, p.exitcode) for p in workers if getattr(p, "exitcode", None) not in (None, 0)]
-        time.sleep(0 if codes else 0.05)
-    # the pool terminates the others (SIGTERM) once one has died: report the one that died first
-    first = [c for c in codes if c[1] != -signal.SIGTERM] or codes
+        first = [c for c in codes if c[1] not in stopped]
+        if not first:
+            time.sleep(0.05)
+    first = first or codes
     if not first:
         return "a worker process ended unexpectedly"
     pid, code = first[0]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lesionsynth.errors import InputError, LesionsynthError
-from lesionsynth.parallel import Runner, execution, fork_workers_usable
+from lesionsynth.parallel import Runner, execution, fork_workers_usable, worker_death
 
 needs_fork = pytest.mark.skipif(not fork_workers_usable(), reason="forked workers are used on Linux only")
 
@@ -99,3 +99,14 @@ def test_loky_workers_where_forking_is_not_used():
     assert [r[0] for r in results] == [x * x for x in range(8)]
     assert os.getpid() not in {r[1] for r in results}
     assert not fork_workers_usable("cuda")
+
+
+def test_worker_death_reports_the_killed_worker_not_the_ones_the_pool_stopped():
+    """The pool stops the other workers with SIGTERM, which they catch (exit status 128 + SIGTERM) or die of;
+    the report names the worker that died first, whichever order the codes are found in."""
+    from types import SimpleNamespace
+
+    workers = [SimpleNamespace(pid=11, exitcode=128 + signal.SIGTERM),
+               SimpleNamespace(pid=12, exitcode=-signal.SIGTERM), SimpleNamespace(pid=13, exitcode=-signal.SIGKILL)]
+    assert worker_death(workers).startswith("worker process 13 was killed by SIGKILL")
+    assert worker_death(workers[:1]) == "worker process 11 exited with status 143"
