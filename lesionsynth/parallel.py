@@ -107,6 +107,10 @@ class Runner:
         return futures
 
     def _results(self, futures: list) -> Iterator:
+        # after an error or an early stop the rest is not run: `close` cancels what has not started, or stops
+        # the workers. Not cancelled here: when the workers are stopped next, the broken pool fails every
+        # pending future itself, and one cancelled already makes Python 3.11's pool thread print an
+        # InvalidStateError traceback (seen when a signal came while the consumer held a result)
         try:
             for future in futures:
                 try:
@@ -117,13 +121,6 @@ class Runner:
         except Interrupted:
             self._stopping = True
             raise
-        finally:
-            # after an error (or an early stop) the rest is not run; but not when the workers are being stopped:
-            # the pool then fails the pending futures itself, and a cancelled one makes Python 3.11's pool
-            # thread print an InvalidStateError traceback
-            if not self._stopping:
-                for future in futures:
-                    future.cancel()
 
     def worker_pids(self) -> list[int]:
         """Process ids of the local worker processes started so far."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lesionsynth.errors import InputError, LesionsynthError
+from lesionsynth.errors import InputError, Interrupted, LesionsynthError
 from lesionsynth.parallel import Runner, execution, fork_workers_usable, worker_death
 
 needs_fork = pytest.mark.skipif(not fork_workers_usable(), reason="forked workers are used on Linux only")
@@ -27,6 +27,11 @@ def _fail_on(x, bad):
 def _die_on(x, bad):
     if x == bad:
         os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def _slow(x):
+    time.sleep(0.3)
     return x
 
 
@@ -110,3 +115,22 @@ def test_worker_death_reports_the_killed_worker_not_the_ones_the_pool_stopped():
                SimpleNamespace(pid=12, exitcode=-signal.SIGTERM), SimpleNamespace(pid=13, exitcode=-signal.SIGKILL)]
     assert worker_death(workers).startswith("worker process 13 was killed by SIGKILL")
     assert worker_death(workers[:1]) == "worker process 11 exited with status 143"
+
+
+@needs_fork
+def test_stopping_while_a_result_is_held_prints_no_pool_traceback(monkeypatch):
+    """A signal that comes while the caller holds a result: the caller closes the results (as generate does)
+    and the workers are stopped. Python 3.11's pool thread used to die with an InvalidStateError (printed
+    as a traceback) for the pending calls the results had cancelled first."""
+    import threading
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_type.__name__))
+    with pytest.raises(Interrupted):
+        with execution(jobs=2) as runner:
+            results = runner.map(_slow, [(x,) for x in range(20)])
+            assert next(results) == 0
+            results.close()
+            raise Interrupted(signal.SIGTERM)
+    time.sleep(0.5)  # the pool's thread reports the broken pool after the workers are gone
+    assert thread_errors == []
