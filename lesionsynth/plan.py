@@ -99,7 +99,7 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
 #: Slack of the quick context test (the tissue under the landed lesion) over the final one (its shell).
 QUICK_CONTEXT_SLACK = 0.1
 #: Slack of the quick test of the covered tissue (rigidly landed sample points) under the final one.
-QUICK_COVERED_SLACK = 0.1
+QUICK_COVERED_SLACK = 0.03
 
 
 @dataclass
@@ -214,8 +214,15 @@ def sharp_donors(donors: list[dict], affine: np.ndarray, cfg: AugmentConfig) -> 
         return donors, True
     from .render.transform import extra_blur
 
-    sharp = [les for les in donors
-             if extra_blur(les["affine"], affine, (False,) * 3, (0.0,) * 3, 1.0) <= cfg.max_extra_blur]
+    blur_of = {}  # lesions of one source case share its grid
+
+    def blur(les) -> float:
+        key = np.asarray(les["affine"], dtype=np.float64).tobytes()
+        if key not in blur_of:
+            blur_of[key] = extra_blur(les["affine"], affine, (False,) * 3, (0.0,) * 3, 1.0)
+        return blur_of[key]
+
+    sharp = [les for les in donors if blur(les) <= cfg.max_extra_blur]
     return (sharp, True) if sharp else (donors, False)
 
 

@@ -534,3 +534,40 @@ def test_rotated_self_paste_keeps_the_spread_of_its_label(real_data, tmp_path):
     assert len(ratios[True]) >= 10
     with_cut, mask_only = np.median(ratios[True]), np.median(ratios[False])
     assert abs(with_cut - 1.0) < 0.5 * abs(mask_only - 1.0), (with_cut, mask_only)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 2.0, 4.0)])
+def test_lesion_values_are_cubic_or_linear_per_voxel_as_asked(spacing):
+    """resample_on_cpu's lesion_values reads each voxel once: cubic B-spline (sample_channels) unless it is
+    marked linear, then linear interpolation of the same crop (blurred first on a coarser target), and a
+    voxel read once keeps its value when asked again."""
+    from lesionsynth.render.paste import (PreparedMask, antialiased_crop, paste_coefficients, resample_on_cpu,
+                                          sample_channels)
+
+    donor = _case(spacing=(1.0, 1.0, 1.0), seed=3)
+    target = _case(spacing=spacing, seed=4, radius=0.0)
+    lesion = extract_lesions(donor, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    op = _identity_op(lesion, rotation_deg=[10.0, -20.0, 5.0], centre_mm=[19.5, 20.5, 29.0])
+    prepared = PreparedMask(mask, lesion.get("mask_box"))
+    args = (image, prepared, np.asarray(lesion["affine"]), lesion["centroid_mm"], target.affine, target.label.shape,
+            op, 1.0)
+    res = resample_on_cpu(*args)
+    idx = np.flatnonzero(res.soft > 0)
+    rng = np.random.default_rng(0)
+    linear = rng.random(idx.size) < 0.5
+    got = res.lesion_values(idx, linear)
+    voxels = np.column_stack(np.unravel_index(idx, res.soft.shape)) + [s.start for s in res.box]
+    mapper = res.mapper()
+    crop = antialiased_crop(image, np.asarray(lesion["affine"]), target.affine, op)
+    assert (crop is image) == (spacing[2] == 1.0)  # a coarser target reads the blurred crop
+    cubic = sample_channels(image, mapper, voxels,
+                            paste_coefficients(image, np.asarray(lesion["affine"]), target.affine, op, crop=crop))
+    coords = mapper(voxels)
+    for axis, n in enumerate(crop.shape[1:]):
+        coords[axis] = np.clip(coords[axis], 0, n - 1)
+    lines = np.stack([ndimage.map_coordinates(crop[c], coords, order=1, mode="nearest") for c in range(len(crop))])
+    np.testing.assert_allclose(got[:, ~linear], cubic[:, ~linear], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[:, linear], lines[:, linear], rtol=0, atol=1e-4)
+    assert np.abs(cubic[:, linear] - lines[:, linear]).max() > 1e-2  # the two really differ here
+    np.testing.assert_array_equal(res.lesion_values(idx), got)  # read once: kept as first read

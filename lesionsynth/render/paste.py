@@ -399,19 +399,29 @@ def antialias_sd(src_affine, tgt_affine, op: dict) -> np.ndarray:
     return np.sqrt(np.clip(np.diag(positive), 0.0, None))
 
 
-def paste_coefficients(src_image: np.ndarray, src_affine, tgt_affine, op: dict, coefficients=None) -> np.ndarray:
-    """The spline coefficients a paste reads its channels from: of the donor crop as it is (`coefficients`:
-    those coefficients, or a callable that gives them, e.g. from a worker's cache; None: made here), or of the
-    crop blurred by `antialias_sd` first when the target grid is coarser."""
+def antialiased_crop(src_image: np.ndarray, src_affine, tgt_affine, op: dict) -> np.ndarray:
+    """The donor crop a paste reads its channels from: as it is, or blurred by `antialias_sd` first when the
+    target grid is coarser."""
     sd = antialias_sd(src_affine, tgt_affine, op)
     if sd.max() < MIN_ANTIALIAS_SD:
-        if callable(coefficients):
-            return coefficients()
-        return spline_coefficients(src_image) if coefficients is None else coefficients
+        return src_image
     blurred = np.empty(src_image.shape, dtype=np.float32)
     for c in range(src_image.shape[0]):
         ndimage.gaussian_filter(np.asarray(src_image[c], dtype=np.float32), sigma=sd, output=blurred[c], mode="nearest")
-    return spline_coefficients(blurred)
+    return blurred
+
+
+def paste_coefficients(src_image: np.ndarray, src_affine, tgt_affine, op: dict, coefficients=None,
+                       crop: np.ndarray | None = None) -> np.ndarray:
+    """The spline coefficients a paste reads its channels from: of the donor crop as it is (`coefficients`:
+    those coefficients, or a callable that gives them, e.g. from a worker's cache; None: made here), or of the
+    crop blurred by `antialias_sd` first when the target grid is coarser (`crop`: `antialiased_crop`, if made)."""
+    crop = antialiased_crop(src_image, src_affine, tgt_affine, op) if crop is None else crop
+    if crop is src_image:
+        if callable(coefficients):
+            return coefficients()
+        return spline_coefficients(src_image) if coefficients is None else coefficients
+    return spline_coefficients(crop)
 
 
 def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarray,
@@ -423,6 +433,18 @@ def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarr
     out = np.empty((src_image.shape[0], len(voxels)), dtype=np.float32)
     for c in range(src_image.shape[0]):
         ndimage.map_coordinates(coeffs[c], coords, output=out[c], order=3, mode="nearest", prefilter=False)
+    return out
+
+
+def sample_channels_linear(crop: np.ndarray, mapper: PointMapper, voxels: np.ndarray) -> np.ndarray:
+    """(C, N) float32: the crop's channels, linearly interpolated (edge values beyond the crop), at target
+    voxels (N, 3)."""
+    coords = mapper(voxels)
+    for axis, n in enumerate(crop.shape[1:]):
+        np.clip(coords[axis], 0.0, float(n - 1), out=coords[axis])
+    out = np.empty((crop.shape[0], len(voxels)), dtype=np.float32)
+    for c in range(crop.shape[0]):
+        ndimage.map_coordinates(crop[c], coords, output=out[c], order=1, mode="nearest", prefilter=False)
     return out
 
 
@@ -459,7 +481,8 @@ class Resampled:
 
     box: tuple[slice, ...]  # the box of `soft` in the case
     soft: np.ndarray        # (X, Y, Z) float32 soft mask, > 0 where the lesion reaches
-    lesion_values: object   # lesion_values(flat box indices (N,)) -> (C, N) float32 resampled channels
+    lesion_values: object   # lesion_values(flat box indices (N,), linear=None) -> (C, N) float32 resampled
+    #                         channels; `linear` (N,) bool: voxels read by linear interpolation, not cubic
     mapper: object          # mapper() -> the paste's PointMapper (target voxels to source coordinates)
 
 
@@ -476,18 +499,27 @@ def resample_on_cpu(lesion_image: np.ndarray, prepared: PreparedMask, src_affine
     start, shape = np.array([s.start for s in box]), soft.shape
     made = {}
 
-    def lesion_values(idx):
+    def lesion_values(idx, linear=None):
         # each voxel is interpolated once: the label's edge (`intensity_cut`) asks for some voxels first, the
         # blend for them again with the rest of the feather
         if not made:
-            made["coefficients"] = paste_coefficients(lesion_image, src_affine, tgt_affine, op, coefficients)
+            made["crop"] = antialiased_crop(lesion_image, src_affine, tgt_affine, op)
             made["values"] = np.empty((lesion_image.shape[0], soft.size), dtype=np.float32)
             made["known"] = np.zeros(soft.size, dtype=bool)
         values, known = made["values"], made["known"]
-        missing = idx[~known[idx]]
-        if missing.size:
-            values[:, missing] = sample_channels(
-                lesion_image, mapper, np.column_stack(np.unravel_index(missing, shape)) + start, made["coefficients"])
+        ask = ~known[idx]
+        for part, by_line in [(ask, False)] if linear is None else [(ask & ~linear, False), (ask & linear, True)]:
+            missing = idx[part]
+            if not missing.size:
+                continue
+            voxels = np.column_stack(np.unravel_index(missing, shape)) + start
+            if by_line:
+                values[:, missing] = sample_channels_linear(made["crop"], mapper, voxels)
+            else:
+                if "coefficients" not in made:
+                    made["coefficients"] = paste_coefficients(lesion_image, src_affine, tgt_affine, op, coefficients,
+                                                              made["crop"])
+                values[:, missing] = sample_channels(lesion_image, mapper, voxels, made["coefficients"])
             known[missing] = True
         return values[:, idx]
 
@@ -514,8 +546,9 @@ def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: flo
 MIN_ALPHA = 1e-6
 
 
-def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(flat indices, alpha) of the box voxels the feathered alpha reaches (alpha > MIN_ALPHA).
+def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat indices, alpha, inner) of the box voxels the feathered alpha reaches (alpha > MIN_ALPHA); `inner`
+    marks the voxels of the lesion and its halo, the others are the gaussian fall-off beyond.
 
     The alpha is 1 on every voxel the soft mask touches and on a halo of `halo_mm` around them, then falls off
     with a gaussian of `feather_mm`: the lesion keeps its own partial-volume edge, as it was in the donor
@@ -527,7 +560,7 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
         grown = dilate(grown, ball(settings.halo_mm, spacing))
     alpha = ndimage.gaussian_filter(grown.astype(np.float32), sigma=settings.feather_mm / spacing, mode="constant")
     idx = np.flatnonzero(alpha > MIN_ALPHA)
-    return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
+    return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0), grown.reshape(-1)[idx]
 
 
 #: Share of white noise's sd that cubic B-spline resampling at random sub-voxel offsets keeps (measured: 0.80-0.82;
@@ -544,8 +577,9 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into the case's `channels`
     (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
 
-    `lesion_values(idx)` gives the resampled lesion channels (C, N) at flat box indices; it is asked only
-    for the voxels the feathered alpha reaches, and only those voxels are written. `dest_stats`, if given, is
+    `lesion_values(idx, linear)` gives the resampled lesion channels (C, N) at flat box indices (cubic, or
+    linear where `linear`); it is asked only for the voxels the feathered alpha reaches, and only those voxels
+    are written. `dest_stats`, if given, is
     `channel_stats(channels, tissue, box start)` computed already.
 
     MR channels are scaled by (destination tissue median / donor tissue median), both read on the same
@@ -553,12 +587,14 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it. Noise is added only as far
     as the destination's noise (× `noise_gain`) exceeds what the donor's own noise keeps after resampling.
     """
-    idx, a = feather(soft, spacing, settings)
+    idx, a, inner = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
     start = [s.start for s in box]
     if dest_stats is None:
         dest_stats = channel_stats(channels, tissue, start)
-    lesion = lesion_values(idx)
+    # the fall-off beyond the halo weighs the lesion's values by at most about one half; linear interpolation is
+    # enough there (on ~45 % of the voxels a paste writes, at an eighth of the cubic spline's cost)
+    lesion = lesion_values(idx, ~inner)
     # normal tissue the paste writes, beyond the halo: there the resampled donor holds no more of its lesion's
     # partial volume, which would otherwise set its tissue level too bright (FLAIR) and dim the lesion
     ring = tissue.reshape(-1)[idx] & (a < RING_ALPHA)

@@ -18,7 +18,8 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..geometry import spacing_of
-from .paste import SPLINE_PAD, Resampled, crop_to_support, estimated_landing, mask_voxels, paste_coefficients
+from .paste import (SPLINE_PAD, Resampled, antialiased_crop, crop_to_support, estimated_landing, mask_voxels,
+                    paste_coefficients)
 from .transform import elastic_field, elastic_weights, paste_geometry, source_coordinates, source_from_target
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -193,11 +194,12 @@ def _cubic_bspline(coefficients, grid, src_shape):
 
 def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affine, src_centre, tgt_affine,
                           tgt_shape, op: dict, src_box=None, support_mm: float = 0.0, device: str = "cuda",
-                          prepared=None, coefficients=None
+                          prepared=None, coefficients=None, linear: bool = False
                           ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray] | None:
     """torch twin of `paste.resample_lesion` (same arguments, plus `device`): (box, channels, soft) or None.
     `prepared` (a `paste.PreparedMask` of this mask) supplies the mask's voxels when a worker has them, and
-    `coefficients` (`paste.spline_coefficients` of the channels) the spline coefficients.
+    `coefficients` (`paste.spline_coefficients` of the channels) the spline coefficients. `linear`: the
+    channels come twice, (2C, X, Y, Z): cubic, then linearly interpolated (`paste.sample_channels_linear`).
 
     channels (C, X, Y, Z) and soft (X, Y, Z) are float32; channels are zero farther than `support_mm`
     from soft > 0, as in the numpy path.
@@ -212,7 +214,8 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
     a, b, s = _grid_affine(m, [sl.start for sl in box], src_mask.shape)
     control_grid = _elastic_grid_units(control, m, tgt_affine, s) if control.size else None
     reach = np.ceil(support_mm / spacing_of(tgt_affine)).astype(int)
-    coeffs = paste_coefficients(src_image, src_affine, tgt_affine, op, coefficients)
+    crop = antialiased_crop(src_image, src_affine, tgt_affine, op)
+    coeffs = paste_coefficients(src_image, src_affine, tgt_affine, op, coefficients, crop)
     with torch.inference_mode():
         mask = _to_device([src_mask], device)
         weights = elastic_weights(box, extent, control.shape[0]) if control.size else None
@@ -225,6 +228,10 @@ def resample_lesion_torch(src_image: np.ndarray, src_mask: np.ndarray, src_affin
                                                align_corners=True)[0, 0]
         soft *= _inside(grid[0], src_mask.shape)
         channels = _cubic_bspline(_to_device(list(coeffs), device), grid, src_mask.shape)
+        if linear:  # border padding over the unpadded crop: edge values beyond it, as numpy's clipped reads
+            lines = torch.nn.functional.grid_sample(_to_device(list(crop), device), grid, mode="bilinear",
+                                                    padding_mode="border", align_corners=True)[0]
+            channels = torch.cat([channels, lines])
         channels.masked_fill_(~_support(soft, reach), 0.0)
         channels, soft = channels.cpu().numpy(), soft.cpu().numpy()
     return crop_to_support(box, channels, soft, support_mm, tgt_affine)
@@ -243,16 +250,23 @@ def resample_on_torch(lesion_image: np.ndarray, prepared, src_affine, src_centre
             return None
     resampled = resample_lesion_torch(lesion_image, prepared.mask, src_affine, src_centre, tgt_affine, tgt_shape,
                                       op, prepared.src_box, support_mm, device=device, prepared=prepared,
-                                      coefficients=coefficients)
+                                      coefficients=coefficients, linear=True)
     if resampled is None:
         return None
-    box, lesion, soft = resampled
+    box, both, soft = resampled
+    n = both.shape[0] // 2
+    cubic, lines = both[:n].reshape(n, -1), both[n:].reshape(n, -1)
 
     def mapper():
         known = landing or estimated_landing(prepared, src_affine, src_centre, tgt_affine, tgt_shape, op, support_mm)
         return known[1]
 
-    return Resampled(box, soft, lambda idx: lesion.reshape(lesion.shape[0], -1)[:, idx], mapper)
+    def lesion_values(idx, linear=None):
+        if linear is None:
+            return cubic[:, idx]
+        return np.where(linear, lines[:, idx], cubic[:, idx])
+
+    return Resampled(box, soft, lesion_values, mapper)
 
 
 # ------------------------------------------------------------------------------------------ full-volume warps
