@@ -24,16 +24,14 @@ from .labels import count_in
 from .loads import FAMILIES, draw_target_load
 from .parallel import overlapped, release_freed_memory
 from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
+from .output_run import MANIFEST, RUN_FILE
 from .prior import Region, allowed_region, is_ct, placement_density
-
-#: Where the template's tissue prior (a probability) is at least this, lesions may go.
-TEMPLATE_REGION_LEVEL = 0.5
 from .render import PasteSettings, RenderContext, apply_plan
 from .render.backend import lesion_resampler
 
-MANIFEST = "manifest.jsonl"
+#: Where the template's tissue prior (a probability) is at least this, lesions may go.
+TEMPLATE_REGION_LEVEL = 0.5
 FORMATS = tuple(LAYOUTS)
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
