@@ -22,9 +22,9 @@ from .io.layout import LAYOUTS, OutputLayout, output_layout
 from .io.output import copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
+from .output_run import MANIFEST, RUN_FILE
 from .parallel import overlapped, release_freed_memory
 from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
-from .output_run import MANIFEST, RUN_FILE
 from .prior import Region, allowed_region, is_ct, placement_density
 from .render import PasteSettings, RenderContext, apply_plan
 from .render.backend import lesion_resampler

@@ -369,12 +369,19 @@ def spline_coefficients(src_image: np.ndarray) -> np.ndarray:
     return out
 
 
-def spline_coordinates(coords: np.ndarray, crop_shape) -> np.ndarray:
-    """Source voxel coordinates (3, N) clipped to the crop (edge values beyond it, like mode "nearest") and
-    moved into the padded coefficient array."""
-    out = np.empty(coords.shape, dtype=np.float64)
+def clipped_coordinates(coords: np.ndarray, crop_shape, dtype=np.float64) -> np.ndarray:
+    """Source voxel coordinates (3, N) clipped to the crop: reads beyond it give its edge values (mode
+    "nearest")."""
+    out = np.empty(coords.shape, dtype=dtype)
     for axis, n in enumerate(crop_shape):
         np.clip(coords[axis], 0.0, float(n - 1), out=out[axis])
+    return out
+
+
+def spline_coordinates(coords: np.ndarray, crop_shape) -> np.ndarray:
+    """Source voxel coordinates (3, N) clipped to the crop (`clipped_coordinates`) and moved into the padded
+    coefficient array."""
+    out = clipped_coordinates(coords, crop_shape)
     out += SPLINE_PAD
     return out
 
@@ -439,9 +446,7 @@ def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarr
 def sample_channels_linear(crop: np.ndarray, mapper: PointMapper, voxels: np.ndarray) -> np.ndarray:
     """(C, N) float32: the crop's channels, linearly interpolated (edge values beyond the crop), at target
     voxels (N, 3)."""
-    coords = mapper(voxels)
-    for axis, n in enumerate(crop.shape[1:]):
-        np.clip(coords[axis], 0.0, float(n - 1), out=coords[axis])
+    coords = clipped_coordinates(mapper(voxels), crop.shape[1:], np.float32)
     out = np.empty((crop.shape[0], len(voxels)), dtype=np.float32)
     for c in range(crop.shape[0]):
         ndimage.map_coordinates(crop[c], coords, output=out[c], order=1, mode="nearest", prefilter=False)
@@ -508,20 +513,22 @@ def resample_on_cpu(lesion_image: np.ndarray, prepared: PreparedMask, src_affine
             made["known"] = np.zeros(soft.size, dtype=bool)
         values, known = made["values"], made["known"]
         ask = ~known[idx]
-        for part, by_line in [(ask, False)] if linear is None else [(ask & ~linear, False), (ask & linear, True)]:
+        groups = [(ask, cubic)] if linear is None else [(ask & ~linear, cubic), (ask & linear, by_line)]
+        for part, read in groups:
             missing = idx[part]
-            if not missing.size:
-                continue
-            voxels = np.column_stack(np.unravel_index(missing, shape)) + start
-            if by_line:
-                values[:, missing] = sample_channels_linear(made["crop"], mapper, voxels)
-            else:
-                if "coefficients" not in made:
-                    made["coefficients"] = paste_coefficients(lesion_image, src_affine, tgt_affine, op, coefficients,
-                                                              made["crop"])
-                values[:, missing] = sample_channels(lesion_image, mapper, voxels, made["coefficients"])
-            known[missing] = True
+            if missing.size:
+                values[:, missing] = read(np.column_stack(np.unravel_index(missing, shape)) + start)
+                known[missing] = True
         return values[:, idx]
+
+    def cubic(voxels):
+        if "coefficients" not in made:
+            made["coefficients"] = paste_coefficients(lesion_image, src_affine, tgt_affine, op, coefficients,
+                                                      made["crop"])
+        return sample_channels(lesion_image, mapper, voxels, made["coefficients"])
+
+    def by_line(voxels):
+        return sample_channels_linear(made["crop"], mapper, voxels)
 
     return Resampled(box, soft, lesion_values, lambda: mapper)
 
