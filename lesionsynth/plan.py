@@ -6,6 +6,7 @@ before use, so the record replays exactly); rendering the record gives the same 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,22 +208,28 @@ class CasePlan:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
+@functools.lru_cache(maxsize=4096)
+def _unrotated_blur(src_linear: bytes, tgt_linear: bytes) -> float:
+    """`extra_blur` of a paste at scale 1, unrotated, between grids with these 3x3 linear parts (float64
+    bytes): it does not depend on where the grids lie, so the lesions of one source case share it."""
+    from .render.transform import extra_blur
+
+    affines = []
+    for linear in (src_linear, tgt_linear):
+        a = np.eye(4)
+        a[:3, :3] = np.frombuffer(linear, dtype=np.float64).reshape(3, 3)
+        affines.append(a)
+    return extra_blur(affines[0], affines[1], (False,) * 3, (0.0,) * 3, 1.0)
+
+
 def sharp_donors(donors: list[dict], affine: np.ndarray, cfg: AugmentConfig) -> tuple[list[dict], bool]:
     """The donors whose voxel profile, unrotated at scale 1, lands at most `max_extra_blur` blurrier than the
     target grid records (`render.transform.extra_blur`), and whether any is; all donors if none is."""
     if cfg.max_extra_blur <= 0:
         return donors, True
-    from .render.transform import extra_blur
-
-    blur_of = {}  # lesions of one source case share its grid
-
-    def blur(les) -> float:
-        key = np.asarray(les["affine"], dtype=np.float64).tobytes()
-        if key not in blur_of:
-            blur_of[key] = extra_blur(les["affine"], affine, (False,) * 3, (0.0,) * 3, 1.0)
-        return blur_of[key]
-
-    sharp = [les for les in donors if blur(les) <= cfg.max_extra_blur]
+    target = np.asarray(affine, dtype=np.float64)[:3, :3].tobytes()
+    sharp = [les for les in donors if _unrotated_blur(np.asarray(les["affine"], dtype=np.float64)[:3, :3].tobytes(),
+                                                      target) <= cfg.max_extra_blur]
     return (sharp, True) if sharp else (donors, False)
 
 
@@ -349,6 +356,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 continue
             why, score, covered_match = "region", None, None
             for _refine in range(3):
+                patch = None  # a refused try's arrays go before the next try renders
                 patch = render_op(channels, label, affine, op, bank, ctx)
                 if patch is None:
                     why = "outside the volume or region"

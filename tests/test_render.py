@@ -571,3 +571,24 @@ def test_lesion_values_are_cubic_or_linear_per_voxel_as_asked(spacing):
     np.testing.assert_allclose(got[:, linear], lines[:, linear], rtol=0, atol=1e-4)
     assert np.abs(cubic[:, linear] - lines[:, linear]).max() > 1e-2  # the two really differ here
     np.testing.assert_array_equal(res.lesion_values(idx), got)  # read once: kept as first read
+
+
+def test_cubic_read_matches_scipy_spline_and_interpolates_the_crop():
+    """cubic_read gives scipy's cubic B-spline values (map_coordinates, order 3, no prefilter) on the padded
+    coefficients, to float32 rounding, anywhere in and beyond the crop (edge values outside), over several
+    blocks of points; at voxel centres it gives the crop back."""
+    from lesionsynth.render.paste import CUBIC_BLOCK, cubic_read, spline_coefficients, spline_coordinates
+
+    rng = np.random.default_rng(5)
+    crop = (rng.standard_normal((3, 11, 7, 16)) * 80 + 400).astype(np.float32)
+    coefficients = spline_coefficients(crop)
+    points = rng.uniform(-4.0, 20.0, (3, 2 * CUBIC_BLOCK + 37))
+    coords = spline_coordinates(points, crop.shape[1:])
+    expected = np.stack([ndimage.map_coordinates(coefficients[c], coords, order=3, mode="nearest", prefilter=False)
+                         for c in range(len(crop))])
+    got = cubic_read(coefficients, coords)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+    centres = np.indices(crop.shape[1:]).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(cubic_read(coefficients, spline_coordinates(centres, crop.shape[1:])),
+                               crop.reshape(len(crop), -1), rtol=0, atol=1e-3)

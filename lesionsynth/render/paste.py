@@ -436,10 +436,52 @@ def sample_channels(src_image: np.ndarray, mapper: PointMapper, voxels: np.ndarr
     """(C, N) float32: the lesion's channels (cubic B-spline, edge values beyond the crop) at target voxels
     (N, 3). `coefficients` is `spline_coefficients(src_image)`, if made already."""
     coeffs = spline_coefficients(src_image) if coefficients is None else coefficients
-    coords = spline_coordinates(mapper(voxels), src_image.shape[1:])
-    out = np.empty((src_image.shape[0], len(voxels)), dtype=np.float32)
-    for c in range(src_image.shape[0]):
-        ndimage.map_coordinates(coeffs[c], coords, output=out[c], order=3, mode="nearest", prefilter=False)
+    return cubic_read(coeffs, spline_coordinates(mapper(voxels), src_image.shape[1:]))
+
+
+#: Points read together by `cubic_read`: the gathers of a block stay in the processor's cache.
+CUBIC_BLOCK = 2048
+
+
+def cubic_bspline_weights(t: np.ndarray) -> np.ndarray:
+    """(4, N) float32 cubic B-spline weights of the nodes floor(x) - 1 ... floor(x) + 2 for the fractional
+    parts `t` = x - floor(x) (N,); they sum to one."""
+    t = t.astype(np.float32)
+    s = np.float32(1.0) - t
+    w = np.empty((4, t.size), dtype=np.float32)
+    w[0] = s * s * s / np.float32(6.0)
+    w[3] = t * t * t / np.float32(6.0)
+    w[1] = np.float32(2.0 / 3.0) - t * t * (np.float32(1.0) - t / np.float32(2.0))
+    w[2] = np.float32(1.0) - w[0] - w[1] - w[3]
+    return w
+
+
+def cubic_read(coeffs: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """(C, N) float32 cubic B-spline values of `coeffs` (C, X, Y, Z) at coordinates (3, N) whose 4 x 4 x 4
+    nodes all lie inside the array (`spline_coordinates` into `spline_coefficients` ensure it).
+
+    The same values as scipy's map_coordinates(order=3, prefilter=False), to float32 rounding, in one half to
+    two thirds of the time for a lesion's two channels (measured): the node offsets and the tensor-product
+    weights of a block of points are made once for all channels, and there is no boundary rule per node."""
+    n_channels, shape = coeffs.shape[0], coeffs.shape[1:]
+    flat = coeffs.reshape(n_channels, -1)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    nodes = np.arange(-1, 3, dtype=np.intp)[:, None]
+    out = np.empty((n_channels, coords.shape[1]), dtype=np.float32)
+    for lo in range(0, coords.shape[1], CUBIC_BLOCK):
+        block = coords[:, lo:lo + CUBIC_BLOCK]
+        n = block.shape[1]
+        base = np.floor(block)
+        w = [cubic_bspline_weights(block[a] - base[a]) for a in range(3)]
+        at = [(base[a].astype(np.intp) + nodes) * strides[a] for a in range(3)]  # (4, n) offsets per axis
+        index = at[0][:, None, None, :] + at[1][None, :, None, :] + at[2][None, None, :, :]  # (4, 4, 4, n)
+        w_yz = w[1][:, None, :] * w[2][None, :, :]  # (4, 4, n)
+        for c in range(n_channels):
+            values = flat[c].take(index)
+            values *= w_yz
+            along_x = values.reshape(4, 16, n).sum(axis=1)
+            along_x *= w[0]
+            along_x.sum(axis=0, out=out[c, lo:lo + n])
     return out
 
 

@@ -40,8 +40,10 @@ def source_from_target(src_affine, src_centre, tgt_affine, tgt_centre, flip, ang
 def _donor_profile_peak(src_affine, tgt_affine, flip, angles_deg, scale) -> float:
     """The largest variance (target voxels²) of a donor's voxel profile (a box of one source voxel,
     covariance I/12 in source voxels) carried into target voxels by a paste."""
-    m = source_from_target(src_affine, np.zeros(3), tgt_affine, np.zeros(3), flip, angles_deg, scale)[:3, :3]
-    inv = np.linalg.inv(m)
+    # the inverse of source_from_target's linear part, tgt^-1 · (scale R F) · src, without its 4x4 inverses
+    # (the planner asks for it on every drawn paste)
+    inv = np.linalg.solve(np.asarray(tgt_affine, dtype=np.float64)[:3, :3],
+                          forward_linear(flip, angles_deg, scale) @ np.asarray(src_affine, dtype=np.float64)[:3, :3])
     return float(np.linalg.eigvalsh(inv @ inv.T / 12.0).max())
 
 
