@@ -195,7 +195,8 @@ def _weighted_auc(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> float
 
 
 def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: int = 0,
-                features: list[str] | None = None, match_volume: bool = False, match_case: bool = False) -> dict:
+                features: list[str] | None = None, match_volume: bool = False, match_case: bool = False,
+                match_donor: bool = False) -> dict:
     """Cross-validated AUC of a classifier telling pasted (positive) from real lesions.
 
     StandardScaler + LogisticRegression, 5-fold StratifiedKFold (shuffled with `seed`), roc_auc_score on
@@ -213,6 +214,11 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
     lesion's `case_id`, a pasted lesion's `base_case`): each pasted lesion is compared with the real lesions of
     the anatomy, grid and scanner it was pasted into, not with other cases' (a coarse grid alone changes the
     spread and the edge of every lesion on it).
+    `match_donor`: the real lesions are weighted to the pasted lesions' mix of donor lesions (`lesion_id`: a
+    real lesion's own bank id, a pasted lesion's donor), so that each pasted lesion is compared with the very
+    lesion it was cut from, as it lies in its own case. In a dataset that mixes lesion kinds (large dark stroke
+    lesions beside small MS lesions, say), a high load draws the large ones far more often than the real pool
+    holds them; that mix is the load's doing, not a trace of pasting.
     """
     if features is None:
         keys = [k for k in (real_features or pasted_features or [{}])[0] if k.split("_", 1)[0] in MEASURES]
@@ -221,7 +227,10 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
         x = np.array([[r.get(f, np.nan) for f in features] for r in rows], dtype=np.float64).reshape(-1, len(features))
         volume = np.array([r.get("volume_mm3", np.nan) for r in rows], dtype=np.float64)
         keep = np.isfinite(x).all(axis=1) & (np.isfinite(volume) if match_volume else True)
-        groups = [r.get("base_case", r.get("case_id")) for r in rows]
+        if match_donor:  # a lesion without a known donor matches nothing
+            groups = [r.get("lesion_id", ("unknown", r.get("case_id"))) for r in rows]
+        else:
+            groups = [r.get("base_case", r.get("case_id")) for r in rows]
         return x[keep], volume[keep], [g for g, k in zip(groups, keep) if k]
     (x_real, v_real, g_real), (x_pasted, v_pasted, g_pasted) = matrix(real_features), matrix(pasted_features)
     out = {"auc": None, "auc_ci95": None, "reason": None, "features": list(features),
@@ -232,12 +241,12 @@ def realism_auc(real_features: list[dict], pasted_features: list[dict], seed: in
     x = np.concatenate([x_real, x_pasted])
     y = np.concatenate([np.zeros(len(x_real), bool), np.ones(len(x_pasted), bool)])
     w = np.ones(len(x))
-    weighted = (match_volume or match_case) and len(x_real) and len(x_pasted)
+    weighted = (match_volume or match_case or match_donor) and len(x_real) and len(x_pasted)
     if weighted:
         w = np.concatenate(volume_weights(v_real, v_pasted) if match_volume else group_weights(g_real, g_pasted))
         keep = w > 0
         x, y, w = x[keep], y[keep], w[keep]
-        out["n_pasted"] = int(y.sum())
+        out["n_real"], out["n_pasted"] = int((~y).sum()), int(y.sum())  # those that weigh
         x_real, x_pasted = x[~y], x[y]
     if len(x_real) and len(x_pasted):
         for j, f in enumerate(features):
@@ -325,8 +334,11 @@ def _case_ref(run, case_id: str, original: bool):
     return CaseRef(case_id, tuple(run.image_path(case_id, c) for c in range(n)), run.label_path(case_id))
 
 
-def _measure_case(run, case, box, lesion_all, candidates, comps, take: int, rng, kind: str) -> list[dict]:
-    """Features of up to `take` of the `candidates` (labels in `comps`, which covers `box` of the case)."""
+def _measure_case(run, case, box, lesion_all, candidates, comps, take: int, rng, kind: str,
+                  sources: list[dict] | None = None) -> list[dict]:
+    """Features of up to `take` of the `candidates` (labels in `comps`, which covers `box` of the case). Each
+    lesion also names its bank lesion (`lesion_id`) and that lesion's case (`source_case`), found by
+    `lesion_source` among `sources`: the case's paste ops (pasted lesions) or its bank lesions (real ones)."""
     from .geometry import spacing_of
 
     names = run.channel_names
@@ -338,6 +350,9 @@ def _measure_case(run, case, box, lesion_all, candidates, comps, take: int, rng,
     spacing = spacing_of(case.affine)
     channels = case.channels[(slice(None),) + box]
     objects = ndimage.find_objects(comps)
+    # where a lesion's bank id and centre are kept: in a paste op (pasted lesions), in a bank lesion (real ones)
+    id_key, centre_key, size_key = ("lesion_id", "centre_mm", "added_mm3") if kind == "pasted" else \
+        ("id", "centroid_mm", "volume_mm3")
     out = []
     for k in chosen:
         # features on a box around the component (lesion_features crops again inside it)
@@ -347,8 +362,14 @@ def _measure_case(run, case, box, lesion_all, candidates, comps, take: int, rng,
                                 foreground, names, offsets)
         if feats is None:
             continue
-        centre = np.argwhere(comps[sl] == k).mean(axis=0) + [s.start + b.start for s, b in zip(sl, box)]
-        out.append({"kind": kind, "case_id": case.case_id, "voxel": [round(float(v), 1) for v in centre], **feats})
+        origin = [s.start + b.start for s, b in zip(sl, box)]
+        component = comps[sl] == k
+        centre = np.argwhere(component).mean(axis=0) + origin
+        row = {"kind": kind, "case_id": case.case_id, "voxel": [round(float(v), 1) for v in centre], **feats}
+        source = lesion_source(component, origin, case.affine, sources, centre_key, size_key) if sources else None
+        if source is not None:
+            row["lesion_id"], row["source_case"] = source[id_key], source["source_case"]
+        out.append(row)
     return out
 
 
@@ -359,6 +380,29 @@ def _summary(rows: list[dict], key: str) -> dict:
         return {"n": 0, "median": None, "q25": None, "q75": None}
     q25, q50, q75 = np.percentile(v, [25, 50, 75])
     return {"n": int(v.size), "median": float(q50), "q25": float(q25), "q75": float(q75)}
+
+
+def lesion_source(component: np.ndarray, origin, affine: np.ndarray, candidates: list[dict],
+                  centre_key: str = "centre_mm", size_key: str = "added_mm3") -> dict | None:
+    """Which of `candidates` (dicts with a world centre in mm under `centre_key`) a lesion is: the paste op
+    that made a pasted lesion (ops of the case's manifest record, centred where the paste put its lesion's
+    centroid, up to the elastic field), or the bank lesion a real lesion is (`centroid_mm`, `volume_mm3`).
+    `component` (bool, a box of the case starting at voxel `origin`) is the lesion. Of the candidates whose
+    centre lies inside it, the largest by `size_key` (pastes that touch merge into one lesion); if none does,
+    the one whose centre lies nearest to the lesion's centroid. None if there is no candidate."""
+    if not candidates:
+        return None
+    affine = np.asarray(affine, dtype=np.float64)
+    centres = np.array([c[centre_key] for c in candidates], dtype=np.float64)
+    inv = np.linalg.inv(affine)
+    at = np.rint(centres @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64) - np.asarray(origin, dtype=np.int64)
+    inside = np.all((at >= 0) & (at < np.array(component.shape)), axis=1)
+    inside[inside] = component[tuple(at[inside].T)]
+    if inside.any():
+        return max((c for c, hit in zip(candidates, inside) if hit), key=lambda c: c.get(size_key, 0.0))
+    centroid = np.argwhere(component).mean(axis=0) + np.asarray(origin, dtype=np.float64)
+    world = affine[:3, :3] @ centroid + affine[:3, 3]
+    return candidates[int(np.argmin(np.linalg.norm(centres - world, axis=1)))]
 
 
 def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict:
@@ -400,6 +444,10 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
                         np.random.default_rng([int(seed), 1]))
     quota_pasted = _quota(dict(expected_pasted), max_lesions, np.random.default_rng([int(seed), 2]))
     base_of = {r["case_id"]: r["base_case"] for r in run.records}
+    pastes_of = {r["case_id"]: [op for op in r["ops"] if op["op"] == "paste"] for r in run.records}
+    bank_lesions_of: dict[str, list[dict]] = {}
+    for les in (run.bank_index or {}).get("lesions", []):
+        bank_lesions_of.setdefault(les["source_case"], []).append(les)
 
     real, pasted = [], []
     for kind, quota, rows, code in (("real", quota_real, real, 1), ("pasted", quota_pasted, pasted, 2)):
@@ -426,7 +474,8 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
                 continue
             vox_vol = abs(float(np.linalg.det(case.affine[:3, :3])))
             keep &= sizes * vox_vol >= run.min_volume_mm3 - 1e-9
-            measured = _measure_case(run, case, box, lesion_all, np.flatnonzero(keep), comps, quota[cid], rng, kind)
+            measured = _measure_case(run, case, box, lesion_all, np.flatnonzero(keep), comps, quota[cid], rng, kind,
+                                     (pastes_of if kind == "pasted" else bank_lesions_of).get(cid))
             if kind == "pasted":
                 for row in measured:
                     row["base_case"] = base_of[cid]
@@ -434,8 +483,10 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
             del case, lesion_in_case, lesion_all, comps
 
     auc = realism_auc(real, pasted, seed=seed, features=feature_names(names))
-    matched = realism_auc(real, pasted, seed=seed, features=feature_names(names), match_volume=True)
-    same_case = realism_auc(real, pasted, seed=seed, features=feature_names(names), match_case=True)
+    matched_keys = ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc", "strongest")
+    matched = {name: realism_auc(real, pasted, seed=seed, features=feature_names(names), **{flag: True})
+               for name, flag in (("volume_matched", "match_volume"), ("case_matched", "match_case"),
+                                  ("donor_matched", "match_donor"))}
     keys = feature_names(names) + feature_names(names, REPORTED) + ["volume_mm3"]
     return {
         "audit_version": 1,
@@ -450,10 +501,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
         "n_pasted": len(pasted),
         **{k: auc[k] for k in ("auc", "auc_ci95", "reason", "classifier", "features", "n_dropped", "single_auc",
                                "strongest")},
-        "volume_matched": {k: matched[k] for k in ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc",
-                                                   "strongest")},
-        "case_matched": {k: same_case[k] for k in ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc",
-                                                   "strongest")},
+        **{name: {k: result[k] for k in matched_keys} for name, result in matched.items()},
         "summary": {k: {"real": _summary(real, k), "pasted": _summary(pasted, k)} for k in keys},
         "context": {nm: {"real": _summary(real, f"context_{nm}")["median"],
                          "pasted": _summary(pasted, f"context_{nm}")["median"]} for nm in names},

@@ -676,6 +676,17 @@ def _placement_html(run: OutputRun) -> list[str]:
     return parts
 
 
+#: The matched realism AUCs of the audit (its keys), in the order the report states them, with what each means.
+MATCHED_AUCS = (
+    ("volume_matched", "Volume-matched (real lesions weighted to the pasted lesions' sizes, so that features that "
+                       "only follow lesion size do not count)"),
+    ("case_matched", "Case-matched (each pasted lesion against the real lesions of the case it was pasted into: "
+                     "same anatomy, grid and scanner)"),
+    ("donor_matched", "Donor-matched (each pasted lesion against the real lesion it was cut from, in its own case, "
+                      "so that a mix of lesion kinds drawn unlike the real pool does not count)"),
+)
+
+
 def _realism_html(audit: dict, figures: dict) -> list[str]:
     """The realism audit section: AUC, strongest features, real vs pasted table, histograms, tissue context."""
     from .audit import MEASURES, REPORTED, SHELL_VOXELS
@@ -687,17 +698,11 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
         lo, hi = audit["auc_ci95"]
         verdict = (f"<b>Realism AUC {audit['auc']:.2f}</b> (95 % bootstrap interval {lo:.2f}–{hi:.2f}; "
                    f"{audit['n_real']} real and {audit['n_pasted']} pasted lesions).")
-        matched = audit.get("volume_matched") or {}
-        if matched.get("auc") is not None:
-            mlo, mhi = matched["auc_ci95"]
-            verdict += (f" Volume-matched (real lesions weighted to the pasted lesions' sizes, so that features "
-                        f"that only follow lesion size do not count): <b>{matched['auc']:.2f}</b> "
-                        f"({mlo:.2f}–{mhi:.2f}).")
-        same_case = audit.get("case_matched") or {}
-        if same_case.get("auc") is not None:
-            clo, chi = same_case["auc_ci95"]
-            verdict += (f" Case-matched (each pasted lesion against the real lesions of the case it was pasted "
-                        f"into: same anatomy, grid and scanner): <b>{same_case['auc']:.2f}</b> ({clo:.2f}–{chi:.2f}).")
+        for key, what in MATCHED_AUCS:
+            matched = audit.get(key) or {}
+            if matched.get("auc") is not None:
+                mlo, mhi = matched["auc_ci95"]
+                verdict += f" {what}: <b>{matched['auc']:.2f}</b> ({mlo:.2f}–{mhi:.2f})."
     else:
         verdict = f"<b>Realism AUC not computed</b>: {html.escape(audit['reason'] or '?')}."
     strongest = ", ".join(f"{s['feature']} ({s['auc']:.2f})" for s in audit["strongest"]) or "–"

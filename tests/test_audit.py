@@ -159,6 +159,18 @@ def test_report_writes_realism_json_and_section(output):
     assert set(audit["context"]) == {"T1", "FLAIR"}
     kinds = [les["kind"] for les in audit["lesions"]]
     assert kinds.count("real") == audit["n_real"] and kinds.count("pasted") == audit["n_pasted"]
+    # every pasted lesion is traced to a paste of its own case's record, whose donor case it carries
+    records = {r["case_id"]: r for r in map(json.loads, (output / "manifest.jsonl").read_text().splitlines())}
+    for les in audit["lesions"]:
+        if les["kind"] == "pasted":
+            ops = {op["lesion_id"]: op for op in records[les["case_id"]]["ops"] if op["op"] == "paste"}
+            assert les["source_case"] == ops[les["lesion_id"]]["source_case"]
+    # and every real lesion to its bank lesion
+    bank_ids = {les["id"]: les["source_case"] for les in json.loads(
+        (Path(json.loads((output / "run.json").read_text())["bank"]) / "bank.json").read_text())["lesions"]}
+    real_rows = [les for les in audit["lesions"] if les["kind"] == "real"]
+    assert real_rows and all(bank_ids[les["lesion_id"]] == les["case_id"] for les in real_rows)
+    assert set(audit["donor_matched"]) >= {"auc", "auc_ci95", "n_real", "n_pasted", "strongest"}
     # blob lesions are bright in T1 (160 in 100) and in FLAIR (120 in 120): contrast ≈ 1.6 and ≈ 1
     assert 1.2 < audit["summary"]["contrast_T1"]["real"]["median"] < 1.8
     text = html_path.read_text()
@@ -231,3 +243,51 @@ def test_case_matching_compares_pasted_lesions_with_their_own_case():
     assert w_pasted.tolist() == [1.0, 1.0, 1.0, 0.0]  # case c has no real lesion to compare with
     assert w_real[0] == w_real[1] and w_real[2] == pytest.approx(4 * w_real[0])
     assert w_real.sum() == pytest.approx(w_pasted.sum())
+
+
+def test_donor_matching_compares_pasted_lesions_with_their_own_donors():
+    """A dataset that mixes two lesion kinds (a few dark "stroke" lesions, many brighter "ms" ones): pasted
+    lesions drawn mostly from the stroke lesions look like stroke lesions, so the plain AUC separates them
+    from the MS-dominated real pool; weighted to the pasted lesions' mix of donor lesions, not."""
+    from lesionsynth.audit import realism_auc
+
+    rng = np.random.default_rng(7)
+    contrast = {"stroke": 0.47, "ms": 0.66}
+
+    def lesions(counts, pasted):
+        rows = []
+        for kind, n in counts.items():
+            for i in range(n):
+                donor = f"{kind}_{i % 5}"  # pasted lesions reuse 5 donors of each kind
+                row = {"volume_mm3": 100.0, "contrast_0": contrast[kind] + rng.normal(0, 0.05)}
+                row.update({"case_id": "syn", "base_case": "ms_case", "lesion_id": donor} if pasted
+                           else {"case_id": f"{kind}_case", "lesion_id": f"{kind}_{i}"})
+                rows.append(row)
+        return rows
+
+    real, pasted = lesions({"stroke": 10, "ms": 150}, False), lesions({"stroke": 60, "ms": 20}, True)
+    assert realism_auc(real, pasted, features=["contrast_0"])["auc"] > 0.7
+    donor = realism_auc(real, pasted, features=["contrast_0"], match_donor=True)
+    assert donor["auc"] < 0.65 and donor["n_real"] == 10  # only the 10 donors weigh
+    # a pasted lesion whose donor is not among the real ones measured has nothing to be compared with
+    unknown = [dict(r, lesion_id="elsewhere") for r in pasted[:5]] + pasted[5:]
+    assert realism_auc(real, unknown, features=["contrast_0"], match_donor=True)["n_pasted"] == len(pasted) - 5
+
+
+def test_lesion_source_names_the_op_that_made_a_lesion():
+    """The paste whose centre lies in the lesion, the larger of two merged ones, else the nearest centre."""
+    from lesionsynth.audit import lesion_source
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 0.0, 5.0]
+    component = np.zeros((10, 10, 10), bool)
+    component[2:8, 2:8, 2:5] = True  # origin (3, 0, 1): voxels x 5-10, y 2-7, z 3-5
+    origin = (3, 0, 1)
+    small = {"centre_mm": [2.0, 6.0, 17.0], "source_case": "a", "lesion_id": "a_1", "added_mm3": 10.0}  # (6, 3, 4)
+    large = {"centre_mm": [8.0, 12.0, 14.0], "source_case": "b", "lesion_id": "b_3", "added_mm3": 900.0}  # (9, 6, 3)
+    far = {"centre_mm": [60.0, 60.0, 60.0], "source_case": "c", "lesion_id": "c_2", "added_mm3": 5000.0}
+    assert lesion_source(component, origin, affine, [small, far])["lesion_id"] == "a_1"
+    assert lesion_source(component, origin, affine, [small, large, far])["lesion_id"] == "b_3"
+    near = {"centre_mm": [20.0, 30.0, 30.0], "source_case": "d", "lesion_id": "d_1"}  # outside, nearer than far
+    assert lesion_source(component, origin, affine, [far, near])["lesion_id"] == "d_1"
+    assert lesion_source(component, origin, affine, []) is None
