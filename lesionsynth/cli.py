@@ -11,7 +11,8 @@ import typer
 from ._version import __version__
 from .errors import InputError, LesionsynthError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# plain help: rich markup would swallow the square brackets of help texts ("[augment]", "[default: 26]")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Lesion-level synthesis of training data for lesion segmentation (LesionMix).")
 
 _state = {"debug": False}

@@ -101,6 +101,13 @@ def test_version():
     assert res.returncode == 0 and res.stdout.startswith("lesionsynth ")
 
 
+def test_help_keeps_bracketed_text():
+    """Square brackets in help texts (a TOML section, a default) are printed, not taken for markup."""
+    bank_help, generate_help = cli("build-bank", "--help").stdout, cli("generate", "--help").stdout
+    assert "[default: 26]" in bank_help
+    assert "[augment]" in " ".join(generate_help.split())
+
+
 def test_device_auto_falls_back_to_cpu_and_cuda_without_gpu_is_one_line(blob_bank, tmp_path):
     torch = pytest.importorskip("torch")
     res = cli("generate", str(blob_bank), "--out", str(tmp_path / "a"), "--n", "1", "--load", "low",
