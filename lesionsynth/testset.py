@@ -341,7 +341,8 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
     write_case(layout.out, case_id, channels, label, case, cfg.file_ending, cfg.compression_level, paths)
     record = {"case_id": case_id, "case_index": index, "rng_index": j, "base_case": base_id, "seed": cfg.seed,
               "factor": cfg.factor, "level": level, "level_value": cfg.levels[level],
-              "measured_value": round(float(value), 6), "added_noise_sd": added_sds, **lesion_record}
+              "measured_value": round(float(value), 6), "added_noise_sd": added_sds, **lesion_record,
+              "load_family": "fixed"}  # each level's one target load (drawn as uniform over [L, L])
     layout.write_case_extras(case_id, record)
     return record
 

@@ -73,6 +73,7 @@ def test_levels_share_base_cases_and_seeds(testset):
         by_level.setdefault(rec["level"], []).append((rec["rng_index"], rec["base_case"], rec["seed"]))
     assert len(by_level) == LEVELS and len({tuple(v) for v in by_level.values()}) == 1
     assert {rec["base_case"] for rec in records} == set(TEST_CASES)
+    assert {rec["load_family"] for rec in records} == {"fixed"}  # one target load per level, not a draw
     if factor in ("contrast", "noise"):  # only intensities change: the same lesions at every level
         labels = {}
         for rec in records:
