@@ -485,6 +485,7 @@ class Bank:
         self.config = self.index["config"]
         self._images = self._masks = self._splines = None
         self._likelihood = None
+        self._likelihood_grid = None  # (shape, affine) of the map, kept when the map itself is let go
         self._coarse_likelihood = None
         self._derived: OrderedDict = OrderedDict()
         self._derived_bytes = 0
@@ -619,15 +620,22 @@ class Bank:
         asked for: the cases of a dataset on a shared grid all ask for the same. `case_id` names the bank
         case whose grid it is (its stored transform maps the reference onto it); `within`, a coarse mask where
         it is needed (zero elsewhere; not kept). Do not modify it."""
-        values, values_affine = self.likelihood()
+        if self._likelihood_grid is None:
+            self.likelihood()
+        values_shape, values_affine = self._likelihood_grid
         values_affine = (self.case_from_ref(case_id) if case_id is not None else np.eye(4)) @ values_affine
-        if within is not None and not on_grid(values, values_affine, shape, affine):
-            return coarse_likelihood(stride, affine, shape, coarse_shape, values, values_affine, within)
+        on_its_grid = on_grid(values_shape, values_affine, shape, affine)
+        if within is not None and not on_its_grid:
+            return coarse_likelihood(stride, affine, shape, coarse_shape, self.likelihood()[0], values_affine, within)
         key = (tuple(stride), np.asarray(affine, dtype=np.float64).tobytes(), tuple(shape), tuple(coarse_shape),
                values_affine.tobytes())
         if self._coarse_likelihood is None or self._coarse_likelihood[0] != key:
-            self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, values,
+            self._coarse_likelihood = (key, coarse_likelihood(stride, affine, shape, coarse_shape, self.likelihood()[0],
                                                               values_affine))
+            if on_its_grid:
+                # cases on the map's own grid (a shared grid) all ask for this coarse map: the full-resolution
+                # map, a case-sized float32 volume, need not stay in every worker (read again if asked)
+                self._likelihood = None
         return self._coarse_likelihood[1]
 
     def coarse_template_region(self, stride, affine: np.ndarray, coarse_shape, case_id: str | None
@@ -654,4 +662,5 @@ class Bank:
             path = self.folder / self.index["likelihood"]["file"]
             img = load_nifti(path)
             self._likelihood = (read_array(img, path), np.asarray(img.affine, dtype=np.float64))
+            self._likelihood_grid = (self._likelihood[0].shape, self._likelihood[1])
         return self._likelihood

@@ -232,15 +232,15 @@ class PlacementDensity:
         return apply_affine(self.affine, idx)
 
 
-def on_grid(values: np.ndarray, values_affine: np.ndarray, shape, affine: np.ndarray) -> bool:
-    """Whether a map already lies on the grid (shape, affine)."""
-    return shape is not None and tuple(shape) == values.shape and np.allclose(values_affine, affine, atol=1e-3)
+def on_grid(values_shape, values_affine: np.ndarray, shape, affine: np.ndarray) -> bool:
+    """Whether a map of `values_shape` on `values_affine` already lies on the grid (shape, affine)."""
+    return shape is not None and tuple(shape) == tuple(values_shape) and np.allclose(values_affine, affine, atol=1e-3)
 
 
 def likelihood_on(target_affine: np.ndarray, target_shape, likelihood: np.ndarray,
                   ref_affine: np.ndarray) -> np.ndarray:
     """Resample a map on a reference grid (the likelihood map, a tissue prior; linear) onto a target grid."""
-    if on_grid(likelihood, ref_affine, target_shape, target_affine):
+    if on_grid(likelihood.shape, ref_affine, target_shape, target_affine):
         return likelihood
     to_ref = np.linalg.inv(ref_affine) @ target_affine
     return ndimage.affine_transform(likelihood, to_ref[:3, :3], offset=to_ref[:3, 3], output_shape=tuple(target_shape),
@@ -252,7 +252,7 @@ def coarse_likelihood(stride, affine: np.ndarray, shape, coarse_shape, likelihoo
     """The likelihood map (or another map on a reference grid) on the coarse grid (every `stride`-th voxel) of
     a case grid (affine, shape; None: not known); with `within` (a bool mask of that coarse grid), only there
     (zero elsewhere): what placement reads."""
-    if on_grid(likelihood, likelihood_affine, shape, affine):
+    if on_grid(likelihood.shape, likelihood_affine, shape, affine):
         # a strided view would slow every pass over it
         return np.ascontiguousarray(likelihood[tuple(slice(None, None, s) for s in stride)])
     if within is None:
