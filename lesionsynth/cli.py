@@ -45,7 +45,7 @@ def build_bank_cmd(
     min_volume: Optional[float] = typer.Option(None, "--min-volume",
                                                help="Smallest lesion kept in the bank, mm³ [default: 0]."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Parallel workers."),
-    backend: str = typer.Option("local", "--backend", help="local (joblib processes) or dask."),
+    backend: str = typer.Option("local", "--backend", help="local (worker processes on this machine) or dask."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (--backend dask)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (see 'lesionsynth recipes') or "
                                          "TOML file; options given here override it."),
@@ -117,7 +117,7 @@ def generate(
     volume_warp: bool = typer.Option(False, "--volume-warp", help="Also warp each whole case (rotation ±10°, "
                                      "scale 0.9-1.1, smooth elastic field) before the lesion work."),
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
-    backend: str = typer.Option("local", "--backend", help="local (joblib processes) or dask."),
+    backend: str = typer.Option("local", "--backend", help="local (worker processes on this machine) or dask."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (--backend dask)."),
     device: str = typer.Option("cpu", "--device", help="cpu (numpy/scipy), cuda (torch on the GPU) or auto "
                                "(cuda when torch sees a GPU, else cpu)."),

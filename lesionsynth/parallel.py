@@ -1,4 +1,4 @@
-"""Parallel execution: worker processes on this machine (forked, or joblib's loky), or a Dask cluster through
+"""Parallel execution: worker processes on this machine (forked or spawned), or a Dask cluster through
 joblib's Dask backend."""
 
 from __future__ import annotations
@@ -66,14 +66,23 @@ def check_backend(backend: str, scheduler: str | None) -> None:
 
 
 class Runner:
-    """Runs calls of one function in order, in this process, in local worker processes, or through joblib
-    (`execution` makes one). `map(fn, calls)` yields fn(*args) for each args tuple, in the calls' order."""
+    """Runs calls of one function in order: in this process (jobs 1), in `jobs` local worker processes
+    (forked from this one where `fork`, else spawned: fresh interpreters), or through joblib's active
+    backend (jobs -1: a Dask cluster). `execution` makes one. `map(fn, calls)` yields fn(*args) for each args
+    tuple, in the calls' order. Local workers, forked or spawned alike, die with this process (also when it
+    is killed with SIGKILL), remove their temporary file when stopped and report why they failed."""
 
     def __init__(self, jobs: int, fork: bool):
         self.jobs, self.fork = jobs, fork
         self._pool = None
         self._workers: list = []
         self._stopping = False
+
+    @property
+    def start_method(self) -> str:
+        """How local workers start: "fork" (in milliseconds, everything imported) or "spawn" (a fresh
+        interpreter that imports the package, about a second: CUDA, and where forking is unsafe)."""
+        return "fork" if self.fork else "spawn"
 
     @property
     def in_process(self) -> bool:
@@ -83,7 +92,7 @@ class Runner:
     def map(self, fn, calls: Iterable[tuple]) -> Iterator:
         if self.in_process:
             return (fn(*args) for args in calls)
-        if self.fork:
+        if self.jobs > 1:
             # submitted now, not when the results are first asked for: the workers are forked before the
             # caller starts anything else (a progress bar's thread, say)
             return self._results(self._submit(fn, calls))
@@ -94,7 +103,7 @@ class Runner:
     def _submit(self, fn, calls) -> list:
         if self._pool is not None:
             return [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
-        self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("fork"),
+        self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context(self.start_method),
                                          initializer=_worker_start, initargs=(os.getpid(),))
         # the workers start at the first submit; objects frozen then are not traversed by the workers'
         # garbage collector, which would otherwise copy every page holding them (copy-on-write)
@@ -274,8 +283,8 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
 
     local: this process at jobs 1; else `jobs` worker processes on this machine, one native thread each:
     forked from this one where that is safe (`fork_workers_usable`: they start in milliseconds with
-    everything imported), else joblib's loky processes (each starts a fresh interpreter and imports the
-    package, about a second). dask: the Dask cluster at `scheduler` (e.g. tcp://host:8786) via joblib's
+    everything imported), else spawned (each starts a fresh interpreter and imports the package, about a
+    second). dask: the Dask cluster at `scheduler` (e.g. tcp://host:8786) via joblib's
     Dask backend; its workers must see the same file system paths (bank, dataset, output). No scheduler
     of our own.
     """

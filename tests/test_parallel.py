@@ -92,9 +92,11 @@ def test_forked_workers_use_one_native_thread():
         assert list(runner.map(_native_threads, [(0,), (1,)])) in ([[1], [1]], [[], []])
 
 
-def test_loky_workers_where_forking_is_not_used():
-    """Elsewhere (macOS, Windows, CUDA) the workers are joblib's loky processes: same results, same order."""
+def test_spawned_workers_where_forking_is_not_used():
+    """Elsewhere (macOS, Windows, CUDA) the workers are spawned interpreters: same results, same order, the
+    same error reports as forked ones."""
     runner = Runner(2, fork=False)
+    assert runner.start_method == "spawn"
     try:
         results = list(runner.map(_square_and_pid, [(x,) for x in range(8)]))
         with pytest.raises(InputError, match="case 1: bad input"):
@@ -104,6 +106,12 @@ def test_loky_workers_where_forking_is_not_used():
     assert [r[0] for r in results] == [x * x for x in range(8)]
     assert os.getpid() not in {r[1] for r in results}
     assert not fork_workers_usable("cuda")
+    runner = Runner(2, fork=False)
+    try:
+        with pytest.raises(LesionsynthError, match=r"worker process \d+ was killed by SIGKILL"):
+            list(runner.map(_die_on, [(x, 1) for x in range(4)]))
+    finally:
+        runner.close()
 
 
 def test_worker_death_reports_the_killed_worker_not_the_ones_the_pool_stopped():

@@ -152,6 +152,31 @@ def test_workers_end_when_the_parent_is_killed(bank, uninterrupted, tmp_path):
     resume_gives_the_uninterrupted_bytes(bank, out, uninterrupted)
 
 
+def test_spawned_workers_end_when_the_parent_is_killed(tmp_path):
+    """Spawned workers (CUDA, or where forking is unsafe) notice a SIGKILLed parent too, mid-call."""
+    (tmp_path / "spawn_helper.py").write_text(
+        "import os, time\n\n"
+        "def pid_then_sleep(i):\n"
+        "    open(f'worker-{os.getpid()}', 'w').close()\n"
+        "    time.sleep(120)\n")
+    script = ("import sys; sys.path.insert(0, '.')\n"
+              "from lesionsynth.parallel import Runner\n"
+              "from spawn_helper import pid_then_sleep\n"
+              "if __name__ == '__main__':\n"
+              "    list(Runner(2, fork=False).map(pid_then_sleep, [(i,) for i in range(4)]))\n")
+    (tmp_path / "run.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_gone(workers, 10) == []
+
+
 @pytest.mark.slow
 def test_a_second_writer_of_the_same_shard_is_refused(bank, uninterrupted, tmp_path):
     out = tmp_path / "out"
