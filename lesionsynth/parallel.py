@@ -26,7 +26,7 @@ BACKENDS = ("local", "dask")
 
 @contextlib.contextmanager
 def worker_threads_limited(jobs: int):
-    """Limit native threads in joblib workers (and here) to one each while running `jobs` > 1 workers; at
+    """Limit native threads in worker processes (and here) to one each while running `jobs` > 1 workers; at
     jobs 1, this process's BLAS to one thread for the run.
 
     The lesion work's small matrix products gain nothing from a second BLAS thread, which spins between
@@ -60,8 +60,9 @@ def check_backend(backend: str, scheduler: str | None) -> None:
             raise InputError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
         try:
             import dask.distributed  # noqa: F401
+            import joblib  # noqa: F401
         except ImportError:
-            raise InputError("--backend dask: dask.distributed is not installed "
+            raise InputError("--backend dask: dask.distributed or joblib is not installed "
                              "(pip install 'lesionsynth[dask]')") from None
 
 

@@ -1,5 +1,5 @@
 """What the package declares matches what it imports: every module imported at run time (also inside
-functions) is a core dependency or, for torch, dask, torchio and monai, behind the extra that the command or
+functions) is a core dependency or, for torch, dask (and joblib), torchio and monai, behind the extra that the command or
 the transform names."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIONAL = {"torch": "cuda", "dask": "dask", "torchio": "torchio", "monai": "monai"}  # import → its extra
+OPTIONAL = {"torch": "cuda", "dask": "dask", "joblib": "dask", "torchio": "torchio", "monai": "monai"}  # import → its extra
 
 
 def _requirement_name(spec: str) -> str:
