@@ -395,3 +395,38 @@ def writer_lock(path: Path, what: str):
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def shard_count_lock(path: Path, count: int, what: str):
+    """Hold, while the block runs, a shared claim that the output is being written in `count` shards, and
+    refuse with one line if another process writes it in a different count: its shards would overlap
+    these (case i belongs to shard i mod count), so the two would write the same cases. Shards of one
+    count share the claim; that two of them are not the same shard is `writer_lock`'s part.
+
+    The claim is a POSIX record lock on byte `count` of the file `path`, shared; a writer of another
+    count is one holding another byte, found by trying to lock every other byte exclusively. It dies with
+    its holder. Where record locks are unavailable (Windows), no claim is made."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, count)
+            # every other byte: those before it, and all after it (length 0: to the end)
+            for start, length in ((1, count - 1), (count + 1, 0)):
+                if start == 1 and length == 0:
+                    continue
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+                fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+        except OSError:  # EAGAIN or EACCES: held by a writer of another count
+            raise InputError(f"{what} is being written in a different number of shards by another process; "
+                             f"shards of one run use the same --shard count (wait for it to end or stop it "
+                             f"first)") from None
+        yield
+    finally:
+        os.close(fd)

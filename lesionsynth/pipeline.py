@@ -399,7 +399,7 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
     the same time into the same folder, and whichever finds every case done writes the final files.
     """
-    from .parallel import check_backend, stop_on_signals, writer_lock
+    from .parallel import check_backend, shard_count_lock, stop_on_signals, writer_lock
     from .render.torch_backend import resolve_device
 
     cfg.validate()
@@ -416,7 +416,8 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     prepare_output(out, record, resume or shard_n > 1)
     layout.prepare()
     what = f"{out} (--shard {shard_i}/{shard_n})" if shard_n > 1 else str(out)
-    with writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
+    with shard_count_lock(out / PROGRESS_DIR / "shards.lock", shard_n, str(out)), \
+            writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
         try:
             return _generate_shard(bank, bank_dir, layout, cfg, jobs, progress, resume, shard, device, backend,
                                    scheduler)

@@ -191,10 +191,36 @@ def test_a_second_writer_of_the_same_shard_is_refused(bank, uninterrupted, tmp_p
         f"error: {out} (--shard 0/2) is being written by another process (pid {os.getpid()}); wait for it to end "
         f"or stop it first"]
     assert other_shard.returncode == 0, other_shard.stderr  # shards of one run still run side by side
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if "shard-0000" not in p.name
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if ".progress" not in p.parts
                and p.name not in {"manifest.jsonl", "dataset.json", "splits_final.json", "run.json"}), \
         "first shard rewritten"
     same_output(out, uninterrupted)
+
+
+def test_writers_of_another_shard_count_are_refused(bank, tmp_path):
+    """Case i is in shard i mod n: a writer of another shard count would write the same cases as the running
+    ones. Refused with one line, nothing written; the same count is let in (its shard lock does the rest)."""
+    from lesionsynth.parallel import shard_count_lock
+
+    out = tmp_path / "out"
+    subprocess.run(generate_cmd(bank, out, "--shard", "0/2"), check=True, capture_output=True)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with shard_count_lock(out / ".progress" / "shards.lock", 2, "test"):  # as a running writer of 2 shards
+        other_count = subprocess.run(generate_cmd(bank, out, "--resume", "--shard", "1/3"), capture_output=True,
+                                     text=True)
+        whole = subprocess.run(generate_cmd(bank, out, "--resume"), capture_output=True, text=True)
+        assert other_count.returncode == whole.returncode == 2
+        for res in (other_count, whole):
+            assert res.stderr.strip().splitlines() == [
+                f"error: {out} is being written in a different number of shards by another process; shards of "
+                f"one run use the same --shard count (wait for it to end or stop it first)"]
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"} == \
+            {p: t for p, t in before.items() if p.name != "run.json"}  # run.json: rewritten, the same bytes
+        same_count = subprocess.run(generate_cmd(bank, out, "--shard", "1/2", "--n", "4"), capture_output=True,
+                                    text=True)
+        assert "different number of shards" not in same_count.stderr
+    with shard_count_lock(out / ".progress" / "shards.lock", 3, "test"):  # the claim went with its holder
+        pass
 
 
 def test_writer_lock_is_released_with_its_holder(tmp_path):
