@@ -30,8 +30,11 @@ demo: data
 	$(VENV)/bin/lesionsynth report $(DEMO)/Dataset900_LesionsynthDemo
 	@echo "demo output: $(DEMO)/Dataset900_LesionsynthDemo (nnU-Net v2 raw dataset; see manifest.jsonl and report/report.html)"
 
+# the test modules run in TEST_WORKERS processes, each module whole in one (its fixtures are built once)
+TEST_WORKERS ?= 2
+
 test: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the install as a user gets it: sdist + wheel, the wheel alone in a fresh environment, every command
 check-install: data
