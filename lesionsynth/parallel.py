@@ -372,29 +372,38 @@ _malloc_trim = None
 
 
 @contextlib.contextmanager
-def writer_lock(path: Path, what: str):
-    """Hold an exclusive lock on the file `path` while the block runs; refuse with one line if another process
-    holds it (`what` names what is locked). The lock dies with its holder (flock), so a killed run leaves
-    none behind. Where flock is unavailable (Windows), no lock is taken."""
+def _lock_file(path: Path):
+    """The file `path` (made if missing) open for locking while the block runs, and the fcntl module; (None,
+    None) where fcntl is unavailable (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
-        yield
+        yield None, None
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise InputError(f"{what} is being written by another process (pid {holder}); wait for it to end "
-                             f"or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd, fcntl
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, what: str):
+    """Hold an exclusive lock on the file `path` while the block runs; refuse with one line if another process
+    holds it (`what` names what is locked). The lock dies with its holder (flock), so a killed run leaves
+    none behind. Where flock is unavailable (Windows), no lock is taken."""
+    with _lock_file(path) as (fd, fcntl):
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise InputError(f"{what} is being written by another process (pid {holder}); wait for it to "
+                                 f"end or stop it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
 
 
 @contextlib.contextmanager
@@ -407,26 +416,17 @@ def shard_count_lock(path: Path, count: int, what: str):
     The claim is a POSIX record lock on byte `count` of the file `path`, shared; a writer of another
     count is one holding another byte, found by trying to lock every other byte exclusively. It dies with
     its holder. Where record locks are unavailable (Windows), no claim is made."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
+    with _lock_file(path) as (fd, fcntl):
+        if fcntl is not None:
+            # every other byte: those after it (length 0: to the end), and those from 1 up to it
+            others = [(count + 1, 0)] + ([(1, count - 1)] if count > 1 else [])
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, count)
+                for start, length in others:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+                    fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+            except OSError:  # EAGAIN or EACCES: held by a writer of another count
+                raise InputError(f"{what} is being written in a different number of shards by another process; "
+                                 f"shards of one run use the same --shard count (wait for it to end or stop it "
+                                 f"first)") from None
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, count)
-            # every other byte: those before it, and all after it (length 0: to the end)
-            for start, length in ((1, count - 1), (count + 1, 0)):
-                if start == 1 and length == 0:
-                    continue
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
-                fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
-        except OSError:  # EAGAIN or EACCES: held by a writer of another count
-            raise InputError(f"{what} is being written in a different number of shards by another process; "
-                             f"shards of one run use the same --shard count (wait for it to end or stop it "
-                             f"first)") from None
-        yield
-    finally:
-        os.close(fd)
