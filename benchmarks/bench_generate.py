@@ -98,6 +98,7 @@ from lesionsynth.io.nifti import has_fast_gzip, save_nifti
 from lesionsynth.io.output import write_case
 from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, run_layout, run_record, synthesize_case
 from lesionsynth.plan import AugmentConfig
+from lesionsynth import pipeline
 from lesionsynth.parallel import overlapped
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +197,8 @@ def run_generate(bank: Path, out: Path, cfg: GenerateConfig, jobs: int, cpu: lis
         tm = timings[rec["case_id"]]
         cases.append({"case_id": rec["case_id"], "base_case": rec["base_case"], **case_times(tm),
                       "pastes": rec["lesions_added"], "inpaints": rec["lesions_removed"],
-                      "failed_tries": rec["failed_placements"], "reached": rec["reached"]})
+                      "failed_tries": rec["failed_placements"], "reached": rec["reached"],
+                      "base_reused": bool(tm.get("base_reused"))})
     return wall, cases, result
 
 
@@ -533,8 +535,10 @@ def main() -> int:
 
         # -- 3. whole generate calls: jobs 1 with the 10x bank (byte identity), jobs 2 and jobs 1 (throughput)
         rounds_1x, rounds_10x, rounds_j2 = [cases1], [], []
-        walls = {"jobs1": [], "jobs1_bank_x10": [], "jobs2": [], "floor": [], "floor_overlapped": []}
-        cpus = {"jobs1": [], "floor": [], "floor_overlapped": []}
+        walls = {"jobs1": [], "jobs1_bank_x10": [], "jobs2": [], "floor": [], "floor_overlapped": [],
+                 "jobs1_reads": []}
+        cpus = {"jobs1": [], "floor": [], "floor_overlapped": [], "jobs1_reads": []}
+        reused = {}
         identical = None
 
         def run_floor(r, overlap=False):
@@ -549,6 +553,18 @@ def main() -> int:
             shutil.rmtree(work / f"out_r{r}_1x")
             walls["jobs1"].append(w)
             rounds_1x.append(c)
+            reused["jobs1"] = sum(case["base_reused"] for case in c)
+
+        def run_1x_reads(r):
+            # every case reads its base case from its files (no base reused: groups of one base)
+            saved, pipeline.REUSE_BASES = pipeline.REUSE_BASES, 1
+            try:
+                w, c, _ = run_generate(bank1, work / f"out_r{r}_reads", cfg, 1, cpus["jobs1_reads"])
+            finally:
+                pipeline.REUSE_BASES = saved
+            shutil.rmtree(work / f"out_r{r}_reads")
+            walls["jobs1_reads"].append(w)
+            reused["jobs1_reads"] = sum(case["base_reused"] for case in c)
 
         def run_10x(r):
             nonlocal identical
@@ -569,8 +585,8 @@ def main() -> int:
         for r in range(n_rounds):
             # jobs 1 and jobs 2 back to back, in an order that alternates: each round's ratio compares
             # one period of the machine, whose speed drifts over minutes
-            steps = [run_1x, run_j2, run_floor, lambda r: run_floor(r, overlap=True)]
-            for step in steps[r % 4:] + steps[:r % 4]:
+            steps = [run_1x, run_j2, run_floor, lambda r: run_floor(r, overlap=True), run_1x_reads]
+            for step in steps[r % 5:] + steps[:r % 5]:
                 step(r)
             log(f"round {r + 1}/{n_rounds}: jobs 1 {walls['jobs1'][-1]:.1f}s, jobs 2 {walls['jobs2'][-1]:.1f}s "
                 f"({walls['jobs1'][-1] / walls['jobs2'][-1]:.2f}x), I/O floor {walls['floor'][-1]:.1f}s "
@@ -582,6 +598,7 @@ def main() -> int:
         # generate's own jobs-1 calls are rounds 1.. of walls["jobs1"] (the first call, item 1, ran apart)
         vs_floor_rounds = [a / b for a, b in zip(walls["jobs1"], walls["floor"])]
         vs_overlapped_rounds = [a / b for a, b in zip(walls["jobs1"], walls["floor_overlapped"])]
+        reads_vs_floor_rounds = [a / b for a, b in zip(walls["jobs1_reads"], walls["floor"])]
 
         # -- 5. peak memory per worker
         mem = peak_memory(bank1, cfg, list(range(min(n_mem, n))), work / "mem")
@@ -689,6 +706,11 @@ def main() -> int:
           f"{statistics.median(cpus['jobs1']) / n:.3f}s CPU; I/O floor {per_case('floor'):.3f}s wall, "
           f"{statistics.median(cpus['floor']) / n:.3f}s CPU; overlapped floor {per_case('floor_overlapped'):.3f}s "
           f"wall, {statistics.median(cpus['floor_overlapped']) / n:.3f}s CPU")
+    print(f"base cases: {reused['jobs1']} of {n} cases at --jobs 1 took their base case's arrays over from an "
+          f"earlier case of it (restored) instead of reading its files; with every base case read from its "
+          f"files ({reused['jobs1_reads']} reused): {per_case('jobs1_reads'):.3f}s wall, "
+          f"{statistics.median(cpus['jobs1_reads']) / n:.3f}s CPU per case = "
+          f"{statistics.median(reads_vs_floor_rounds):.2f}x the I/O floor (rounds {rr(reads_vs_floor_rounds)})")
     print(f"generate jobs 1 / overlapped I/O floor: {statistics.median(vs_overlapped_rounds):.2f}x "
           f"(rounds {rr(vs_overlapped_rounds)}); stages one after another (interleaved per case, no overlap): "
           f"{ratio_floor:.2f}x")

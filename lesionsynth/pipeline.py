@@ -133,6 +133,38 @@ def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: Genera
     return write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg)
 
 
+def synthesize_cases(indices: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
+                     val_folds: list[list[str]], device: str = "cpu") -> list[tuple[dict, dict]]:
+    """`synthesize_case` of cases that share a base case, one after another: the base case is read once, and
+    after each case is written its operations' boxes are restored (checked by checksum; read again if that
+    fails), so the arrays serve the next case as they were read. Returns [(record, timings)] in order."""
+    results, handed = [], None
+    case_ids = [c["case_id"] for c in open_bank(bank_dir).cases]
+    for k, index in enumerate(indices):
+        more = k + 1 < len(indices)
+        if handed is None:
+            job = read_stage(index, bank_dir, cfg, val_folds)
+            job.checksum = arrays_checksum(job.case.channels, job.case.label) if more else None
+        else:
+            home_fold, train, base_id = base_case_of(index, val_folds, case_ids)
+            job = CaseJob(index, home_fold, train, base_id, handed[0], 0.0, checksum=handed[1], reused=True)
+        job.undo = [] if more else None
+        results.append(write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg))
+        handed = _restored_base(job) if more else None
+    return results
+
+
+def base_groups(todo: list[int], base_of, jobs: int) -> list[list[int]]:
+    """`todo` cut into runs of cases of one base case each (`synthesize_cases`), each at most as long as gives
+    every worker about four runs, so that they finish together."""
+    workers = jobs if jobs > 0 else 64  # a Dask cluster: its size is not known here
+    longest = max(1, -(-len(todo) // (4 * workers)))
+    groups: dict[str, list[int]] = {}
+    for index in todo:
+        groups.setdefault(base_of(index), []).append(index)
+    return [g[start:start + longest] for g in groups.values() for start in range(0, len(g), longest)]
+
+
 @dataclass
 class CaseJob:
     """One output case between the stages of `synthesize_case`."""
@@ -147,6 +179,9 @@ class CaseJob:
     label: np.ndarray | None = None
     lesion_record: dict | None = None
     lesion_s: float = 0.0
+    undo: list | None = None     # what the lesion work overwrote in the base case's arrays (they are handed on)
+    checksum: int | None = None  # of the base case's arrays as read: restored, they must give it again
+    reused: bool = False         # the base case's arrays came from an earlier case of it, not from its files
 
 
 def read_stage(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[list[str]]) -> CaseJob:
@@ -166,7 +201,7 @@ def lesion_stage(job: CaseJob, bank_dir: str, cfg: GenerateConfig, device: str =
     bank = open_bank(bank_dir)
     job.channels, job.label, job.lesion_record = synthesize_arrays(
         job.case.channels, job.case.label, job.case.affine, bank, cfg, case_rng(cfg.seed, job.index), job.base_id,
-        donor_lesions(bank, job.train), device)
+        donor_lesions(bank, job.train), device, undo=job.undo)
     job.lesion_s = time.perf_counter() - t0
     return job
 
@@ -182,7 +217,8 @@ def write_stage(job: CaseJob, layout: OutputLayout, cfg: GenerateConfig) -> tupl
     record = {"case_id": case_id, "case_index": job.index, "base_case": job.base_id, "seed": cfg.seed,
               "home_fold": job.home_fold, **job.lesion_record}
     layout.write_case_extras(case_id, record)
-    timings = {"case_id": case_id, "read_s": job.read_s, "lesion_s": job.lesion_s, "write_s": t_write}
+    timings = {"case_id": case_id, "read_s": job.read_s, "lesion_s": job.lesion_s, "write_s": t_write,
+               "base_reused": job.reused}
     return record, timings
 
 
@@ -193,24 +229,160 @@ READ_AHEAD = 1
 WRITE_BEHIND = 1
 
 
+def arrays_checksum(*arrays: np.ndarray) -> int:
+    """CRC-32 of the arrays' bytes, each in its own memory order (equal arrays of equal layout: equal sums)."""
+    crc = 0
+    for a in arrays:
+        in_memory_order = a.transpose(np.argsort(a.strides, kind="stable")[::-1])
+        if not in_memory_order.flags.c_contiguous:
+            in_memory_order = np.ascontiguousarray(a)
+        crc = _crc32(in_memory_order.reshape(-1).view(np.uint8), crc)
+    return crc
+
+
+try:  # isal's crc32 is ~5x faster than zlib's
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - exercised where isal is missing
+    from zlib import crc32 as _crc32
+
+
+#: Base cases whose cases take turns at --jobs 1 (`reuse_order`): a case's arrays wait, while the next
+#: REUSE_BASES - 1 cases are made, for its write; then they serve the next case of its base. With 3, the
+#: arrays of 3 cases are held at most, as many as READ_AHEAD = WRITE_BEHIND = 1 hold without reuse.
+REUSE_BASES = 3
+
+
+def reuse_order(todo: list[int], base_of) -> tuple[list[int], dict[int, int]]:
+    """(the order to make `todo` in, {index: the earlier index whose base-case arrays it takes over}).
+
+    The cases of REUSE_BASES base cases take turns (A B C A B C ..., then D E F ...): a case's arrays,
+    restored to the base case once it is written, serve the next case of the same base instead of a second
+    read, while the cases between them keep the lesion work busy. A case directly after one of its own base
+    reads it again (waiting for that write would idle the lesion work)."""
+    groups: dict[str, list[int]] = {}
+    for index in todo:
+        groups.setdefault(base_of(index), []).append(index)
+    lists = list(groups.values())
+    sizes = [REUSE_BASES] * (len(lists) // REUSE_BASES)
+    if len(lists) % REUSE_BASES:
+        sizes.append(len(lists) % REUSE_BASES)
+    if len(sizes) > 1 and sizes[-1] == 1 and REUSE_BASES >= 3:  # a base alone is read for every case: 3 + 1 -> 2 + 2
+        sizes[-2] -= 1
+        sizes[-1] += 1
+    order: list[int] = []
+    start = 0
+    for size in sizes:
+        turn = lists[start:start + size]
+        start += size
+        for k in range(max(len(g) for g in turn)):
+            order += [g[k] for g in turn if k < len(g)]
+    takes_from, last_of = {}, {}
+    for position, index in enumerate(order):
+        base = base_of(index)
+        previous = last_of.get(base)
+        if previous is not None and previous != position - 1:
+            takes_from[index] = order[previous]
+        last_of[base] = position
+    return order, takes_from
+
+
+class _BaseShelf:
+    """Base-case arrays handed from a written case to a later case of the same base (the taker waits)."""
+
+    def __init__(self):
+        import threading
+
+        self._lock = threading.Lock()
+        self._event = threading.Event
+        self._slots: dict[int, list] = {}
+
+    def _slot(self, index: int) -> list:
+        with self._lock:
+            return self._slots.setdefault(index, [self._event(), None])
+
+    def put(self, index: int, case_and_checksum) -> None:
+        slot = self._slot(index)
+        slot[1] = case_and_checksum
+        slot[0].set()
+
+    def take(self, index: int):
+        """What `put` left for `index` (None: nothing usable, read it again), once it is put."""
+        slot = self._slot(index)
+        slot[0].wait()
+        with self._lock:
+            del self._slots[index]
+        return slot[1]
+
+
+def _restored_base(job: CaseJob):
+    """(base case, checksum) once a written job's changes are undone, or None if its arrays cannot be handed on
+    (a warp made new arrays, or the restored arrays are not as read)."""
+    case = job.case
+    if job.undo is None or job.channels is not case.channels or job.label is not case.label:
+        return None
+    from .render import restore_patches
+
+    restore_patches(case.channels, case.label, job.undo)
+    if arrays_checksum(case.channels, case.label) != job.checksum:
+        return None
+    return case, job.checksum
+
+
 def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
                      val_folds: list[list[str]], device: str = "cpu"):
-    """`synthesize_case` of every index in `todo`, in order, in this process, with the I/O of the cases
-    next to each one overlapped with its lesion work (`parallel.overlapped`): the next case is read and the
-    previous one written in two threads while this one's lesion work runs (gzip and fsync release the GIL).
+    """`synthesize_case` of every index in `todo`, in this process, with the I/O of the cases next to each
+    one overlapped with its lesion work (`parallel.overlapped`): the next case is read and the previous one
+    written in two threads while this one's lesion work runs (gzip and fsync release the GIL). Cases of the
+    same base case take turns with those of one other base (`reuse_order`): a written case's arrays are put
+    back as the base case was read (its operations' boxes restored, checked by checksum) and serve the next
+    case of that base instead of reading it again.
+
     Yields (record, timings) once a case's files are in place. Each case is the same pure function of its
     index as `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are
     in memory. On an exception the cases handed to the writer are finished but not yielded: they have no
     progress record yet, so --resume makes them again, with the same bytes."""
-    return overlapped(todo, lambda index: read_stage(index, bank_dir, cfg, val_folds),
-                      lambda job: lesion_stage(job, bank_dir, cfg, device),
-                      lambda job: write_stage(job, layout, cfg), READ_AHEAD, WRITE_BEHIND)
+    bank = open_bank(bank_dir)
+    case_ids = [c["case_id"] for c in bank.cases]
+    order, takes_from = reuse_order(todo, lambda index: base_case_of(index, val_folds, case_ids)[2])
+    givers = set(takes_from.values())
+    shelf = _BaseShelf()
+
+    def read(index: int) -> CaseJob:
+        handed = None
+        t0 = time.perf_counter()
+        if index in takes_from:
+            handed = shelf.take(takes_from[index])
+        if handed is None:
+            job = read_stage(index, bank_dir, cfg, val_folds)
+            if index in givers:
+                job.checksum = arrays_checksum(job.case.channels, job.case.label)
+        else:
+            home_fold, train, base_id = base_case_of(index, val_folds, case_ids)
+            job = CaseJob(index, home_fold, train, base_id, handed[0], time.perf_counter() - t0,
+                          checksum=handed[1], reused=True)
+        if index in givers:
+            job.undo = []
+        return job
+
+    def write(job: CaseJob):
+        handed = None
+        try:
+            result = write_stage(job, layout, cfg)
+            if job.index in givers:
+                handed = _restored_base(job)
+            return result
+        finally:  # also on an error: the case waiting for these arrays then reads its base case itself
+            if job.index in givers:
+                shelf.put(job.index, handed)
+
+    return overlapped(order, read, lambda job: lesion_stage(job, bank_dir, cfg, device), write, READ_AHEAD,
+                      WRITE_BEHIND)
 
 
 def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank: Bank,
                       cfg: GenerateConfig, rng: np.random.Generator, base_case_id: str | None = None,
-                      donors: list[dict] | None = None, device: str = "cpu", replay: dict | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, dict]:
+                      donors: list[dict] | None = None, device: str = "cpu", replay: dict | None = None,
+                      undo: list | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The lesion work of one case, in memory: draw its target load (and whole-case warp, `cfg.volume_warp`)
     from `rng`, then inpaint and populate until the target is reached. Works in place on `channels`
     (float32 (C, X, Y, Z)) and `label` (uint8 (X, Y, Z)) unless a warp makes new ones. Returns (channels,
@@ -221,7 +393,9 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
     are computed from the arrays; the likelihood map is read in world space, or not at all in a registered
     bank (its transform is known for its own cases only: placement is uniform over the body region).
     `donors`: the bank lesions to paste (default: every lesion of a lesion label). `replay`: a record of this
-    function to render again instead of drawing a plan (`rng` is not used)."""
+    function to render again instead of drawing a plan (`rng` is not used). `undo`, if given, gets what each
+    operation overwrote in `channels` and `label` (`render.restore_patches` makes them the base case again);
+    nothing when a whole-case warp made new arrays."""
     lesion_labels = bank.lesion_labels
     if replay is None:
         target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
@@ -230,6 +404,7 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
         target, volume_warp = replay["target_load_mm3"], replay["volume_warp"]
     if volume_warp is not None:
         channels, label = warp_case(channels, label, affine, volume_warp, device)
+        undo = None  # the base case's own arrays are not written
 
     stored = base_case_id is not None
     region = bank.body_region(base_case_id) if stored and volume_warp is None else None
@@ -260,7 +435,8 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
                                bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
                                bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels),
-                        region.mask_in, region.contains, cfg.augment.min_region_fraction, lesion_resampler(device))
+                        region.mask_in, region.contains, cfg.augment.min_region_fraction, lesion_resampler(device),
+                        undo)
     if replay is not None:
         apply_plan(channels, label, affine, replay["ops"], bank, ctx)
         return channels, label, replayed_record(replay, label, affine, lesion_labels)
@@ -454,7 +630,10 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
         if runner.in_process:
             cases = overlapped_cases(todo, str(bank_dir), layout, cfg, val_folds, device)
         else:
-            cases = runner.map(synthesize_case, [(i, str(bank_dir), layout, cfg, val_folds, device) for i in todo])
+            case_ids = [c["case_id"] for c in bank.cases]
+            groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids)[2], jobs)
+            cases = _flattened(runner.map(synthesize_cases, [(g, str(bank_dir), layout, cfg, val_folds, device)
+                                                             for g in groups]))
         try:
             with open(progress_file, "a") as log:
                 for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
@@ -470,6 +649,21 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
     if len(records) == cfg.n and _originals_complete(layout, bank, cfg):
         finalize(layout, bank, cfg, records, val_folds)
     return GenerateResult(out, records, timings)
+
+
+class _flattened:
+    """The items of an iterator of lists, with the iterator's `close`."""
+
+    def __init__(self, lists):
+        self._lists = lists
+
+    def __iter__(self):
+        for items in self._lists:
+            yield from items
+
+    def close(self) -> None:
+        if hasattr(self._lists, "close"):
+            self._lists.close()
 
 
 def _case_done(layout: OutputLayout, case_id: str, original: bool) -> bool:

@@ -336,7 +336,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                   "texture_gain": _r(rng.uniform(*cfg.texture_gain)), "texture_seed": int(rng.integers(2**31))}
             patch = render_op(channels, label, affine, op, bank, ctx)
             before = int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
-            patch.apply(channels, label)
+            patch.apply(channels, label, ctx.undo)
             removed = before - int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
             load_vox -= removed
             op["removed_mm3"] = round(removed * vv, 3)
@@ -393,7 +393,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             if not accepted:
                 plan.refuse(why)
                 continue
-            patch.apply(channels, label)
+            patch.apply(channels, label, ctx.undo)
             load_vox += added
             op.update(added_mm3=round(added * vv, 3), region_fraction=round(in_region, 4),
                       overlap_fraction=round(overlap, 4))

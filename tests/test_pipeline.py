@@ -210,25 +210,84 @@ def test_stored_spline_coefficients_give_the_same_cases(blob_bank, tmp_path):
 
 def test_a_failing_read_at_jobs_1_stops_after_the_write_in_progress(blob_bank, tmp_path, monkeypatch):
     """At --jobs 1 the next case is read while this one's lesion work runs (`overlapped_cases`): an error in
-    that read reaches the caller as it is, the cases before it are written whole, nothing temporary is left,
-    and --resume then gives the bytes of an uninterrupted run."""
+    that read reaches the caller as it is, the cases before it (in the order they are made, `reuse_order`)
+    are written whole, nothing temporary is left, and --resume then gives the bytes of an uninterrupted run."""
     from lesionsynth import pipeline
 
     cfg = GenerateConfig(n=6, load="high", seed=11)
     generate(blob_bank, tmp_path / "ref", cfg, jobs=1, progress=False)
     real_read = pipeline.read_stage
+    reads = []
 
     def failing_read(index, *args):
-        if index == 3:
-            raise InputError("case 3: unreadable (a test)")
+        reads.append(index)
+        if len(reads) == 3:  # the third case read from its files
+            raise InputError(f"case {index}: unreadable (a test)")
         return real_read(index, *args)
 
     monkeypatch.setattr(pipeline, "read_stage", failing_read)
-    with pytest.raises(InputError, match="case 3: unreadable"):
+    with pytest.raises(InputError, match="unreadable"):
         generate(blob_bank, tmp_path / "out", cfg, jobs=1, progress=False)
+    ids = [c["case_id"] for c in Bank(blob_bank).cases]
+    folds = pipeline.fold_assignment(ids, cfg.folds, cfg.seed)
+    order, _ = pipeline.reuse_order(list(range(cfg.n)), lambda i: pipeline.base_case_of(i, folds, ids)[2])
+    before = order[:order.index(reads[-1])]
+    assert len(before) >= 2
     written = sorted(p.name for p in (tmp_path / "out" / "labelsTr").iterdir() if p.name.startswith("syn"))
-    assert written == [f"syn{i:05d}.nii.gz" for i in range(3)]
+    assert written == sorted(f"syn{i:05d}.nii.gz" for i in before)
     assert not [p for p in (tmp_path / "out").rglob(".*.tmp*")]
     monkeypatch.setattr(pipeline, "read_stage", real_read)
     generate(blob_bank, tmp_path / "out", cfg, jobs=1, progress=False, resume=True)
     assert _hashes(tmp_path / "out") == _hashes(tmp_path / "ref")
+
+
+def test_reuse_order_takes_turns_and_never_waits_on_the_case_just_before():
+    from lesionsynth.pipeline import reuse_order
+
+    base_of = {i: "ABCDEFG"[i % 7] for i in range(30)}.get
+    order, takes_from = reuse_order(list(range(30)), base_of)
+    assert sorted(order) == list(range(30))
+    assert order[:6] == [0, 1, 2, 7, 8, 9]  # three bases take turns
+    position = {index: k for k, index in enumerate(order)}
+    for taker, giver in takes_from.items():
+        assert base_of(taker) == base_of(giver)
+        assert position[giver] < position[taker] - 1
+        # the next case of the giver's base, none of it in between
+        assert not [i for i in order[position[giver] + 1:position[taker]] if base_of(i) == base_of(giver)]
+    assert len(takes_from) == 30 - 7  # every case but the first of its base (7 bases: 3 + 2 + 2, none alone)
+    order, takes_from = reuse_order(list(range(5)), lambda i: "A")
+    assert order == list(range(5)) and not takes_from  # one base: each case right after the last, read again
+
+
+def test_cases_of_one_base_case_reuse_its_arrays_and_give_the_same_bytes(blob_bank, tmp_path, monkeypatch):
+    """Cases of one base case reuse its arrays, restored after each write (--jobs 1 and in workers); the bytes
+    equal those of runs that read every base case from its files."""
+    from lesionsynth import pipeline
+
+    cfg = GenerateConfig(n=12, load="high", seed=5)
+    reused = {}
+    for jobs in (1, 2):
+        result = generate(blob_bank, tmp_path / f"jobs{jobs}", cfg, jobs=jobs, progress=False)
+        reused[jobs] = sum(t["base_reused"] for t in result.timings)
+    monkeypatch.setattr(pipeline, "_restored_base", lambda job: None)
+    result = generate(blob_bank, tmp_path / "reads", cfg, jobs=1, progress=False)
+    assert not any(t["base_reused"] for t in result.timings)
+    assert reused[1] >= 6 and reused[2] >= 4
+    reference = _hashes(tmp_path / "reads")
+    assert _hashes(tmp_path / "jobs1") == reference == _hashes(tmp_path / "jobs2")
+
+
+def test_a_base_case_not_restored_exactly_is_read_again(blob_bank, tmp_path, monkeypatch):
+    """If a written case's arrays do not come back as the base case was read (here: nothing is restored),
+    the checksum says so and the next case of that base reads it from its files: the bytes do not change."""
+    from lesionsynth import render
+
+    cfg = GenerateConfig(n=12, load="high", seed=5)
+    result = generate(blob_bank, tmp_path / "ref", cfg, jobs=1, progress=False)
+    restored = sum(t["base_reused"] for t in result.timings)
+    monkeypatch.setattr(render, "restore_patches", lambda channels, label, undo: None)
+    for jobs in (1, 2):
+        result = generate(blob_bank, tmp_path / f"out{jobs}", cfg, jobs=jobs, progress=False)
+        # only arrays that no operation changed still pass
+        assert sum(t["base_reused"] for t in result.timings) < restored
+        assert _hashes(tmp_path / f"out{jobs}") == _hashes(tmp_path / "ref")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inpaint import inpaint_patch
-from .paste import PasteSettings, Patch, PreparedMask, paste_patch, resample_on_cpu, spline_coefficients
+from .paste import (PasteSettings, Patch, PreparedMask, paste_patch, resample_on_cpu, restore_patches,
+                    spline_coefficients)
 
 
 @dataclass
@@ -21,6 +22,7 @@ class RenderContext:
     region_points: object = None  # callable(label, voxel indices (N, 3)) -> bool: in the allowed region
     min_region_fraction: float = 0.0  # the planner's limit (with region_points: early rejection)
     resample: object = resample_on_cpu  # how a paste is resampled (`backend.lesion_resampler` of the device)
+    undo: list | None = None  # gets what every applied patch overwrote (`paste.restore_patches`), if given
 
 
 #: How far below the planner's region limit the landing estimate of a paste may fall before the paste is
@@ -84,7 +86,7 @@ def apply_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops:
         patch = render_op(channels, label, affine, op, bank, ctx)
         if patch is None:
             raise RuntimeError(f"recorded operation no longer applies: {op}")
-        patch.apply(channels, label)
+        patch.apply(channels, label, ctx.undo)
 
 
 def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops: list[dict], bank,
@@ -96,4 +98,4 @@ def render_plan(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, ops
 
 
 __all__ = ["PasteSettings", "Patch", "PreparedMask", "RenderContext", "apply_plan", "prepared_mask", "render_op",
-           "render_plan"]
+           "render_plan", "restore_patches"]

@@ -41,8 +41,11 @@ class Patch:
         Ask before `apply`: it reads the case's channels as they are."""
         return None if self._tissue_stats is None else self._tissue_stats(channels)
 
-    def apply(self, channels: np.ndarray, label: np.ndarray) -> None:
-        """Write the patch into the case arrays (once: a blend reads the channels it changes)."""
+    def apply(self, channels: np.ndarray, label: np.ndarray, undo: list | None = None) -> None:
+        """Write the patch into the case arrays (once: a blend reads the channels it changes). `undo`, if
+        given, gets what the box held before (`restore_patches` puts it back)."""
+        if undo is not None:
+            undo.append((self.box, channels[(slice(None),) + self.box].copy(), label[self.box].copy()))
         if self._blend is not None:
             if self._applied:
                 raise RuntimeError("a paste's patch can be applied only once (its blend reads what it changes)")
@@ -51,6 +54,15 @@ class Patch:
         else:
             channels[(slice(None),) + self.box] = self.channels
         label[self.box] = self.label
+
+
+def restore_patches(channels: np.ndarray, label: np.ndarray, undo: list) -> None:
+    """Put back what the patches applied with this `undo` list changed, last first: the arrays hold exactly
+    what they held before the first."""
+    for box, old_channels, old_label in reversed(undo):
+        channels[(slice(None),) + box] = old_channels
+        label[box] = old_label
+    undo.clear()
 
 
 @dataclass(frozen=True)
