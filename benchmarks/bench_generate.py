@@ -96,7 +96,8 @@ from lesionsynth.bank import IMAGES_FILE, MASKS_FILE, SPLINES_FILE, Bank, BankCo
 from lesionsynth.io import load_case
 from lesionsynth.io.nifti import has_fast_gzip, save_nifti
 from lesionsynth.io.output import write_case
-from lesionsynth.pipeline import GenerateConfig, fold_assignment, generate, run_layout, run_record, synthesize_case
+from lesionsynth.pipeline import (GenerateConfig, base_case_of, fold_assignment, generate, run_layout, run_record,
+                                  synthesize_case)
 from lesionsynth.plan import AugmentConfig
 from lesionsynth import pipeline
 from lesionsynth.parallel import overlapped
@@ -326,7 +327,7 @@ def status_kib(key):
 
 import numpy, scipy.ndimage, skfmm, nibabel
 from lesionsynth.bank import Bank
-from lesionsynth.pipeline import GenerateConfig, open_bank, run_layout, run_record, synthesize_case
+from lesionsynth.pipeline import GenerateConfig, open_bank, run_layout, run_record, synthesize_cases
 from lesionsynth.plan import AugmentConfig, plan_and_render_case
 from lesionsynth.render import render_op
 conf = dict(a["cfg"]); conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
@@ -338,18 +339,21 @@ layout = run_layout(Path(a["out"]), cfg, bank, run_record(bank, a["bank"], cfg))
 base = status_kib("VmHWM")
 base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-rec, tm = synthesize_case(a["index"], a["bank"], layout, cfg, a["val_folds"])
+# a worker's run of cases of one base case: the base case is read once, restored after each case
+rec, tm = synthesize_cases(a["indices"], a["bank"], layout, cfg, a["val_folds"])[0]
 wall = time.perf_counter() - t
 peak = status_kib("VmHWM")
 peak_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"index": a["index"], "base_case": rec["base_case"], "baseline_kib": base, "peak_kib": peak,
+print(json.dumps({"index": a["indices"][0], "cases": len(a["indices"]), "base_case": rec["base_case"],
+                  "baseline_kib": base, "peak_kib": peak,
                   "ru_maxrss_baseline_kib": base_ru, "ru_maxrss_peak_kib": peak_ru,
                   "pastes": rec["lesions_added"], "inpaints": rec["lesions_removed"], "wall_s": wall}))
 """
 
 
 def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Path) -> list[dict]:
-    """Run each case in a fresh child process; peak RSS after imports + bank (baseline) and after the case.
+    """Run each case in a fresh child process; peak RSS after imports + bank (baseline) and after the case,
+    with the next case of the same base case after it, as a worker runs them (`pipeline.synthesize_cases`).
 
     The peak is the child's VmHWM (/proc/self/status): ru_maxrss is not usable here because Linux carries
     the parent's high-water mark over the exec of the child (the parent holds several cases by then),
@@ -366,7 +370,11 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
         out = tmp / f"case{i}"
         (out / "imagesTr").mkdir(parents=True)
         (out / "labelsTr").mkdir()
-        arg = json.dumps({"cfg": conf, "bank": str(bank_dir), "out": str(out), "index": i, "val_folds": val_folds})
+        ids = [c["case_id"] for c in bank.cases]
+        base = base_case_of(i, val_folds, ids)[2]
+        run = [i] + [j for j in range(i + 1, cfg.n) if base_case_of(j, val_folds, ids)[2] == base][:1]
+        arg = json.dumps({"cfg": conf, "bank": str(bank_dir), "out": str(out), "indices": run,
+                          "val_folds": val_folds})
         env = dict(os.environ)
         # the child imports the lesionsynth this process runs (an installed one, or the checkout's)
         env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -151,14 +151,21 @@ def synthesize_cases(indices: list[int], bank_dir: str, layout: OutputLayout, cf
         job.undo = [] if more else None
         results.append(write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg))
         handed = _restored_base(job) if more else None
+        job = None
+        release_freed_memory()  # what this case's lesion work and write freed, before the next one's
     return results
 
 
+#: Most cases in one worker's run of a base case (`base_groups`): its cases are recorded when the run ends, so
+#: a stopped run's --resume makes at most this many minus one written cases per worker again.
+RUN_CASES = 4
+
+
 def base_groups(todo: list[int], base_of, jobs: int) -> list[list[int]]:
-    """`todo` cut into runs of cases of one base case each (`synthesize_cases`), each at most as long as gives
-    every worker about four runs, so that they finish together."""
+    """`todo` cut into runs of cases of one base case each (`synthesize_cases`), at most RUN_CASES long and
+    short enough that every worker gets about four runs, so that they finish together."""
     workers = jobs if jobs > 0 else 64  # a Dask cluster: its size is not known here
-    longest = max(1, -(-len(todo) // (4 * workers)))
+    longest = max(1, min(RUN_CASES, -(-len(todo) // (4 * workers))))
     groups: dict[str, list[int]] = {}
     for index in todo:
         groups.setdefault(base_of(index), []).append(index)

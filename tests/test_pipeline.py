@@ -291,3 +291,15 @@ def test_a_base_case_not_restored_exactly_is_read_again(blob_bank, tmp_path, mon
         # only arrays that no operation changed still pass
         assert sum(t["base_reused"] for t in result.timings) < restored
         assert _hashes(tmp_path / f"out{jobs}") == _hashes(tmp_path / "ref")
+
+
+def test_base_groups_are_short_runs_of_one_base_case():
+    from lesionsynth.pipeline import RUN_CASES, base_groups
+
+    base_of = {i: i % 3 for i in range(100)}.get
+    groups = base_groups(list(range(100)), base_of, jobs=2)
+    assert sorted(i for g in groups for i in g) == list(range(100))
+    assert all(len({base_of(i) for i in g}) == 1 and len(g) <= RUN_CASES for g in groups)
+    assert max(len(g) for g in groups) == RUN_CASES  # long enough to reuse, short enough to lose little
+    small = base_groups(list(range(12)), base_of, jobs=2)
+    assert len(small) >= 6 and all(len(g) <= 2 for g in small)  # every worker gets several runs
