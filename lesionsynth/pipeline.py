@@ -273,7 +273,7 @@ def reuse_order(todo: list[int], base_of) -> tuple[list[int], dict[int, int]]:
     sizes = [REUSE_BASES] * (len(lists) // REUSE_BASES)
     if len(lists) % REUSE_BASES:
         sizes.append(len(lists) % REUSE_BASES)
-    if len(sizes) > 1 and sizes[-1] == 1 and REUSE_BASES >= 3:  # a base alone is read for every case: 3 + 1 -> 2 + 2
+    if len(sizes) > 1 and sizes[-1] == 1 and REUSE_BASES >= 3:  # a base alone is read for each case: 3+1 -> 2+2
         sizes[-2] -= 1
         sizes[-1] += 1
     order: list[int] = []
@@ -339,10 +339,10 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
                      val_folds: list[list[str]], device: str = "cpu"):
     """`synthesize_case` of every index in `todo`, in this process, with the I/O of the cases next to each
     one overlapped with its lesion work (`parallel.overlapped`): the next case is read and the previous one
-    written in two threads while this one's lesion work runs (gzip and fsync release the GIL). Cases of the
-    same base case take turns with those of one other base (`reuse_order`): a written case's arrays are put
-    back as the base case was read (its operations' boxes restored, checked by checksum) and serve the next
-    case of that base instead of reading it again.
+    written in two threads while this one's lesion work runs (gzip and fsync release the GIL). The cases of
+    REUSE_BASES base cases take turns (`reuse_order`): a written case's arrays are put back as the base case
+    was read (its operations' boxes restored, checked by checksum) and serve the next case of that base
+    instead of reading it again.
 
     Yields (record, timings) once a case's files are in place. Each case is the same pure function of its
     index as `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are
