@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -139,16 +140,9 @@ def synthesize_cases(indices: list[int], bank_dir: str, layout: OutputLayout, cf
     after each case is written its operations' boxes are restored (checked by checksum; read again if that
     fails), so the arrays serve the next case as they were read. Returns [(record, timings)] in order."""
     results, handed = [], None
-    case_ids = [c["case_id"] for c in open_bank(bank_dir).cases]
     for k, index in enumerate(indices):
         more = k + 1 < len(indices)
-        if handed is None:
-            job = read_stage(index, bank_dir, cfg, val_folds)
-            job.checksum = arrays_checksum(job.case.channels, job.case.label) if more else None
-        else:
-            home_fold, train, base_id = base_case_of(index, val_folds, case_ids)
-            job = CaseJob(index, home_fold, train, base_id, handed[0], 0.0, checksum=handed[1], reused=True)
-        job.undo = [] if more else None
+        job = case_job(index, bank_dir, cfg, val_folds, handed, gives=more)
         results.append(write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg))
         handed = _restored_base(job) if more else None
         job = None
@@ -189,6 +183,22 @@ class CaseJob:
     undo: list | None = None     # what the lesion work overwrote in the base case's arrays (they are handed on)
     checksum: int | None = None  # of the base case's arrays as read: restored, they must give it again
     reused: bool = False         # the base case's arrays came from an earlier case of it, not from its files
+
+
+def case_job(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[list[str]], handed=None,
+             gives: bool = False) -> CaseJob:
+    """The job of output case `index`: on the arrays an earlier case of its base case handed on (`handed`:
+    (base case, checksum) from `_restored_base`), else on its base case read from its files (`read_stage`).
+    `gives`: its arrays will be handed on, so its checksum is known and its operations keep an undo log."""
+    if handed is None:
+        job = read_stage(index, bank_dir, cfg, val_folds)
+        if gives:
+            job.checksum = arrays_checksum(job.case.channels, job.case.label)
+    else:
+        home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in open_bank(bank_dir).cases])
+        job = CaseJob(index, home_fold, train, base_id, handed[0], 0.0, checksum=handed[1], reused=True)
+    job.undo = [] if gives else None
+    return job
 
 
 def read_stage(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[list[str]]) -> CaseJob:
@@ -297,15 +307,12 @@ class _BaseShelf:
     """Base-case arrays handed from a written case to a later case of the same base (the taker waits)."""
 
     def __init__(self):
-        import threading
-
         self._lock = threading.Lock()
-        self._event = threading.Event
         self._slots: dict[int, list] = {}
 
     def _slot(self, index: int) -> list:
         with self._lock:
-            return self._slots.setdefault(index, [self._event(), None])
+            return self._slots.setdefault(index, [threading.Event(), None])
 
     def put(self, index: int, case_and_checksum) -> None:
         slot = self._slot(index)
@@ -355,20 +362,11 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
     shelf = _BaseShelf()
 
     def read(index: int) -> CaseJob:
-        handed = None
         t0 = time.perf_counter()
-        if index in takes_from:
-            handed = shelf.take(takes_from[index])
-        if handed is None:
-            job = read_stage(index, bank_dir, cfg, val_folds)
-            if index in givers:
-                job.checksum = arrays_checksum(job.case.channels, job.case.label)
-        else:
-            home_fold, train, base_id = base_case_of(index, val_folds, case_ids)
-            job = CaseJob(index, home_fold, train, base_id, handed[0], time.perf_counter() - t0,
-                          checksum=handed[1], reused=True)
-        if index in givers:
-            job.undo = []
+        handed = shelf.take(takes_from[index]) if index in takes_from else None
+        job = case_job(index, bank_dir, cfg, val_folds, handed, gives=index in givers)
+        if job.reused:
+            job.read_s = time.perf_counter() - t0  # the wait for the earlier case's write
         return job
 
     def write(job: CaseJob):
@@ -658,19 +656,14 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
     return GenerateResult(out, records, timings)
 
 
-class _flattened:
-    """The items of an iterator of lists, with the iterator's `close`."""
-
-    def __init__(self, lists):
-        self._lists = lists
-
-    def __iter__(self):
-        for items in self._lists:
+def _flattened(lists):
+    """The items of an iterator of lists; closing it closes that iterator (its workers' results)."""
+    try:
+        for items in lists:
             yield from items
-
-    def close(self) -> None:
-        if hasattr(self._lists, "close"):
-            self._lists.close()
+    finally:
+        if hasattr(lists, "close"):
+            lists.close()
 
 
 def _case_done(layout: OutputLayout, case_id: str, original: bool) -> bool:
