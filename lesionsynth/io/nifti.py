@@ -200,15 +200,119 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                header: nib.Nifti1Header | None, dtype, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
     """Write a NIfTI atomically (temporary name, fsync, rename); gzip when the name ends in .gz.
 
-    The voxels stream slice by slice through the compressor into the file, so no serialised or
-    compressed copy of the whole image is held in memory.
+    The header is nibabel's. Voxels that it would write unchanged (the on-disk type, no scaling) go to the
+    compressor straight from the array in blocks of WRITE_BLOCK bytes; other data goes through nibabel,
+    slice by slice. Either way no serialised or compressed copy of the whole image is held in memory.
     """
     img = nifti_image(data, affine, header, dtype)
+    gz = str(path).endswith(".gz")
+    head = _header_block(img)
     with atomic_file(path) as raw:
-        stream = _gzip_writer(raw, compression_level) if str(path).endswith(".gz") else raw
-        img.to_file_map(img.make_file_map({"image": stream, "header": stream}))
-        if stream is not raw:
+        if head is None:
+            stream = _gzip_writer(raw, compression_level) if gz else raw
+            img.to_file_map(img.make_file_map({"image": stream, "header": stream}))
+        else:
+            pieces = _PieceWriter(raw)
+            stream = _gzip_writer(pieces, compression_level) if gz else pieces
+            stream.write(head)
+            for block in _f_order_blocks(np.asarray(img.dataobj)):
+                stream.write(block)
+        if gz:
             stream.close()  # writes the gzip trailer; leaves `raw` open
+
+
+#: Bytes handed to the compressor at a time. nibabel writes one slice per call (~190 calls of 0.2 MB for an
+#: MNI-sized channel), and every call lets go of and takes back the interpreter lock: a case written in a
+#: background thread slowed the lesion work running beside it by 34-37 %, in blocks of 2 MB by 19-23 %.
+WRITE_BLOCK = 2 << 20
+#: Largest single write to the file: writes of 2 MB cost the kernel four times the system time of 256 kB
+#: writes of the same bytes (0.065 against 0.018 s per MNI-sized case, measured on Linux/ext4).
+WRITE_PIECE = 256 << 10
+
+
+class _PieceWriter:
+    """Writes to an open binary file in pieces of at most WRITE_PIECE bytes."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def write(self, payload) -> int:
+        view = memoryview(payload).cast("B")
+        for start in range(0, len(view), WRITE_PIECE):
+            self.raw.write(view[start:start + WRITE_PIECE])
+        return len(view)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class _DataReached(Exception):
+    """nibabel has written the whole header and begins the voxels (`_HeaderCapture`)."""
+
+
+class _HeaderCapture(io.RawIOBase):
+    """A write-only file that keeps what nibabel writes before the voxels: it seeks to the data offset (past
+    the 348-byte header) once the header and its extensions are written; its first write after that is
+    stopped."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = bytearray()
+        self.at_data = False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return len(self.head)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < len(self.head):
+            raise OSError("only forward seeks")
+        self.head.extend(bytes(offset - len(self.head)))
+        self.at_data = offset >= 348
+        return len(self.head)
+
+    def write(self, payload) -> int:
+        if self.at_data:
+            raise _DataReached
+        self.head.extend(payload)
+        return len(payload)
+
+
+def _header_block(img: nib.Nifti1Image) -> bytes | None:
+    """What nibabel writes before the voxels (header, extensions, padding), when it would write the voxels
+    as they are in memory (on-disk type = array type, no scaling); else None."""
+    data = np.asarray(img.dataobj)
+    capture = _HeaderCapture()
+    try:
+        img.to_file_map(img.make_file_map({"image": capture, "header": capture}))
+    except _DataReached:
+        pass
+    else:  # no voxels at all
+        return None
+    hdr = nib.Nifti1Header(bytes(capture.head[:348]))  # the header as written (type, scaling, offset)
+    if hdr.get_data_dtype() != data.dtype or hdr.get_slope_inter() not in ((None, None), (1.0, 0.0)) \
+            or int(hdr.get_data_offset()) != len(capture.head):
+        return None
+    return bytes(capture.head)
+
+
+def _f_order_blocks(data: np.ndarray):
+    """The array's bytes in Fortran order, in pieces of about WRITE_BLOCK bytes (views where the array is
+    Fortran-ordered already, else copies of slabs along the last axis)."""
+    if data.flags.f_contiguous:
+        flat = memoryview(data.reshape(-1, order="F").view(np.uint8))
+        for start in range(0, len(flat), WRITE_BLOCK):
+            yield flat[start:start + WRITE_BLOCK]
+        return
+    slab = data[..., :1].nbytes if data.ndim else data.nbytes
+    step = max(1, WRITE_BLOCK // max(slab, 1))
+    for start in range(0, data.shape[-1] if data.ndim else 1, step):
+        yield np.asfortranarray(data[..., start:start + step]).reshape(-1, order="F").view(np.uint8)
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
