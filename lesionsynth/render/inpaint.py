@@ -129,7 +129,10 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
         filled[c][hole] += (sd * taper * noise)[hole]
     new_label = crop_label.copy()
     not_lesion = ~lesion_any
-    if not_lesion.any():
+    around = crop_label[not_lesion]
+    if around.size and around.min() == around.max():  # one label around (no region labels): no search needed
+        new_label[component] = around[0]
+    elif around.size:
         idx = ndimage.distance_transform_edt(~not_lesion, sampling=spacing, return_distances=False,
                                              return_indices=True)
         nearest = crop_label[tuple(idx)]
