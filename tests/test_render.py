@@ -159,6 +159,24 @@ def test_inpaint_removes_component_and_takes_surrounding_label():
     assert 0.5 < channels[0][hole].std() / 2.0 < 2.0  # with texture like the local noise
 
 
+def test_inpaint_takes_the_nearest_of_several_labels_around():
+    case = _case(organ=True)
+    case.label[:20][case.label[:20] == 1] = 0  # the lesion straddles the organ's edge: organ one side, 0 the other
+    lesion_labels = (2,)
+    vox = np.argwhere(case.label == 2)
+    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
+          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
+          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
+    patch = inpaint_patch(case.channels, case.label, case.affine, op, lesion_labels, 26)
+    channels, label = case.channels.copy(), case.label.copy()
+    patch.apply(channels, label)
+    lesion = case.label == 2
+    nearest = ndimage.distance_transform_edt(lesion, sampling=(1.0, 1.0, 2.0), return_distances=False,
+                                             return_indices=True)
+    np.testing.assert_array_equal(label[lesion], case.label[tuple(nearest)][lesion])
+    assert set(np.unique(label[lesion])) == {0, 1}
+
+
 def test_inpaint_only_touches_its_component():
     case = _case()
     g = np.indices(case.label.shape)
