@@ -53,12 +53,10 @@ def channel_stats(channels: np.ndarray, where: np.ndarray, origin=None) -> list[
             # flat offsets of the 3 clipped neighbour positions along each axis; 27 sums of them below
             along = [[(np.clip(a + o, 0, n - 1) + s0) * st for o in (-1, 0, 1)]
                      for a, n, s0, st in zip(ijk, where.shape, origin, steps)]
-            offsets[key] = [i + j + k for i in along[0] for j in along[1] for k in along[2]]
-        neighbours = offsets[key]
-        total = np.zeros(idx.size, dtype=np.float64)
-        for n in neighbours:
-            total += flat.take(n)
-        values[c] = flat.take(neighbours[13])  # the voxel itself (offset 0 on every axis)
+            offsets[key] = np.stack([i + j + k for i in along[0] for j in along[1] for k in along[2]])
+        neighbours = flat.take(offsets[key])  # (27, N): one gather, summed in the same order as one by one
+        total = neighbours.sum(axis=0, dtype=np.float64)
+        values[c] = neighbours[13]  # the voxel itself (offset 0 on every axis)
         resid[c] = values[c] - total / 27.0
     out = []
     for v, r in zip(values, resid):

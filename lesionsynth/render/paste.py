@@ -787,7 +787,7 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
     inner = true_bounds(core)
     if inner is None:
         return soft
-    pieces, n = ndimage.label(core[inner], structure=np.ones((3, 3, 3), dtype=bool))
+    pieces, n = ndimage.label(core[inner], structure=np.ones((3, 3, 3), dtype=bool), output=np.intp)
     if n <= 1:
         return soft
     sizes = np.bincount(pieces.ravel())
