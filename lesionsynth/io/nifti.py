@@ -223,7 +223,7 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
 
 #: Bytes handed to the compressor at a time. nibabel writes one slice per call (~190 calls of 0.2 MB for an
 #: MNI-sized channel), and every call lets go of and takes back the interpreter lock: a case written in a
-#: background thread slowed the lesion work running beside it by 34-37 %, in blocks of 2 MB by 19-23 %.
+#: background thread slowed the lesion work running beside it by 33-40 %, in blocks of 2 MB by 18-23 %.
 WRITE_BLOCK = 2 << 20
 #: Largest single write to the file: writes of 2 MB cost the kernel four times the system time of 256 kB
 #: writes of the same bytes (0.065 against 0.018 s per MNI-sized case, measured on Linux/ext4).
