@@ -142,16 +142,21 @@ def test_ct_paste_keeps_hounsfield_units():
     assert abs(np.median(channels[0][core]) - 40.0) < 5  # HU kept, not rescaled to the 30 HU target
 
 
-def test_inpaint_removes_component_and_takes_surrounding_label():
-    case = _case(organ=True)
-    lesion_labels = (2,)
-    vox = np.argwhere(case.label == 2)
+def _inpainted(case, component: np.ndarray, lesion_labels) -> tuple[np.ndarray, np.ndarray]:
+    """(channels, label) of copies of the case after inpainting the lesion component `component` (a mask)."""
+    vox = np.argwhere(component)
     op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
           "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
           "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
     patch = inpaint_patch(case.channels, case.label, case.affine, op, lesion_labels, 26)
     channels, label = case.channels.copy(), case.label.copy()
     patch.apply(channels, label)
+    return channels, label
+
+
+def test_inpaint_removes_component_and_takes_surrounding_label():
+    case = _case(organ=True)
+    channels, label = _inpainted(case, case.label == 2, (2,))
     assert not (label == 2).any()
     assert (label[case.label == 2] == 1).all()  # removed voxels take the organ label, not 0
     hole = case.label == 2
@@ -162,14 +167,7 @@ def test_inpaint_removes_component_and_takes_surrounding_label():
 def test_inpaint_takes_the_nearest_of_several_labels_around():
     case = _case(organ=True)
     case.label[:20][case.label[:20] == 1] = 0  # the lesion straddles the organ's edge: organ one side, 0 the other
-    lesion_labels = (2,)
-    vox = np.argwhere(case.label == 2)
-    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
-          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
-          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
-    patch = inpaint_patch(case.channels, case.label, case.affine, op, lesion_labels, 26)
-    channels, label = case.channels.copy(), case.label.copy()
-    patch.apply(channels, label)
+    _, label = _inpainted(case, case.label == 2, (2,))
     lesion = case.label == 2
     nearest = ndimage.distance_transform_edt(lesion, sampling=(1.0, 1.0, 2.0), return_distances=False,
                                              return_indices=True)
@@ -182,13 +180,7 @@ def test_inpaint_only_touches_its_component():
     g = np.indices(case.label.shape)
     second = (g[0] - 8) ** 2 + (g[1] - 8) ** 2 + (g[2] - 8) ** 2 < 9
     case.label[second] = 1
-    vox = np.argwhere((case.label == 1) & ~second)
-    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
-          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
-          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
-    patch = inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
-    label = case.label.copy()
-    patch.apply(case.channels.copy(), label)
+    _, label = _inpainted(case, (case.label == 1) & ~second, (1,))
     assert (label[second] == 1).all()
     assert (label[~second] == 0).all()
 
