@@ -43,8 +43,9 @@ class AugmentConfig:
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
     max_ops: int = 300
-    natural_pastes: int = 0                  # pastes of drawn size a deficit may take before large lesions are
-    #                                          favoured (0: the bank's median lesion count per case)
+    natural_pastes: int = 0                  # a case's first pastes drawn as the bank holds them, at natural
+    #                                          scale; later ones favour large lesions as the deficit needs
+    #                                          (0: the bank's median lesion count per case)
     max_failed_tries: int = 60               # rendered pastes refused before a case gives up
     max_prechecks_refused: int = 400         # draws refused by the cheap pre-check (no rendering) before it gives up
     volume_rotation_deg: float = 10.0        # --volume-warp: whole-case rotation about each axis, ±this
@@ -239,19 +240,19 @@ FALLBACK_NATURAL_PASTES = 16
 SIZE_TILTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3: float, natural_pastes: int
-                        ) -> np.ndarray:
+def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3: float, natural_pastes: int,
+                        tilts: tuple[float, ...] = SIZE_TILTS) -> np.ndarray:
     """Draw weights of the donor lesions for one paste.
 
     As the bank holds them (pasted lesions keep the dataset's size distribution; a draw weighted by volume
     made them 2-3x larger than the real ones) while about `natural_pastes` lesions of the median drawn size
     fill the deficit; a larger deficit tilts the draw towards large lesions (weight volume ** tilt, the
-    smallest tilt of SIZE_TILTS that is enough), so that a load of many times the typical lesion is reached
+    smallest of `tilts` that is enough), so that a load of many times the typical lesion is reached
     within the operation budget. A lesion larger than what is left to fill is less likely, in proportion."""
     deficit = max(float(deficit_mm3), 0.0)
     volumes = np.maximum(np.asarray(volumes, dtype=np.float64), 1e-9)
     order = np.argsort(volumes, kind="stable")
-    for tilt in SIZE_TILTS:
+    for tilt in tilts:
         tilted = volumes ** tilt
         # the median drawn size, not the mean: a few giant lesions in a bank of small ones raise the mean
         # without making the typical draw any larger
@@ -265,18 +266,26 @@ def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3:
 
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
                density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None,
-               natural_pastes: int | None = None) -> dict:
+               natural_pastes: int | None = None, pasted: int = 0) -> dict:
     """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity.
-    With the target `affine`, the scale is capped where the lesion would land blurrier than `max_extra_blur`."""
+
+    The case's first `natural_pastes` pastes (`pasted`: how many it has) are drawn as the bank holds them,
+    at natural scale, like the many small lesions of a real case; later ones are tilted towards large
+    lesions as far as the deficit needs (`size_tilted_weights`), like the few confluent ones of a real
+    high-load case. With the target `affine`, the scale is capped where the lesion would land blurrier than
+    `max_extra_blur`."""
     smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
     fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
     pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
+    n_natural = natural_pastes or cfg.natural_pastes or FALLBACK_NATURAL_PASTES
+    natural = pasted < n_natural
     weights = size_tilted_weights(np.array([les["volume_mm3"] for les in pool]), deficit_mm3, largest,
-                                  natural_pastes or cfg.natural_pastes or FALLBACK_NATURAL_PASTES)
+                                  n_natural, tilts=(0.0,) if natural else SIZE_TILTS)
     lesion = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
     s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
-    if s_fit > cfg.scale_range[1]:
-        scale = rng.uniform(*cfg.natural_scale)  # more lesions will be needed: natural sizes
+    if natural or s_fit > cfg.scale_range[1]:
+        # natural sizes; a lesion larger than what is left to fill starts at the size that fills it
+        scale = min(rng.uniform(*cfg.natural_scale), max(s_fit, cfg.scale_range[0]))
     else:
         scale = float(np.clip(s_fit, *cfg.scale_range))
     centre = density.draw(rng)
@@ -344,11 +353,12 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
 
     if mode in ("both", "populate", "replace") and donors:
         donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
+        pasted = 0
         while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
                and plan.prechecks_refused < cfg.max_prechecks_refused):
             load = load_vox * vv
             op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine,
-                            natural_pastes)
+                            natural_pastes, pasted)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
             if why is not None:
@@ -402,6 +412,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             if covered_match is not None:
                 op["covered_match"] = round(float(covered_match), 4)
             plan.ops.append(op)
+            pasted += 1
 
     plan.load_mm3 = load_vox * vv
     if lo <= plan.load_mm3 <= hi:

@@ -1,0 +1,53 @@
+"""The size mix of drawn pastes: a case's first pastes come as the bank holds its lesions, at natural
+scale (the many small lesions of a real case); later ones are tilted towards large lesions only as far as
+the deficit needs (the few confluent lesions of a real high-load case)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lesionsynth.plan import AugmentConfig, draw_paste
+from lesionsynth.prior import PlacementDensity
+
+SMALL, LARGE = 30.0, 3000.0
+
+
+def _lesions(n_small=10, n_large=2):
+    vols = [SMALL] * n_small + [LARGE] * n_large
+    return [{"id": f"l{i}", "source_case": "c", "label_value": 1, "volume_mm3": v, "affine": np.eye(4).tolist()}
+            for i, v in enumerate(vols)]
+
+
+def _draws(deficit_mm3, pasted, n=600, natural_pastes=8):
+    cfg = AugmentConfig()
+    density = PlacementDensity(affine=np.eye(4), cdf=np.array([1.0]), shape=(1, 1, 1), fallback=None)
+    lesions = _lesions()
+    volume = {les["id"]: les["volume_mm3"] for les in lesions}
+    rng = np.random.default_rng(0)
+    ops = [draw_paste(rng, lesions, deficit_mm3, 1.1 * deficit_mm3, density, 2, cfg, None, natural_pastes, pasted)
+           for _ in range(n)]
+    return np.array([volume[op["lesion_id"]] for op in ops]), np.array([op["scale"] for op in ops]), cfg
+
+
+def test_first_pastes_are_drawn_as_the_bank_holds_them_at_natural_scale():
+    vols, scales, cfg = _draws(deficit_mm3=50_000.0, pasted=0)
+    assert abs(np.mean(vols == LARGE) - 2 / 12) < 0.05  # no tilt towards the large lesions
+    assert np.all((scales >= cfg.natural_scale[0]) & (scales <= cfg.natural_scale[1]))
+
+
+def test_later_pastes_are_tilted_towards_large_lesions_when_the_deficit_needs_them():
+    vols, scales, _ = _draws(deficit_mm3=50_000.0, pasted=8)
+    assert np.mean(vols == LARGE) > 0.9
+    # a small deficit needs no tilt, even after the natural pastes
+    vols, _, _ = _draws(deficit_mm3=100.0, pasted=8)
+    assert np.mean(vols == LARGE) < 0.05
+
+
+def test_a_natural_paste_larger_than_the_deficit_starts_at_most_at_the_size_that_fills_it():
+    vols, scales, cfg = _draws(deficit_mm3=0.7 * SMALL, pasted=0)
+    small = vols == SMALL
+    assert small.mean() > 0.95  # a large lesion that does not fit is unlikely
+    fill = np.cbrt(0.7)
+    assert np.all(scales[small] <= fill + 1e-4)
+    assert np.mean(np.isclose(scales[small], fill, atol=1e-4)) > 0.5  # natural draws above it are capped
+    assert np.all(scales[small] >= cfg.natural_scale[0])
