@@ -17,6 +17,7 @@ from .geometry import structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
 from .prior import PlacementDensity, context_distance, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
+from .render.paste import SAMPLE_POINTS
 
 #: replace: remove every lesion of the base case, then populate to the target from the donors alone
 MODES = ("both", "populate", "inpaint", "replace")
@@ -143,8 +144,14 @@ class ContextMatch:
         return self.tolerance > 0 and self.donors.get(lesion_id) is not None
 
 
+@functools.lru_cache(maxsize=16)
+def _inverse_of(affine_bytes: bytes) -> np.ndarray:
+    """The inverse of a 4x4 float64 affine given as bytes: a case's many draws share it (read only)."""
+    return np.linalg.inv(np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4))
+
+
 def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, lesion_labels,
-              cfg: AugmentConfig, max_points: int = 4000, channels: np.ndarray | None = None,
+              cfg: AugmentConfig, max_points: int = SAMPLE_POINTS, channels: np.ndarray | None = None,
               context: ContextMatch | None = None) -> str | None:
     """Cheap pre-check of a drawn paste before rendering it: map a sample of the lesion's voxels with the
     rigid part of the transform and test the region and overlap limits (with some slack for the elastic
@@ -154,23 +161,19 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
     from .render.transform import forward_linear
 
     meta = bank.by_id[op["lesion_id"]]
-    pts = prepared_mask(bank, op["lesion_id"]).points
-    if len(pts) > max_points:
-        pts = pts[:: len(pts) // max_points + 1]
-    src_affine = np.asarray(meta["affine"])
-    world = pts @ src_affine[:3, :3].T + src_affine[:3, 3]
+    pts = prepared_mask(bank, op["lesion_id"]).centred_sample_mm(meta["affine"], meta["centroid_mm"], max_points)
     lin = forward_linear(op["flip"], op["rotation_deg"], op["scale"])
-    world_t = (world - np.asarray(meta["centroid_mm"])) @ lin.T + np.asarray(op["centre_mm"])
-    inv = np.linalg.inv(affine)
+    world_t = pts @ lin.T + np.asarray(op["centre_mm"])
+    inv = _inverse_of(np.asarray(affine, dtype=np.float64).tobytes())
     idx = np.rint(world_t @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
     inside = np.all((idx >= 0) & (idx < np.array(label.shape)), axis=1)
     if inside.mean() < cfg.min_region_fraction - 0.05:
         return "region"
     idx = idx[inside]
     in_region = region.contains(label, idx).sum() / len(pts)
-    overlap = label_in(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
     if in_region < cfg.min_region_fraction - 0.05:
         return "region"
+    overlap = label_in(label[tuple(idx.T)], lesion_labels).mean() if len(idx) else 0.0
     if overlap > cfg.max_overlap_fraction + 0.05:
         return "overlap"
     if context is not None and channels is not None and context.active(op["lesion_id"]) and len(idx):
@@ -266,22 +269,25 @@ def size_tilted_weights(volumes: np.ndarray, deficit_mm3: float, largest_scale3:
 
 def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float, room_mm3: float,
                density: PlacementDensity, n_channels: int, cfg: AugmentConfig, affine: np.ndarray | None = None,
-               natural_pastes: int | None = None, pasted: int = 0) -> dict:
+               natural_pastes: int | None = None, pasted: int = 0, volumes: np.ndarray | None = None) -> dict:
     """Draw one paste: lesion (size-aware), place, flip, rotation, scale, elastic field, intensity.
 
     The case's first `natural_pastes` pastes (`pasted`: how many it has) are drawn as the bank holds them,
     at natural scale, like the many small lesions of a real case; later ones are tilted towards large
     lesions as far as the deficit needs (`size_tilted_weights`), like the few confluent ones of a real
     high-load case. With the target `affine`, the scale is capped where the lesion would land blurrier than
-    `max_extra_blur`."""
+    `max_extra_blur`. `volumes`: the lesions' volumes (mm³) as an array, if made already."""
     smallest, largest = cfg.scale_range[0] ** 3, cfg.scale_range[1] ** 3
-    fits = [les for les in lesions if les["volume_mm3"] * smallest <= room_mm3]
-    pool = fits or [min(lesions, key=lambda les: les["volume_mm3"])]
+    if volumes is None:
+        volumes = np.array([les["volume_mm3"] for les in lesions], dtype=np.float64)
+    pool = np.flatnonzero(volumes * smallest <= room_mm3)  # the lesions that fit, else the smallest
+    if not pool.size:
+        pool = np.array([int(np.argmin(volumes))])
     n_natural = natural_pastes or cfg.natural_pastes or FALLBACK_NATURAL_PASTES
     natural = pasted < n_natural
-    weights = size_tilted_weights(np.array([les["volume_mm3"] for les in pool]), deficit_mm3, largest,
-                                  n_natural, tilts=(0.0,) if natural else SIZE_TILTS)
-    lesion = pool[int(rng.choice(len(pool), p=weights / weights.sum()))]
+    weights = size_tilted_weights(volumes[pool], deficit_mm3, largest, n_natural,
+                                  tilts=(0.0,) if natural else SIZE_TILTS)
+    lesion = lesions[int(pool[int(rng.choice(len(pool), p=weights / weights.sum()))])]
     s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
     if natural or s_fit > cfg.scale_range[1]:
         # natural sizes; a lesion larger than what is left to fill starts at the size that fills it
@@ -354,11 +360,12 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
     if mode in ("both", "populate", "replace") and donors:
         donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
         pasted = 0
+        volumes = np.array([les["volume_mm3"] for les in donors], dtype=np.float64)
         while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
                and plan.prechecks_refused < cfg.max_prechecks_refused):
             load = load_vox * vv
             op = draw_paste(rng, donors, target_mm3 - load, hi - load, density, channels.shape[0], cfg, affine,
-                            natural_pastes, pasted)
+                            natural_pastes, pasted, volumes)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
             if why is not None:

@@ -219,6 +219,10 @@ def sample_mask(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
                                    order=1, mode="constant", cval=0.0, prefilter=False)
 
 
+#: Mask voxels the planner's pre-check maps per draw (every k-th of a larger lesion).
+SAMPLE_POINTS = 4000
+
+
 class PreparedMask:
     """What every paste of one bank lesion needs from its mask, each part made on first use and then kept:
     the mask's voxels and a summed-area table of it (the bank keeps recently used ones, see `Bank.derived`)."""
@@ -227,6 +231,19 @@ class PreparedMask:
         self.mask, self.src_box = mask, src_box
         self.box = lesion_box(mask.shape, src_box)  # (3, 2) [lo, hi) of the lesion in the crop
         self._points = self._table = None
+        self._sample = None
+
+    def centred_sample_mm(self, src_affine: np.ndarray, centroid_mm, max_points: int) -> np.ndarray:
+        """(N, 3) world mm, less the lesion's `centroid_mm`, of every k-th mask voxel, at most about
+        `max_points` of them (the planner's pre-check maps these on every draw of the lesion); kept."""
+        if self._sample is None or self._sample[0] != max_points:
+            pts = self.points
+            if len(pts) > max_points:
+                pts = pts[:: len(pts) // max_points + 1]
+            src_affine = np.asarray(src_affine)
+            world = pts @ src_affine[:3, :3].T + src_affine[:3, 3]
+            self._sample = (max_points, world - np.asarray(centroid_mm))
+        return self._sample[1]
 
     @property
     def points(self) -> np.ndarray:
@@ -265,7 +282,8 @@ class PreparedMask:
     def nbytes(self) -> int:
         """Bytes it holds once all parts are made (the bank's cache budget counts this)."""
         shape = self.box[:, 1] - self.box[:, 0]
-        return 12 * int(np.count_nonzero(self.mask)) + 4 * int(np.prod(shape + 1))
+        n = int(np.count_nonzero(self.mask))
+        return 12 * n + 24 * min(n, SAMPLE_POINTS) + 4 * int(np.prod(shape + 1))
 
 
 def soft_on_bricks(bricks: np.ndarray, geo, mapper: PointMapper, prepared: PreparedMask

@@ -6,6 +6,7 @@ interpolated once from the source data.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,6 +163,19 @@ def elastic_weights(box, extent, k: int) -> list[np.ndarray]:
     return weights
 
 
+@functools.lru_cache(maxsize=8)
+def _natural_second_derivatives(k: int) -> np.ndarray:
+    """(k, k) second derivatives at the knots of the natural cubic splines through the unit values e_j
+    (zero at both ends); read only."""
+    values = np.eye(k)
+    second = np.zeros((k, k))
+    if k > 2:
+        inner = 4.0 * np.eye(k - 2) + np.eye(k - 2, k=1) + np.eye(k - 2, k=-1)
+        second[1:-1] = np.linalg.solve(inner, 6.0 * (values[2:] - 2.0 * values[1:-1] + values[:-2]))
+    second.setflags(write=False)
+    return second
+
+
 def natural_spline_weights(x: np.ndarray, k: int) -> np.ndarray:
     """(n, k) weights of the natural cubic spline through k knots at 0..k-1 evaluated at x in [0, k-1]:
     column j is the spline through the unit values e_j (scipy's CubicSpline with bc_type="natural", which
@@ -169,11 +183,7 @@ def natural_spline_weights(x: np.ndarray, k: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if k == 1:
         return np.ones((x.size, 1))
-    values = np.eye(k)
-    second = np.zeros((k, k))  # second derivatives at the knots, zero at both ends (natural)
-    if k > 2:
-        inner = 4.0 * np.eye(k - 2) + np.eye(k - 2, k=1) + np.eye(k - 2, k=-1)
-        second[1:-1] = np.linalg.solve(inner, 6.0 * (values[2:] - 2.0 * values[1:-1] + values[:-2]))
+    values, second = np.eye(k), _natural_second_derivatives(k)
     i = np.clip(np.floor(x).astype(np.int64), 0, k - 2)
     t = (x - i)[:, None]
     u = 1.0 - t
