@@ -316,10 +316,13 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
         client.close()
 
 
-def overlapped(items: Iterable, read, work, write, read_ahead: int = 1, write_behind: int = 1) -> Iterator:
+def overlapped(items: Iterable, read, work, write, read_ahead: int = 1, write_behind: int = 1,
+               first_read=None, last_write=None) -> Iterator:
     """write(work(read(item))) for each item, yielded in order, with the reads and writes of the items next
     to one overlapped with its `work`: `read` runs ahead in one thread, `write` behind in another, `work` in
     the caller's thread. At most 1 + read_ahead + write_behind items' data are held at once.
+    `first_read` and `last_write`, if given, replace `read` for the first item and `write` for the last: no
+    work runs beside them, so they may use more threads.
 
     On an exception (a signal's `Interrupted` too) every write handed to the writer is finished (a write
     stopped half-way would leave a temporary file), the read in progress is let finish and queued reads
@@ -333,14 +336,15 @@ def overlapped(items: Iterable, read, work, write, read_ahead: int = 1, write_be
     reads, writes = deque(), deque()
     try:
         queued = iter(items)
-        reads.extend(reader.submit(read, item) for item in islice(queued, read_ahead))
+        reads.extend(reader.submit(read if n else (first_read or read), item)
+                     for n, item in enumerate(islice(queued, read_ahead)))
         while reads:
             data = reads.popleft().result()
             reads.extend(reader.submit(read, item) for item in islice(queued, 1))
             data = work(data)
             while len(writes) >= write_behind:
                 yield writes.popleft().result()
-            writes.append(writer.submit(write, data))
+            writes.append(writer.submit(write if reads else (last_write or write), data))
             del data
         while writes:
             yield writes.popleft().result()

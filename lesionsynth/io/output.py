@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -35,13 +36,15 @@ class WriteError(LesionsynthError):
 
 
 def write_case(out: Path, case_id: str, channels: np.ndarray, label: np.ndarray, base: Case,
-               ending: str = ".nii.gz", compression_level: int = 1, paths=None) -> None:
+               ending: str = ".nii.gz", compression_level: int = 1, paths=None, file_threads: int = 1) -> None:
     """Write all channels then the label, each atomically, with the base case's affine and headers.
 
-    `paths` = (image paths, label path) from the run's layout (io/layout.py); default the nnU-Net layout."""
+    `paths` = (image paths, label path) from the run's layout (io/layout.py); default the nnU-Net layout.
+    `file_threads` > 1 writes that many files at once (compression lets go of the interpreter lock), for a
+    write nothing else runs beside."""
     images, label_path = paths or case_paths(out, case_id, channels.shape[0], ending)
     try:
-        _write_case_files(images, label_path, channels, label, base, compression_level)
+        _write_case_files(images, label_path, channels, label, base, compression_level, file_threads)
     except OSError as exc:
         raise WriteError(f"{exc.filename or out}: cannot write ({exc.strerror or exc}); free the space or fix "
                          f"the folder, then rerun with --resume") from None
@@ -56,12 +59,27 @@ def stored_values(data: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(data).astype(dtype, copy=False)
 
 
-def _write_case_files(images, label_path, channels, label, base, compression_level) -> None:
-    for c, path in enumerate(images):
+def _write_case_files(images, label_path, channels, label, base, compression_level, file_threads: int = 1
+                      ) -> None:
+    def channel(c: int) -> None:
         dtype = image_dtype(base.channel_headers[c])
-        save_nifti(path, stored_values(channels[c], dtype), base.affine, base.channel_headers[c], dtype,
+        save_nifti(images[c], stored_values(channels[c], dtype), base.affine, base.channel_headers[c], dtype,
                    compression_level)
-    save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
+
+    def label_file() -> None:
+        save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
+
+    writes = [functools.partial(channel, c) for c in range(len(images))] + [label_file]
+    if file_threads <= 1:
+        for write in writes:
+            write()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(file_threads, len(writes)), thread_name_prefix="lesionsynth-file") as pool:
+        done = [pool.submit(write) for write in writes]
+    for future in done:  # every file finished (or removed its temporary) before an error is raised
+        future.result()
 
 
 def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1,

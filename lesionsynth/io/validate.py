@@ -161,10 +161,13 @@ def _value_counts(label: np.ndarray, high: int) -> np.ndarray:
     return counts
 
 
-def _open_and_check_header(path: Path, case_id: str | None):
-    """(image or None, problems) of a NIfTI file: whether it reads, its voxel type and its affine."""
+def _open_and_check_header(path: Path, case_id: str | None, opened: dict | None = None):
+    """(image or None, problems) of a NIfTI file: whether it reads, its voxel type and its affine.
+    `opened`: files read already (`_open_all`); this one's entry is taken out of it."""
     try:
-        img = load_nifti(path)
+        img = opened.pop(path) if opened and path in opened else load_nifti(path)
+        if isinstance(img, InputError):
+            raise img
     except InputError as exc:
         return None, [_problem_from_error(path, exc, case_id)]
     problems = [Problem(str(path), message, case_id)
@@ -172,10 +175,10 @@ def _open_and_check_header(path: Path, case_id: str | None):
     return img, problems
 
 
-def check_label_file(path, declared_labels=None, case_id: str | None = None):
+def check_label_file(path, declared_labels=None, case_id: str | None = None, opened: dict | None = None):
     """Read and check a label file. Returns (image or None, uint8 3-D array or None, problems, counts)."""
     path = Path(path)
-    img, problems = _open_and_check_header(path, case_id)
+    img, problems = _open_and_check_header(path, case_id, opened)
     if img is None:
         return None, None, problems, None
 
@@ -231,11 +234,12 @@ def check_label_file(path, declared_labels=None, case_id: str | None = None):
     return img, label, problems, counts
 
 
-def check_image_file(path, four_d_channels: int | None = None, channel_names=None, case_id: str | None = None):
+def check_image_file(path, four_d_channels: int | None = None, channel_names=None, case_id: str | None = None,
+                     opened: dict | None = None):
     """Read and check an image file: 3-D (or 4-D with `four_d_channels` channels for MSD).
     Returns (image or None, 3-D grid shape or None, list of 3-D float32 channel arrays or None, problems)."""
     path = Path(path)
-    img, problems = _open_and_check_header(path, case_id)
+    img, problems = _open_and_check_header(path, case_id, opened)
     if img is None:
         return None, None, None, problems
 
@@ -293,11 +297,31 @@ def channel_stack(n_channels: int, shape) -> np.ndarray:
     return np.empty((n_channels,) + tuple(shape)[::-1], dtype=np.float32).transpose(0, 3, 2, 1)
 
 
+def _open_all(paths, threads: int) -> dict:
+    """`load_nifti` of every file, `threads` at a time (decompression lets go of the interpreter lock): each
+    path's image, or the InputError its read raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: Path):
+        try:
+            return load_nifti(path)
+        except InputError as exc:
+            return exc
+
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(threads, thread_name_prefix="lesionsynth-file") as pool:
+        return dict(zip(paths, pool.map(one, paths)))
+
+
 def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data: bool = True,
-                 channel_names=None) -> CaseCheck:
-    """Check one case completely (all files, all faults); load it too when `keep_data` and it is sound."""
+                 channel_names=None, file_threads: int = 1) -> CaseCheck:
+    """Check one case completely (all files, all faults); load it too when `keep_data` and it is sound.
+    `file_threads` > 1 reads that many of its files at once (for a read nothing else runs beside: it holds
+    them all in memory together)."""
     cid = ref.case_id
-    label_img, label, problems, counts = check_label_file(ref.label_path, declared_labels, cid)
+    files = [ref.label_path, *ref.image_paths]
+    opened = _open_all(files, min(file_threads, len(files))) if file_threads > 1 else None
+    label_img, label, problems, counts = check_label_file(ref.label_path, declared_labels, cid, opened)
     reference = None  # (shape, affine, name) that every image grid must match
     if (label_img is not None and _spatial_shape(label_img.shape, None) is not None
             and affine_problem(label_img.affine) is None):
@@ -306,7 +330,7 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
     stack = None
     if ref.four_d:
         path = ref.image_paths[0]
-        img, shape3, chans, probs = check_image_file(path, n_channels, channel_names, cid)
+        img, shape3, chans, probs = check_image_file(path, n_channels, channel_names, cid, opened)
         problems += probs
         if img is not None and shape3 is not None:
             if reference is not None and affine_problem(img.affine) is None:
@@ -323,7 +347,7 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
             problems.append(Problem(str(ref.label_path), f"case {cid} has {len(ref.image_paths)} channel files, "
                                                           f"expected {n_channels}", cid))
         for path in ref.image_paths:
-            img, shape3, chans, probs = check_image_file(path, None, None, cid)
+            img, shape3, chans, probs = check_image_file(path, None, None, cid, opened)
             problems += probs
             if img is None or shape3 is None:
                 continue
@@ -353,13 +377,14 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
     return CaseCheck(case, problems, counts)
 
 
-def load_case(ref: CaseRef, n_channels: int) -> Case:
+def load_case(ref: CaseRef, n_channels: int, file_threads: int = 1) -> Case:
     """Read one case (all channels + label); InputError with a one-line message if anything is wrong.
 
     The checks are those of `lesionsynth check`: unreadable or truncated files, shapes, affines, 4-D images,
-    NaN/inf voxels, empty channels, non-integer/negative/undeclared label values.
+    NaN/inf voxels, empty channels, non-integer/negative/undeclared label values. `file_threads`: see
+    `inspect_case`.
     """
-    check = inspect_case(ref, n_channels, ref.declared_labels or None, keep_data=True)
+    check = inspect_case(ref, n_channels, ref.declared_labels or None, keep_data=True, file_threads=file_threads)
     if check.problems:
         more = len(check.problems) - 1
         raise InputError(str(check.problems[0]) + (f" (and {more} more problem{'s' if more > 1 else ''} in case "
