@@ -147,7 +147,9 @@ class ContextMatch:
 @functools.lru_cache(maxsize=16)
 def _inverse_of(affine_bytes: bytes) -> np.ndarray:
     """The inverse of a 4x4 float64 affine given as bytes: a case's many draws share it (read only)."""
-    return np.linalg.inv(np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4))
+    inverse = np.linalg.inv(np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4))
+    inverse.setflags(write=False)
+    return inverse
 
 
 def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, lesion_labels,
