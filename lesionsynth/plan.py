@@ -352,11 +352,15 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             op = {"op": "inpaint", "seed_voxel": best.seed_voxel, "bbox": best.bbox, "rim_mm": cfg.rim_mm,
                   "texture_gain": _r(rng.uniform(*cfg.texture_gain)), "texture_seed": int(rng.integers(2**31))}
             patch = render_op(channels, label, affine, op, bank, ctx)
+            if patch is None:  # it would leave a visible trace: the lesion stays
+                plan.refuse("residual excess (inpaint)")
+                continue
             before = int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
             patch.apply(channels, label, ctx.undo)
             removed = before - int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
             load_vox -= removed
             op["removed_mm3"] = round(removed * vv, 3)
+            op.update(patch.info)
             plan.ops.append(op)
 
     if mode in ("both", "populate", "replace") and donors:

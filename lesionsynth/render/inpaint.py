@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from ..geometry import ball, dilate, spacing_of, structure_for
 from ..labels import label_in
-from ..stats import noise_sd
+from ..stats import channel_stats, noise_sd
 from .paste import Patch
 
 #: Normal tissue ring around the hole used for the local noise estimate (mm).
@@ -106,27 +106,168 @@ def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple
     return np.ascontiguousarray(out), dist
 
 
+#: Partial-volume growth: a voxel next to the hole whose intensity lies this many noise sd beyond the tissue
+#: level, towards the lesion's (channels weighted by the lesion's contrast), is lesion partial volume.
+EXCESS_SD = 2.5
+#: How far (mm) beyond the first rim the hole may grow by that test (at least one voxel).
+MAX_GROWTH_MM = 3.0
+#: Smallest contrast (noise sd) of a channel that the partial-volume test reads.
+MIN_CONTRAST_SD = 1.0
+#: A removal is refused when the voxel layer around the filled hole still lies beyond the tissue level, towards
+#: the lesion, by more than this share of the lesion's own contrast (and by more than MIN_RESIDUAL_SD noise sd).
+MAX_RESIDUAL_FRACTION = 0.10
+MIN_RESIDUAL_SD = 1.0
+#: Texture: voxels of the high-pass residual (gaussian of this sd, voxels) of healthy tissue elsewhere in the case.
+TEXTURE_SMOOTH_VOX = 1.0
+#: Tries to find healthy tissue for the texture before white noise of the local level is used instead.
+TEXTURE_TRIES = 24
+
+
+def tissue_levels(crop: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(median, noise sd) per channel (C,) of the crop's `ring` voxels."""
+    stats = channel_stats(crop, ring)
+    return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
+
+
+def lesion_direction(crop: np.ndarray, component: np.ndarray, level: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Per channel (C,), the weight of the partial-volume test: the lesion's signed contrast to the tissue in
+    noise sd (0 where it is below MIN_CONTRAST_SD or the noise is unknown), scaled to unit length."""
+    weights = np.zeros(crop.shape[0])
+    for c in range(crop.shape[0]):
+        if noise[c] > 0 and np.isfinite(level[c]):
+            contrast = (float(np.median(crop[c][component])) - level[c]) / noise[c]
+            weights[c] = contrast if abs(contrast) >= MIN_CONTRAST_SD else 0.0
+    norm = float(np.sqrt((weights ** 2).sum()))
+    return weights / norm if norm > 0 else weights
+
+
+def excess_sd(crop: np.ndarray, where: np.ndarray, level, noise, direction) -> np.ndarray:
+    """Per voxel of `where`, how many noise sd its channels lie beyond the tissue level towards the lesion."""
+    total = np.zeros(int(np.count_nonzero(where)))
+    for c, w in enumerate(direction):
+        if w != 0:
+            total += w * (crop[c][where] - level[c]) / noise[c]
+    return total
+
+
+def grow_hole(crop: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray, spacing,
+              ring_mm: float = None) -> tuple[np.ndarray, int]:
+    """The hole grown, layer by layer (6-neighbours), by the voxels around it that are still lesion partial
+    volume (`EXCESS_SD` beyond the tissue level towards the lesion), at most MAX_GROWTH_MM (at least one
+    layer). Returns (hole, layers added)."""
+    ring = dilate(hole, ball(ring_mm or RING_MM, spacing)) & ~dilate(hole, structure_for(26)) & ~lesion_any
+    level, noise = tissue_levels(crop, ring)
+    direction = lesion_direction(crop, component, level, noise)
+    if not direction.any():
+        return hole, 0
+    layers = max(1, int(np.ceil(MAX_GROWTH_MM / float(np.min(spacing)))))
+    added = 0
+    for _ in range(layers):
+        shell = dilate(hole) & ~hole & ~lesion_any
+        if not shell.any():
+            break
+        grow = np.zeros_like(hole)
+        grow[shell] = excess_sd(crop, shell, level, noise, direction) > EXCESS_SD
+        if not grow.any():
+            break
+        hole = hole | grow
+        added += 1
+    return hole, added
+
+
+def residual_excess(channels: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray,
+                    original: np.ndarray, spacing) -> tuple[float, float]:
+    """(mean excess, lesion contrast), both in noise sd along the lesion's direction (`lesion_direction`): how
+    far the voxel layer around the filled hole still lies beyond the tissue level towards the removed lesion,
+    and how far the lesion itself did. Levels and direction are read on the original crop, before the fill."""
+    ring = dilate(hole, ball(RING_MM, spacing)) & ~dilate(hole, structure_for(26)) & ~lesion_any
+    level, noise = tissue_levels(original, ring)
+    direction = lesion_direction(original, component, level, noise)
+    shell = dilate(hole, structure_for(26)) & ~hole & ~lesion_any
+    if not direction.any() or np.count_nonzero(shell) < 10:
+        return 0.0, 0.0
+    contrast = float(np.median(excess_sd(original, component, level, noise, direction)))
+    return float(excess_sd(channels, shell, level, noise, direction).mean()), contrast
+
+
+def healthy_texture(channels: np.ndarray, label: np.ndarray, box, hole: np.ndarray, lesion_labels, region_fn,
+                    level: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """(C, X, Y, Z) float32: the high-pass texture (the tissue less its gaussian of TEXTURE_SMOOTH_VOX) of a
+    box of healthy tissue elsewhere in the case, of the same tissue level (within 2 noise sd per channel)
+    and in the allowed region, each channel rescaled to the local noise `noise`; None if no such box is
+    found in TEXTURE_TRIES tries. The noise of an MR case is not white: its texture carries the scanner's
+    correlation, which white noise does not."""
+    shape = np.array([s.stop - s.start for s in box])
+    pad = int(np.ceil(3 * TEXTURE_SMOOTH_VOX))
+    size = np.array(label.shape)
+    if np.any(size < shape + 2 * pad):
+        return None
+    for _ in range(TEXTURE_TRIES):
+        lo = np.array([int(rng.integers(pad, n - m - pad + 1)) for n, m in zip(size, shape)])
+        where = tuple(slice(int(a), int(a + m)) for a, m in zip(lo, shape))
+        if all(s.start < b.stop and b.start < s.stop for s, b in zip(where, box)):
+            continue  # overlaps the lesion's own box
+        lab = label[where]
+        if label_in(lab, lesion_labels).any():
+            continue
+        if region_fn is not None and not region_fn(np.ascontiguousarray(lab), lo.tolist())[hole].all():
+            continue
+        outer = tuple(slice(int(a) - pad, int(a + m) + pad) for a, m in zip(lo, shape))
+        crop = np.asarray(channels[(slice(None),) + outer], dtype=np.float32)
+        inner = tuple(slice(pad, pad + int(m)) for m in shape)
+        ok, out = True, np.empty((crop.shape[0],) + tuple(int(m) for m in shape), dtype=np.float32)
+        for c in range(crop.shape[0]):
+            values = crop[c][inner]
+            if noise[c] > 0 and abs(float(np.median(values[hole])) - level[c]) > 2.0 * noise[c]:
+                ok = False
+                break
+            out[c] = (crop[c] - ndimage.gaussian_filter(crop[c], TEXTURE_SMOOTH_VOX))[inner]
+        if not ok:
+            continue
+        for c in range(out.shape[0]):
+            there = noise_sd(np.ascontiguousarray(crop[c][inner]), hole)
+            out[c] *= np.float32(noise[c] / there) if there > 0 else np.float32(0.0)
+        return out
+    return None
+
+
 def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: dict, lesion_labels,
-                  connectivity: int) -> Patch:
-    """Everything removing one component changes, as a Patch (the case arrays are not modified)."""
+                  connectivity: int, region_fn=None) -> Patch | None:
+    """Everything removing one component changes, as a Patch (the case arrays are not modified), or None when
+    the lesion cannot be removed without a visible trace (`residual_excess`, MAX_RESIDUAL_FRACTION).
+
+    The hole is the component, its partial-volume rim (`rim_mm`, and at least one voxel all round, whatever
+    the grid) and the voxels beyond that still carry the lesion's intensity (`grow_hole`). It is filled by
+    fast marching, and texture is added: the high-pass of healthy tissue of the same level elsewhere in the
+    case (`healthy_texture`), else white noise of the local level. `patch.info` holds what was done.
+    """
     spacing = spacing_of(affine)
-    margin = np.ceil((op["rim_mm"] + RING_MM) / spacing).astype(int) + 1
+    margin = np.ceil((op["rim_mm"] + MAX_GROWTH_MM + RING_MM) / spacing).astype(int) + 2
     (a0, a1), (b0, b1), (c0, c1) = op["bbox"]
     box = tuple(slice(max(lo - m, 0), min(hi + m, n)) for (lo, hi), m, n in
                 zip(((a0, a1), (b0, b1), (c0, c1)), margin, label.shape))
     component = component_in_box(label, box, op["seed_voxel"], lesion_labels, connectivity)
     crop_label = label[box]
     lesion_any = label_in(crop_label, lesion_labels)
-    hole = component | (dilate(component, ball(op["rim_mm"], spacing)) & ~lesion_any)
+    rim = dilate(component, ball(op["rim_mm"], spacing)) | dilate(component, structure_for(26))
+    hole = component | (rim & ~lesion_any)
+    crop = np.asarray(channels[(slice(None),) + box], dtype=np.float32)
+    hole, grown = grow_hole(crop, hole, component, lesion_any, spacing)
     ring = dilate(hole, ball(RING_MM, spacing)) & ~hole & ~lesion_any
-    crop = channels[(slice(None),) + box]
     filled, dist = fast_marching_fill(crop, hole, spacing)
     rng = np.random.default_rng(int(op["texture_seed"]))
-    noise = rng.standard_normal(size=hole.shape, dtype=np.float32)
+    level, noise = tissue_levels(crop, ring)
+    texture = healthy_texture(channels, label, box, hole, lesion_labels, region_fn, level, noise, rng)
+    source = "healthy tissue" if texture is not None else "white noise"
+    if texture is None:
+        texture = rng.standard_normal(size=(crop.shape[0],) + hole.shape, dtype=np.float32)
+        texture *= noise.astype(np.float32)[:, None, None, None]
     taper = np.clip(dist / max(float(op["rim_mm"]), float(spacing.min())), 0.0, 1.0).astype(np.float32)
     for c in range(filled.shape[0]):
-        sd = noise_sd(crop[c], ring) * float(op["texture_gain"])
-        filled[c][hole] += (sd * taper * noise)[hole]
+        filled[c][hole] += (float(op["texture_gain"]) * taper * texture[c])[hole]
+    residual, contrast = residual_excess(filled, hole, component, lesion_any, crop, spacing)
+    if residual > max(MAX_RESIDUAL_FRACTION * contrast, MIN_RESIDUAL_SD):
+        return None
     new_label = crop_label.copy()
     not_lesion = ~lesion_any
     around = crop_label[not_lesion]
@@ -139,4 +280,8 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
         new_label[component] = nearest[component]
     else:
         new_label[component] = 0
-    return Patch(box, component, new_label, channels=filled)
+    patch = Patch(box, component, new_label, channels=filled)
+    patch.info = {"hole_voxels": int(hole.sum()), "grown_layers": grown, "residual_excess_sd": round(residual, 2),
+                  "lesion_contrast_sd": round(contrast, 2),
+                  "texture": source}
+    return patch

@@ -34,6 +34,7 @@ class Patch:
         self._blend = blend                     # blend(case channels) writes the new values in place
         self._tissue_stats = tissue_stats       # tissue_stats(case channels) -> [(median, noise sd)] per channel
         self._applied = False
+        self.info: dict = {}                    # what rendering found, recorded with the operation (removals)
 
     def tissue_stats(self, channels: np.ndarray) -> list[tuple[float, float]] | None:
         """(median, noise sd) per channel of the destination's normal tissue around a paste (what its intensity
@@ -71,7 +72,7 @@ class PasteSettings:
 
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
-    halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
+    halo_mm: float = 2.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
     label_from_intensity: bool = True  # the label's edge follows the lesion's half level (`intensity_cut`)
 
 
