@@ -3,21 +3,52 @@
     python benchmarks/downstream_unet.py [--dataset DIR] [--train-n 4] [--test-n 8] [--n-gen 16]
                                          [--iters N] [--seeds 0 1 2 3] [--recipe ms_flair]
                                          [--bank-args='--space register'] [--generate-args='--volume-warp']
-                                         [--load-range 2000 9000] [--jobs 2] [--work DIR] [--keep]
-                                         [--json FILE] [--smoke]
+                                         [--load-range 2000 9000] [--arms real real+carvemix real+gen]
+                                         [--jobs 2] [--work DIR] [--keep] [--json FILE] [--smoke]
 
 Design. `--dataset` is an nnU-Net v2 raw dataset (`imagesTr/{case}_{XXXX}.nii.gz`, `labelsTr/{case}.nii.gz`,
 `dataset.json` with `channel_names`); its cases may have different grids, orientations and spacings
 (default: `$LESIONSYNTH_DATA/heldout/native_brains`, i.e. `.cache/data/heldout/native_brains`). Cases are
 ranked by lesion load (lesion voxels × voxel volume, mm³, ties by case id): the `--train-n` lightest are
-the real training set, the next `--test-n` (heavier loads) are the held-out test set. Two arms:
+the real training set, the next `--test-n` (heavier loads) are the held-out test set. Three arms (`--arms`):
 
 (a) real:      train on the `--train-n` real cases;
 (b) real+gen:  build one lesionsynth bank from ONLY those training cases (a temporary nnU-Net folder of
                symlinks; `lesionsynth build-bank TMP --out BANK --recipe R` + `--bank-args`), then per seed
                `lesionsynth generate BANK --out GEN --n N_GEN --load uniform --load-range LO HI
                --mode populate --seed S --jobs J --no-include-originals` + `--generate-args`, and train on
-               the real cases + the generated ones (a patch's case is drawn uniformly over all of them).
+               the real cases + the generated ones (a patch's case is drawn uniformly over all of them);
+(c) real+carvemix: the real cases + `--n-gen` CarveMix cases made from them (below): the published
+               augmentation of the same kind (new labelled cases mixed from the same training cases),
+               added to the pool exactly as (b)'s cases are.
+
+CarveMix (Zhang, Liu, Ou, Zeng, Xiong, Yu, Liu, Ye: "CarveMix: A Simple Data Augmentation Method for Brain
+Lesion Segmentation", MICCAI 2021, LNCS 12901, doi:10.1007/978-3-030-87193-2_19, arXiv:2108.06883), written
+from the paper's method in `carvemix()`, not from the authors' code. Per mixed case: a donor A (uniform over
+the training cases that have a lesion) and a target B (uniform over the other training cases); D = signed
+distance (mm) to the surface of A's lesion mask, negative inside; lambda ~ U(lambda_l, lambda_u) with
+lambda_l = -|min D| / 2 and lambda_u = |min D| (|min D| = depth of A's deepest lesion voxel), the paper's
+rule (the authors' public code draws the same single uniform: a grown ROI with probability 2/3, a shrunk one
+with 1/3); the carved ROI M = {D <= lambda} (lambda >= 0: all of A's lesions plus a margin of up to lambda
+mm; lambda < 0: their cores only); new image = A inside M, B elsewhere; new label = A's label inside M, B's
+label elsewhere. `--n-gen` mixed cases per seed (the same count as (b)), drawn with
+np.random.default_rng([CARVEMIX_STREAM, seed]); same network, iterations, seeds and patch sampling as the
+other arms. Where this differs from the paper:
+  - no registration: the paper mixes two images voxel by voxel on a common grid (its ATLAS data are
+    registered to MNI152); here the cases are on native grids with random head poses, so the mix is made in
+    this benchmark's preprocessed space (canonical RAS, 2 mm, z-scored per channel, cropped to the
+    foreground), A's cropped volume centred in B's (crop centres = foreground bounding-box centres; cropped,
+    or padded with the channel minimum). A's lesion can therefore land in another tissue than it came from,
+    or off B's brain, and the ROI boundary is a seam between two heads; z-scoring removes the gain
+    difference and nothing else (the paper's extended journal version harmonises heterogeneous data; not
+    done here);
+  - D is computed at 2 mm (the paper: on the native grid; the authors' code also uses the voxel spacing),
+    with its zero level on the voxel faces (every lesion voxel <= -1 mm, every other voxel >= +1 mm), where
+    the authors' code measures from the boundary voxels (0 on both boundary layers). lambda's range scales
+    with the deepest lesion, so a donor with only small MS lesions (1-2 voxels thick at 2 mm) is carved
+    nearly as its mask;
+  - offline, a fixed count per seed, not mixes drawn anew during training; A != B whenever there are two or
+    more training cases.
 
 Preprocessing (cached as .npy under `--work`/cache, keyed by file path, size and mtime): each case is
 reoriented with nibabel `as_closest_canonical` (its own canonical RAS voxel order; no registration) and
@@ -31,7 +62,7 @@ Model: a 3-level 3D U-Net in plain torch (16-32-64 channels, two 3×3×3 conv + 
 level, strided-conv down, transposed-conv up), trained from scratch on random 32³ patches at 2 mm
 (`--patch`; batch 2, half of the patches centred on a random lesion voxel, the others on a random voxel;
 random flips along each axis), loss = soft Dice (batch) + cross-entropy with the lesion class weighted
-100 (`--ce-weight`), Adam (lr 3e-3, poly decay). Both arms run the SAME number of iterations (`--iters`,
+100 (`--ce-weight`), Adam (lr 3e-3, poly decay). All arms run the SAME number of iterations (`--iters`,
 default 800) from the SAME initial weights (seeded); `torch.set_num_threads(2)`. A seed sets torch,
 numpy, the patch sampling and the generate seed. Why 32³ and the weighted CE: MS lesions at 2 mm are
 1-40 voxels each (~1e-4 of a 48³ patch); with plain CE + Dice the network sits at "all background" for
@@ -40,18 +71,20 @@ reaches a training-patch Dice ~0.5 after ~250 iterations, at ~1/3 of the cost pe
 
 Evaluation on the held-out cases: sliding-window inference (patch-sized windows, step 3/4 patch, softmax averaged),
 argmax, pasted into the whole 2 mm grid. Metrics are computed AT 2 MM against the 2 mm-resampled truth
-(predictions are not resampled back to the native grid; this is the same for both arms, so the comparison
+(predictions are not resampled back to the native grid; this is the same for all arms, so the comparison
 is fair, but the absolute numbers are not native-resolution numbers). Per case: Dice, and lesion-wise
 detection with connected components (26-connectivity): a predicted component is a true positive if it
 overlaps a truth component; precision = TP predicted components / predicted components (undefined when
 nothing is predicted), recall = truth components overlapped by the prediction / truth components.
 Per arm and seed: median Dice over the held-out cases, mean lesion-wise precision and recall (over the
-cases where they are defined). Per arm: the median over seeds, and the number of seeds where (b) beats (a).
-A run whose predictions are all zero on every held-out case is reported as "collapsed" (Dice 0), a run
-whose loss became NaN as "diverged"; a failing bank/generate step marks arm (b) failed, without crashing.
+cases where they are defined). Per arm: the median over seeds; per metric, the number of seeds where each
+augmented arm beats real, and where real+gen beats real+carvemix (JSON `comparisons`, `wins` = real+gen
+against real as before). A run whose predictions are all zero on every held-out case is reported as
+"collapsed" (Dice 0), a run whose loss became NaN as "diverged"; a failing bank/generate step marks arm
+(b) failed, a failing CarveMix step arm (c), without crashing.
 
 `--smoke`: 1 seed, n-gen 2, 4 iterations, test-n 2, no window overlap — checks the plumbing only.
-Timings (preprocess / bank / generate / train / eval) are printed and stored in `--json`.
+Timings (preprocess / bank / generate / carvemix / train / eval) are printed and stored in `--json`.
 
 Full experiment (the lead's runs):
     python benchmarks/downstream_unet.py --json downstream.json
@@ -83,6 +116,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPACING = 2.0
 PATCH = 32  # patch edge in voxels at 2 mm; --patch sets it (module-wide) before anything runs
 CACHE_VERSION = "v2"
+ARMS = ("real", "real+carvemix", "real+gen")
 FG_FRACTION = 0.1  # foreground: above the 2nd percentile + 10 % of the 2nd-99th percentile range
 STRUCT26 = np.ones((3, 3, 3), bool)
 
@@ -207,19 +241,128 @@ def preprocess_all(cases: list[dict], cache: Path, lesion_labels, jobs: int) -> 
         return list(ex.map(preprocess_case, cases, [cache] * len(cases), [lesion_labels] * len(cases)))
 
 
-def load_arrays(info: dict) -> dict:
+def load_cropped(info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image (C, X, Y, Z), label, whole-grid label) of a preprocessed case, cropped to its bounding box."""
     img = np.load(f"{info['stem']}_img.npy")
     lab_full = np.load(f"{info['stem']}_lab.npy")
     sl = tuple(slice(a, b) for a, b in info["bbox"])
-    lab = np.ascontiguousarray(lab_full[sl])
-    # pad to at least one patch (image: each channel's minimum, label: 0); offset kept for pasting back
+    return img, np.ascontiguousarray(lab_full[sl]), lab_full
+
+
+def pad_to_patch(img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Pad to at least one patch (image: each channel's minimum, label: 0); the low-side offsets are returned."""
     pad = [max(0, PATCH - s) for s in lab.shape]
     if any(pad):
         widths = [(p // 2, p - p // 2) for p in pad]
         img = np.stack([np.pad(ch, widths, constant_values=float(ch.min())) for ch in img])
         lab = np.pad(lab, widths)
+    return img, lab, [p // 2 for p in pad]
+
+
+def load_arrays(info: dict) -> dict:
+    img, lab, lab_full = load_cropped(info)
+    img, lab, pad = pad_to_patch(img, lab)  # the offset is kept for pasting back
     return {"case": info["case"], "img": img, "lab": lab, "lab_full": lab_full, "bbox": info["bbox"],
-            "pad": [p // 2 for p in pad], "fg_idx": np.argwhere(lab > 0)}
+            "pad": pad, "fg_idx": np.argwhere(lab > 0)}
+
+
+# ---------------------------------------------------------------------------------------------- CarveMix
+
+CARVEMIX_STREAM = 0xCA4E  # the CarveMix draws of a seed: np.random.default_rng([CARVEMIX_STREAM, seed])
+
+
+def centre_in(arr: np.ndarray, shape, fill: float = 0) -> np.ndarray:
+    """`arr` (..., X, Y, Z) centred in a grid of spatial `shape`: cropped where larger, padded with `fill`."""
+    out = np.full(arr.shape[:-3] + tuple(shape), fill, dtype=arr.dtype)
+    src, dst = [], []
+    for n, m in zip(arr.shape[-3:], shape):
+        off = (m - n) // 2  # where arr's first voxel lands in out (negative: arr is cropped)
+        s0, d0 = max(0, -off), max(0, off)
+        size = min(n - s0, m - d0)
+        src.append(slice(s0, s0 + size))
+        dst.append(slice(d0, d0 + size))
+    out[(Ellipsis, *dst)] = arr[(Ellipsis, *src)]
+    return out
+
+
+def signed_distance(mask: np.ndarray, spacing) -> np.ndarray:
+    """Signed distance (mm) to the surface of `mask`: negative inside, positive outside.
+
+    Euclidean distance between voxel centres to the nearest voxel of the other side, less half a voxel
+    (the smallest spacing), so that the zero level lies on the faces between lesion and background voxels:
+    a lesion voxel is at most -s/2, a background voxel at least +s/2, for every mask.
+    """
+    mask = np.asarray(mask, bool)
+    sp = np.broadcast_to(np.asarray(spacing, float), (3,))
+    half = 0.5 * float(sp.min())
+    if not mask.any():
+        return np.full(mask.shape, np.inf)
+    if mask.all():
+        return np.full(mask.shape, -np.inf)
+    inside = ndimage.distance_transform_edt(mask, sampling=sp)
+    outside = ndimage.distance_transform_edt(~mask, sampling=sp)
+    return np.where(mask, half - inside, outside - half)
+
+
+def carvemix(image_a: np.ndarray, label_a: np.ndarray, image_b: np.ndarray, label_b: np.ndarray,
+             rng: np.random.Generator, spacing=SPACING) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None]:
+    """One CarveMix sample (Zhang et al., MICCAI 2021): A's lesion region carved and pasted into B.
+
+    image_*: (C, X, Y, Z) or (X, Y, Z); label_*: (X, Y, Z) integer labels (> 0 = lesion); spacing: mm
+    (scalar or per axis). If A's grid differs from B's, A is centred in B's grid first (cropped or padded:
+    image with each channel's minimum, label 0). D = signed_distance(A's lesion mask) (mm, negative inside),
+    lambda ~ U(-|min D| / 2, |min D|) (the paper's lambda_l = -|min D|/2, lambda_u = |min D|), carved
+    region M = {D <= lambda}; the new image is A inside M and B elsewhere, the new label is A's label inside
+    M and B's label elsewhere. lambda >= 0 grows the lesion (M contains all of it plus a margin up to
+    lambda), lambda < 0 shrinks it (only A's lesion voxels deeper than |lambda| are carved; its outer shell
+    keeps B's image and label). Returns (image, label, M, lambda); with no lesion in A: B unchanged, M empty,
+    lambda None. Pure: the inputs are not modified, the only randomness is one draw from `rng`.
+    """
+    image_a, image_b = np.asarray(image_a), np.asarray(image_b)
+    label_a, label_b = np.asarray(label_a), np.asarray(label_b)
+    channels = image_b.ndim == 4
+    if (image_a.ndim == 4) != channels or image_b.shape[-3:] != label_b.shape or image_a.shape[-3:] != label_a.shape:
+        raise ValueError("carvemix: image and label grids (or channel layouts) differ")
+    shape = label_b.shape
+    if label_a.shape != shape:
+        ia = image_a if channels else image_a[None]
+        ia = np.stack([centre_in(ch, shape, float(ch.min())) for ch in ia])
+        image_a = ia if channels else ia[0]
+        label_a = centre_in(label_a, shape, 0)
+    lesion = label_a > 0
+    if not lesion.any():
+        return image_b.copy(), label_b.copy(), np.zeros(shape, bool), None
+    d = signed_distance(lesion, spacing)
+    depth = float(abs(d.min()))
+    lam = float(rng.uniform(-depth / 2, depth))
+    m = d <= lam
+    image = np.where(m, image_a, image_b).astype(image_b.dtype, copy=False)
+    label = np.where(m, label_a, label_b).astype(label_b.dtype, copy=False)
+    return image, label, m, lam
+
+
+def carvemix_pool(train_infos: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """`n` CarveMix cases (training pool entries) from pairs of the real training cases, and their summary.
+
+    Donor A: uniform over the training cases with a lesion (all, if none has one); target B: uniform over
+    the other training cases (A itself if there is only one). Both are the preprocessed, cropped arrays.
+    """
+    rng = np.random.default_rng([CARVEMIX_STREAM, seed])
+    arrays = [load_cropped(i)[:2] for i in train_infos]
+    donors = [k for k, (_, lab) in enumerate(arrays) if lab.any()] or list(range(len(arrays)))
+    pool, made = [], []
+    for j in range(n):
+        a = donors[int(rng.integers(len(donors)))]
+        others = [k for k in range(len(arrays)) if k != a] or [a]
+        b = others[int(rng.integers(len(others)))]
+        img, lab, m, lam = carvemix(arrays[a][0], arrays[a][1], arrays[b][0], arrays[b][1], rng, SPACING)
+        img, lab, pad = pad_to_patch(img, lab)
+        name = f"carvemix_{j:03d}"
+        pool.append({"case": name, "img": img, "lab": lab, "fg_idx": np.argwhere(lab > 0)})
+        made.append({"case": name, "donor": train_infos[a]["case"], "target": train_infos[b]["case"],
+                     "lambda_mm": lam, "carved_voxels": int(m.sum()), "lesion_voxels": int((lab > 0).sum()),
+                     "target_lesion_voxels": int((arrays[b][1] > 0).sum())})
+    return pool, made
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -370,10 +513,13 @@ def _median(values):
     return float(statistics.median(v)) if v else None
 
 
-def run_arm(arm: str, seed: int, train_infos: list[dict], test_data: list[dict], args, in_ch: int) -> dict:
-    rec = {"arm": arm, "seed": seed, "n_train_cases": len(train_infos), "status": "ok"}
+def run_arm(arm: str, seed: int, train_infos: list[dict], test_data: list[dict], args, in_ch: int,
+            extra_pool: list[dict] | None = None) -> dict:
+    """Train on the preprocessed `train_infos` + `extra_pool` (ready pool entries, e.g. CarveMix cases)."""
+    extra_pool = extra_pool or []
+    rec = {"arm": arm, "seed": seed, "n_train_cases": len(train_infos) + len(extra_pool), "status": "ok"}
     try:
-        pool = [load_arrays(i) for i in train_infos]
+        pool = [load_arrays(i) for i in train_infos] + extra_pool
         t0 = time.perf_counter()
         model, losses, diverged = train(pool, args.iters, seed, in_ch, args.lr, args.batch, args.ce_weight,
                                         max(1, args.iters // 4) if args.verbose else 0)
@@ -489,8 +635,9 @@ def main(argv=None) -> int:
                     help="nnU-Net v2 raw dataset [default: $LESIONSYNTH_DATA/heldout/native_brains]")
     ap.add_argument("--train-n", type=int, default=4, help="lightest cases used as the real training set")
     ap.add_argument("--test-n", type=int, default=8, help="at most this many of the heavier cases are tested")
-    ap.add_argument("--n-gen", type=int, default=16, help="generated cases per seed (arm b)")
-    ap.add_argument("--iters", type=int, default=800, help="training iterations (both arms), batch --batch")
+    ap.add_argument("--n-gen", type=int, default=16,
+                    help="generated cases per seed (arm real+gen), and CarveMix cases per seed (arm real+carvemix)")
+    ap.add_argument("--iters", type=int, default=800, help="training iterations (all arms), batch --batch")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, default=32, help="patch (and inference window) edge, voxels at 2 mm")
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (poly decay to 0)")
@@ -503,7 +650,7 @@ def main(argv=None) -> int:
     ap.add_argument("--load-range", type=float, nargs=2, default=[2000.0, 9000.0], metavar=("LO", "HI"))
     ap.add_argument("--bank-args", default="", help="extra build-bank options, e.g. --bank-args='--space register'")
     ap.add_argument("--generate-args", default="", help="extra generate options, e.g. --generate-args='--volume-warp'")
-    ap.add_argument("--arms", nargs="+", default=["real", "real+gen"], choices=["real", "real+gen"])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--jobs", type=int, default=2, help="lesionsynth --jobs and preprocessing processes")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--work", type=Path, default=None, help="work folder (cache, bank, generated) [default: temp]")
@@ -552,7 +699,7 @@ def main(argv=None) -> int:
           f"seeds {args.seeds}, recipe {args.recipe}, bank-args {args.bank_args!r}, "
           f"generate-args {args.generate_args!r}", flush=True)
 
-    timings: dict = {"generate_s": {}, "preprocess_gen_s": {}}
+    timings: dict = {"generate_s": {}, "preprocess_gen_s": {}, "carvemix_s": {}}
     t0 = time.perf_counter()
     real_infos = preprocess_all(train_cases + test_cases, cache, lesion_labels, args.jobs)
     timings["preprocess_real_s"] = time.perf_counter() - t0
@@ -571,11 +718,31 @@ def main(argv=None) -> int:
         timings["bank_s"] = time.perf_counter() - t0
         print(f"bank: {timings['bank_s']:.1f} s", flush=True)
 
-    runs, gen_info = [], {}
+    runs, gen_info, carvemix_info = [], {}, {}
     for seed in args.seeds:
         for arm in args.arms:
             print(f"[seed {seed}] arm {arm}", flush=True)
-            infos = list(train_infos)
+            infos, extra = list(train_infos), None
+            if arm == "real+carvemix":
+                try:
+                    t0 = time.perf_counter()
+                    extra, made = carvemix_pool(train_infos, args.n_gen, seed)
+                    timings["carvemix_s"][seed] = time.perf_counter() - t0
+                    lams = [c["lambda_mm"] for c in made if c["lambda_mm"] is not None]
+                    carvemix_info[seed] = {"cases": len(made), "made": made,
+                                           "lambda_mm_min": min(lams) if lams else None,
+                                           "lambda_mm_max": max(lams) if lams else None,
+                                           "lesion_voxels_median": _median([c["lesion_voxels"] for c in made])}
+                    print(f"    carvemix: {len(made)} cases in {timings['carvemix_s'][seed]:.1f} s (lambda mm "
+                          f"min/max {fmt(carvemix_info[seed]['lambda_mm_min'], 2)}/"
+                          f"{fmt(carvemix_info[seed]['lambda_mm_max'], 2)}, lesion voxels at 2 mm median "
+                          f"{fmt(carvemix_info[seed]['lesion_voxels_median'], 0)})", flush=True)
+                except Exception as exc:
+                    msg = f"{type(exc).__name__}: {exc}"
+                    print(f"    carvemix FAILED: {msg}", flush=True)
+                    traceback.print_exc()
+                    runs.append({"arm": arm, "seed": seed, "status": "failed", "error": f"carvemix: {msg}"})
+                    continue
             if arm == "real+gen":
                 if bank_error:
                     runs.append({"arm": arm, "seed": seed, "status": "failed", "error": f"bank: {bank_error}"})
@@ -602,7 +769,8 @@ def main(argv=None) -> int:
                     print(f"    generate FAILED: {msg}", flush=True)
                     runs.append({"arm": arm, "seed": seed, "status": "failed", "error": f"generate: {msg}"})
                     continue
-            rec = run_arm(arm, seed, infos, test_data, args, in_ch)
+            rec = run_arm(arm, seed, infos, test_data, args, in_ch, extra)
+            del extra
             runs.append(rec)
             print(f"    {rec['status']}: median Dice {fmt(rec.get('median_dice'))}, precision "
                   f"{fmt(rec.get('mean_precision'))}, recall {fmt(rec.get('mean_recall'))}; train "
@@ -621,31 +789,37 @@ def main(argv=None) -> int:
         rs = [by.get((arm, s)) for s in args.seeds]
         summary[arm] = {k: _median([metric(r, k) for r in rs]) for k in ("median_dice", "mean_precision", "mean_recall")}
         summary[arm]["statuses"] = [r["status"] if r else "missing" for r in rs]
-    wins = {}
-    if set(args.arms) == {"real", "real+gen"}:
-        for k in ("median_dice", "mean_precision", "mean_recall"):
-            pairs = [(metric(by.get(("real", s)), k), metric(by.get(("real+gen", s)), k)) for s in args.seeds]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            wins[k] = {"b_beats_a": sum(b > a for a, b in pairs), "of": len(pairs)}
+    comparisons = {}  # "X>Y": per metric, the seeds where arm X beats arm Y (both not failed)
+    for better, base in (("real+gen", "real"), ("real+carvemix", "real"), ("real+gen", "real+carvemix")):
+        if better in args.arms and base in args.arms:
+            comparisons[f"{better}>{base}"] = {}
+            for k in ("median_dice", "mean_precision", "mean_recall"):
+                pairs = [(metric(by.get((base, s)), k), metric(by.get((better, s)), k)) for s in args.seeds]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                comparisons[f"{better}>{base}"][k] = {"b_beats_a": sum(b > a for a, b in pairs), "of": len(pairs)}
+    wins = comparisons.get("real+gen>real", {})  # the earlier key: (b) real+gen against (a) real
     timings["total_s"] = time.perf_counter() - t_start
 
     print()
-    print(f"{'arm':10s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'empty':>5s} "
+    print(f"{'arm':13s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'empty':>5s} "
           f"{'train_s':>8s} {'eval_s':>7s}  status")
     for r in runs:
         empty = f"{r['empty_predictions']}/{len(r['cases'])}" if "cases" in r else "-"
-        print(f"{r['arm']:10s} {r['seed']:4d} {fmt(r.get('median_dice')):>8s} {fmt(r.get('mean_precision')):>8s} "
+        print(f"{r['arm']:13s} {r['seed']:4d} {fmt(r.get('median_dice')):>8s} {fmt(r.get('mean_precision')):>8s} "
               f"{fmt(r.get('mean_recall')):>8s} {empty:>5s} {fmt(r.get('train_s'), 1):>8s} "
               f"{fmt(r.get('eval_s'), 1):>7s}  {r['status']}" + (f" ({r['error']})" if "error" in r else ""))
     print("median over seeds:")
     for arm, s in summary.items():
-        print(f"  {arm:10s} Dice {fmt(s['median_dice'])}  precision {fmt(s['mean_precision'])}  "
+        print(f"  {arm:13s} Dice {fmt(s['median_dice'])}  precision {fmt(s['mean_precision'])}  "
               f"recall {fmt(s['mean_recall'])}  [{', '.join(s['statuses'])}]")
-    for k, w in wins.items():
-        print(f"  real+gen beats real on {k}: {w['b_beats_a']}/{w['of']} seeds")
+    for pair, ws in comparisons.items():
+        better, base = pair.split(">")
+        print(f"  {better} beats {base}: " + ", ".join(f"{k} {w['b_beats_a']}/{w['of']}" for k, w in ws.items())
+              + " seeds")
     print(f"timings: preprocess real {timings['preprocess_real_s']:.1f} s"
           + (f", bank {timings['bank_s']:.1f} s" if "bank_s" in timings else "")
           + "".join(f", generate s{s} {v:.1f} s" for s, v in timings["generate_s"].items())
+          + "".join(f", carvemix s{s} {v:.1f} s" for s, v in timings["carvemix_s"].items())
           + f", total {timings['total_s']:.1f} s")
     print("(metrics at 2 mm against the 2 mm-resampled truth; precision undefined for an empty prediction)")
 
@@ -653,8 +827,9 @@ def main(argv=None) -> int:
         out = {"dataset": str(root), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "train_cases": [{"case": c["case"], "load_mm3": c["load_mm3"]} for c in train_cases],
                "test_cases": [{"case": c["case"], "load_mm3": c["load_mm3"]} for c in test_cases],
-               "preprocessed": real_infos, "generated": gen_info, "runs": runs, "summary": summary,
-               "wins": wins, "timings": timings, "torch": torch.__version__,
+               "preprocessed": real_infos, "generated": gen_info, "carvemix": carvemix_info, "runs": runs,
+               "summary": summary, "wins": wins, "comparisons": comparisons, "timings": timings,
+               "torch": torch.__version__,
                "evaluation": "2 mm isotropic canonical grid, against the 2 mm-resampled truth"}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2, default=str))

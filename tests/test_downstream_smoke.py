@@ -22,7 +22,7 @@ def test_downstream_unet_smoke(real_data, tmp_path):
     res = json.loads(out.read_text())
     assert [c["case"] for c in res["train_cases"]] == ["ATLAS_003", "ATLAS_002", "MS_01038", "MS_01042"]
     assert len(res["test_cases"]) == 2
-    assert {(r["arm"], r["seed"]) for r in res["runs"]} == {("real", 0), ("real+gen", 0)}
+    assert {(r["arm"], r["seed"]) for r in res["runs"]} == {("real", 0), ("real+carvemix", 0), ("real+gen", 0)}
     for run in res["runs"]:
         assert run["status"] in ("ok", "collapsed"), run
         assert len(run["cases"]) == 2
