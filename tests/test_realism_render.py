@@ -55,22 +55,19 @@ def test_binomial_smoothing_weights_match_the_kernel():
     assert np.isclose(kernel.sum(), 1.0)
 
 
-def _band_ratios(image: np.ndarray, label: np.ndarray) -> list[float]:
-    """High-pass residual spread at 1-2 and 2-3 mm from the lesion, over that of tissue beyond 8 mm."""
-    dist = ndimage.distance_transform_edt(label == 0)
-    far = _residual_mad(image, dist > 8)
-    return [_residual_mad(image, (dist > lo) & (dist <= hi)) / far for lo, hi in ((1, 2), (2, 3))]
+def _high_pass(image: np.ndarray) -> np.ndarray:
+    return image - ndimage.gaussian_filter(image, 1.0)
 
 
-def test_paste_looks_like_a_real_lesion_around_it():
-    """A lesion from a donor twice as noisy as the destination: around it (1-3 mm) the high-pass spread is that
-    around the same lesion acquired in the destination (blending the donor's noisy values in, with a halo
-    that cut off the lesion's partial-volume tail, gave 1.65x far tissue at 1-2 mm against 1.15x)."""
+def test_paste_keeps_the_destination_noise_around_the_lesion():
+    """A lesion from a donor twice as noisy as the destination: in the voxel layer just outside its label (its
+    partial-volume rim, where a strong critic saw pastes) the written high-pass is mostly the destination's own
+    noise, near its level. Blending the donor's values in wrote the donor's noise there (correlation with the
+    destination's 0.14, 2.2x its spread); further out (the feather) both keep the destination's."""
     donor, _ = _blurred_ball_case((40, 40, 40), (1.0, 1.0, 1.0), noise_sd=4.0, seed=0)
     lesion = extract_lesions(donor, BankConfig())[0]
     image, mask = lesion.pop("_image"), lesion.pop("_mask")
-    real, target = _blurred_ball_case((48, 48, 48), (1.0, 1.0, 1.0), noise_sd=2.0, seed=1)
-    target.label[:] = 0
+    _, target = _blurred_ball_case((48, 48, 48), (1.0, 1.0, 1.0), noise_sd=2.0, seed=1, lesion=False)
     op = {"op": "paste", "lesion_id": lesion["id"], "label_value": 1,
           "centre_mm": [23.5, 23.5, 23.5], "flip": [False] * 3, "rotation_deg": [0.0] * 3, "scale": 1.0,
           "elastic_mm": np.zeros((4, 4, 4, 3)).tolist(), "brightness": [1.0, 1.0], "noise_gain": 1.0,
@@ -79,10 +76,13 @@ def test_paste_looks_like_a_real_lesion_around_it():
                         lambda lab, start: np.ones(lab.shape, bool), PasteSettings((False, False)))
     channels, label = target.channels.copy(), target.label.copy()
     patch.apply(channels, label)
-    pasted = _band_ratios(channels[0], label)
-    expected = _band_ratios(real.channels[0], real.label)
-    for got, want in zip(pasted, expected):
-        assert abs(got - want) < 0.2, (pasted, expected)
+    dist = ndimage.distance_transform_edt(label == 0)
+    for lo, hi, corr, spread in ((0.5, 1.01, 0.6, 1.35), (2.0, 3.01, 0.8, 1.25)):
+        layer = (dist > lo) & (dist <= hi)  # one distance from the label: the lesion's edge is alike over it
+        for c in range(2):
+            written, own = _high_pass(channels[c])[layer], _high_pass(target.channels[c])[layer]
+            assert np.corrcoef(written, own)[0, 1] > corr, (lo, c)
+            assert written.std() / own.std() < spread, (lo, c)
 
 
 def test_inpaint_removes_the_partial_volume_rim_on_a_coarse_grid():

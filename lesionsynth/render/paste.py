@@ -72,7 +72,7 @@ class PasteSettings:
 
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
-    halo_mm: float = 2.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
+    halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
     label_from_intensity: bool = True  # the label's edge follows the lesion's half level (`intensity_cut`)
 
 
@@ -695,7 +695,8 @@ def smoothing_weights(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
-                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None) -> None:
+                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None,
+                 core: np.ndarray | None = None) -> None:
     """Intensity-match and brighten the lesion's channels and blend them into the case's `channels`
     (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`), keeping the destination's own noise.
 
@@ -707,7 +708,7 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     voxels: the `tissue` voxels of the feather around the paste (beyond the halo), in the destination and in
     the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it.
 
-    Noise: around the lesion's body (soft mask < 0.5: its partial-volume rim, the halo and the feather) a
+    Noise: around the lesion's body (`core`, the voxels its label marks; else soft mask >= 0.5) a
     voxel gets the destination's value plus alpha times the *smoothed* change (donor minus destination,
     binomial [1, 2, 1] / 4 along each axis; `smooth_change`). The paste thus moves the local intensity level
     there but keeps most of the destination's own noise, with its level and spatial correlation. Blending the
@@ -730,7 +731,7 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     # partial volume, which would otherwise set its tissue level too bright (FLAIR) and dim the lesion
     ring = tissue.reshape(-1)[idx] & (a < RING_ALPHA)
     neighbours = written_neighbours(idx, soft.shape)
-    body = soft.reshape(-1)[idx] >= 0.5
+    body = (soft if core is None else core).reshape(-1)[idx] >= 0.5  # the voxels the label marks
     centre, energy = smoothing_weights(neighbours)
     ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
     use_ring = np.count_nonzero(ring) >= MIN_RING_VOXELS
@@ -935,7 +936,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
 
     def blend(case_channels: np.ndarray) -> None:
         blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
-                     settings, tissue_stats(case_channels))
+                     settings, tissue_stats(case_channels), core)
 
     return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label,
                  tissue_stats=tissue_stats)
