@@ -625,6 +625,11 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
     from .io.nifti import write_bytes_atomic
 
     audit = audit_output(run, seed=seed)
+    from .critic import strong_audit
+
+    strong = strong_audit(run, seed=seed, progress=None)  # the critic: a stronger, independent audit
+    audit["unlabelled_changes"] = strong.pop("unlabelled_changes")
+    audit["strong"] = strong
     write_bytes_atomic(folder / REALISM_FILE, (json.dumps(audit, indent=1) + "\n").encode("utf-8"))
     if audit["n_real"] or audit["n_pasted"]:
         figures["realism"] = realism_figure(audit, folder / "realism.png")
@@ -739,6 +744,66 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
     return parts
 
 
+def _critic_html(audit: dict) -> list[str]:
+    """The strong audit (`critic.strong_audit`): its AUCs and strongest families, band noise around pasted
+    lesions, contrast left in inpainted regions, unlabelled changed voxels."""
+    strong, changes = audit["strong"], audit.get("unlabelled_changes") or {}
+
+    def auc_cells(result: dict) -> list:
+        if not result or result.get("auc") is None:
+            return [f"not computed: {(result or {}).get('reason') or '?'}", "–"]
+        ci = result.get("auc_ci95")
+        return [f"{result['auc']:.2f}", f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–"]
+
+    def top(result: dict) -> str:
+        return ", ".join(f"{r['family']} ({r['auc_drop']:+.3f})" for r in (result.get("family_importance") or [])[:3]) \
+            or "–"
+
+    pasted, inpainted, honest = strong["pasted"], strong["inpainted"], strong["real_vs_real"]
+    rows = [["pasted vs real lesions, all families", *auc_cells(pasted),
+             f"{strong['n_pasted']} / {strong['n_real']}", top(pasted)],
+            ["pasted vs real, appearance only (no shape, context)", *auc_cells(pasted.get("appearance")),
+             f"{strong['n_pasted']} / {strong['n_real']}", "–"],
+            ["real vs real (random halves of the real cases; ≈ 0.5 if honest)",
+             f"{honest['auc']:.2f}" if honest.get("auc") is not None else f"not computed: {honest.get('reason')}",
+             ", ".join(f"{a:.2f}" for a in honest.get("aucs", [])) or "–", f"{honest.get('n_cases', 0)} cases", "–"],
+            ["inpainted regions vs healthy tissue of the same case", *auc_cells(inpainted),
+             f"{strong['n_inpainted']} / {strong['n_controls']}", top(inpainted)]]
+    paired = strong["band_noise"]["paired_output_over_base"]
+    band_text = "; ".join(
+        f"{band}: " + ", ".join(f"{html.escape(ch)} {s['median']:.2f}" for ch, s in paired[band]["mad"].items()
+                                if s["median"] is not None)
+        for band in paired if any(s["median"] is not None for s in paired[band]["mad"].values())) or "–"
+    excess = ", ".join(f"{html.escape(ch)} {s['median']:.2f}" for ch, s in inpainted.get("residual_excess", {}).items()
+                       if s["median"] is not None) or "–"
+    parts = [
+        '<h3 id="critic">Strong audit (critic)</h3>',
+        "<p>An independent check the paste code was not tuned against: per lesion "
+        f"{sum(strong['families'].values())} features in families ({', '.join(strong['families'])}), a gradient-"
+        "boosted classifier cross-validated by host case (a pasted lesion counts with its base case), its AUC with a "
+        "95 % interval by bootstrap over host cases, and the families whose permutation costs the AUC most.</p>",
+        _table(["comparison", "AUC", "95 % interval", "n (positive / negative)", "strongest families (AUC drop)"],
+               rows),
+        f"<p>Noise around pasted lesions, output / base case on the same voxels (MAD of the local residual, "
+        f"median over pasted lesions; 1 = unchanged): {band_text}. Contrast left behind in inpainted regions "
+        f"(0 = filled to the tissue's level, 1 = untouched), median: {excess}.</p>",
+    ]
+    if changes:
+        totals = changes["totals"]
+        parts.append(
+            f"<p>Unlabelled changed voxels (moved by more than {changes['threshold_sd']:g} local noise sd from the "
+            f"base case, not lesion in the output): {totals['near_paste']} within {changes['feather_mm']:g} mm of a "
+            f"pasted lesion, {totals['elsewhere']} elsewhere ({totals['near_inpaint']} more near inpainted "
+            "lesions). Most affected cases:</p>")
+        parts.append(_table(["case", "base", "near a paste", "elsewhere", "near an inpaint", "unlabelled mm³"],
+                            [[c["case_id"], c["base_case"], c["near_paste"], c["elsewhere"], c["near_inpaint"],
+                              c["unlabelled_mm3"]] for c in changes["worst"]]))
+    parts += [f"<p>{html.escape(note)}</p>" for note in strong.get("notes", [])]
+    parts.append(f'<p class="muted">{REALISM_FILE} holds these numbers under "strong" and "unlabelled_changes"; '
+                 f"the strong audit took {strong['seconds']:.1f} s.</p>")
+    return parts
+
+
 def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n_examples, seed, seconds,
           audit: dict | None = None) -> str:
     recs = run.records
@@ -788,6 +853,7 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         _img_tag(figures["lesions"], "lesion count and size distributions"),
         *_placement_html(run),
         *(_realism_html(audit, figures) if audit else []),
+        *(_critic_html(audit) if audit and "strong" in audit else []),
         '<h2 id="examples">Example sites</h2>',
     ]
     if site_pngs:
