@@ -351,6 +351,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             comps.remove(best)
             op = {"op": "inpaint", "seed_voxel": best.seed_voxel, "bbox": best.bbox, "rim_mm": cfg.rim_mm,
                   "texture_gain": _r(rng.uniform(*cfg.texture_gain)), "texture_seed": int(rng.integers(2**31))}
+            if clear:  # a case cleared of every lesion: a removal that leaves a trace is still made (and recorded)
+                op["must_remove"] = True
             patch = render_op(channels, label, affine, op, bank, ctx)
             if patch is None:  # it would leave a visible trace: the lesion stays
                 plan.refuse("residual excess (inpaint)")

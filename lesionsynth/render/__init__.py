@@ -58,7 +58,7 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
                            landing_check(label, ctx), lambda: prepared_coefficients(bank, op["lesion_id"]),
                            ctx.resample)
     if op["op"] == "inpaint":
-        return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity, ctx.region_fn)
+        return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")
 
 

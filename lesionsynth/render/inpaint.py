@@ -1,9 +1,10 @@
 """Remove one lesion component by fast-marching inpainting.
 
-The component is dilated by a partial-volume rim; scikit-fmm gives each hole voxel its distance from
-the known boundary, which sets the fill order; voxels are filled band by band, each taking the
-distance-weighted mean of its already-known neighbours; texture matching the local noise is added.
-Removed lesion voxels take the label of the nearest non-lesion voxel (e.g. the organ they sat in).
+The component is dilated by a partial-volume rim (at least one voxel, grown while its neighbours still carry
+the lesion's intensity); scikit-fmm gives each hole voxel its distance from the known boundary, which sets the
+fill order; voxels are filled band by band, each taking the distance-weighted mean of its already-known
+neighbours; only the smoothed difference between fill and case is written, so the hole keeps the case's own
+noise. Removed lesion voxels take the label of the nearest non-lesion voxel (e.g. the organ they sat in).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import skfmm
 from scipy import ndimage
 
-from ..geometry import ball, dilate, spacing_of, structure_for
+from ..geometry import ball, dilate, dilate_box, spacing_of, structure_for
 from ..labels import label_in
 from ..stats import channel_stats, noise_sd
 from .paste import Patch
@@ -106,21 +107,20 @@ def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple
     return np.ascontiguousarray(out), dist
 
 
-#: Partial-volume growth: a voxel next to the hole whose intensity lies this many noise sd beyond the tissue
-#: level, towards the lesion's (channels weighted by the lesion's contrast), is lesion partial volume.
-EXCESS_SD = 2.5
+#: Partial-volume growth (`grow_hole`): the layer around the hole still holds the lesion's partial volume when,
+#: on some channel, its median lies beyond the tissue level towards the lesion by this share of the lesion's
+#: contrast and at least LAYER_MIN_SD noise sd; its voxels beyond EXCESS_SD on such a channel are taken.
+LAYER_FRACTION = 0.05
+LAYER_MIN_SD = 0.5
+EXCESS_SD = 1.5
 #: How far (mm) beyond the first rim the hole may grow by that test (at least one voxel).
 MAX_GROWTH_MM = 3.0
-#: Smallest contrast (noise sd) of a channel that the partial-volume test reads.
+#: Smallest contrast (noise sd) of a channel that the partial-volume tests read.
 MIN_CONTRAST_SD = 1.0
-#: A removal is refused when the voxel layer around the filled hole still lies beyond the tissue level, towards
-#: the lesion, by more than this share of the lesion's own contrast (and by more than MIN_RESIDUAL_SD noise sd).
+#: A removal is refused when, on some channel, the voxel layer around the filled hole still lies beyond the
+#: tissue level, towards the lesion, by more than this share of the lesion's contrast (and MIN_RESIDUAL_SD sd).
 MAX_RESIDUAL_FRACTION = 0.10
-MIN_RESIDUAL_SD = 1.0
-#: Texture: voxels of the high-pass residual (gaussian of this sd, voxels) of healthy tissue elsewhere in the case.
-TEXTURE_SMOOTH_VOX = 1.0
-#: Tries to find healthy tissue for the texture before white noise of the local level is used instead.
-TEXTURE_TRIES = 24
+MIN_RESIDUAL_SD = 0.5
 
 
 def tissue_levels(crop: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,47 +129,59 @@ def tissue_levels(crop: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
 
 
-def lesion_direction(crop: np.ndarray, component: np.ndarray, level: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Per channel (C,), the weight of the partial-volume test: the lesion's signed contrast to the tissue in
-    noise sd (0 where it is below MIN_CONTRAST_SD or the noise is unknown), scaled to unit length."""
-    weights = np.zeros(crop.shape[0])
+def lesion_contrast(crop: np.ndarray, component: np.ndarray, level: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Per channel (C,), the lesion's signed contrast to the tissue level in noise sd (its median); 0 where it
+    is below MIN_CONTRAST_SD or the noise is unknown."""
+    contrast = np.zeros(crop.shape[0])
     for c in range(crop.shape[0]):
         if noise[c] > 0 and np.isfinite(level[c]):
-            contrast = (float(np.median(crop[c][component])) - level[c]) / noise[c]
-            weights[c] = contrast if abs(contrast) >= MIN_CONTRAST_SD else 0.0
-    norm = float(np.sqrt((weights ** 2).sum()))
-    return weights / norm if norm > 0 else weights
+            value = (float(np.median(crop[c][component])) - level[c]) / noise[c]
+            contrast[c] = value if abs(value) >= MIN_CONTRAST_SD else 0.0
+    return contrast
 
 
-def excess_sd(crop: np.ndarray, where: np.ndarray, level, noise, direction) -> np.ndarray:
-    """Per voxel of `where`, how many noise sd its channels lie beyond the tissue level towards the lesion."""
-    total = np.zeros(int(np.count_nonzero(where)))
-    for c, w in enumerate(direction):
-        if w != 0:
-            total += w * (crop[c][where] - level[c]) / noise[c]
-    return total
+def excess_sd(crop: np.ndarray, where: np.ndarray, level, noise, contrast) -> np.ndarray:
+    """(C, N): per channel and voxel of `where`, how many noise sd it lies beyond the tissue level towards the
+    lesion (0 on channels without contrast)."""
+    out = np.zeros((crop.shape[0], int(np.count_nonzero(where))))
+    for c, k in enumerate(contrast):
+        if k != 0:
+            out[c] = np.sign(k) * (crop[c][where] - level[c]) / noise[c]
+    return out
 
 
-def grow_hole(crop: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray, spacing,
-              ring_mm: float = None) -> tuple[np.ndarray, int]:
-    """The hole grown, layer by layer (6-neighbours), by the voxels around it that are still lesion partial
-    volume (`EXCESS_SD` beyond the tissue level towards the lesion), at most MAX_GROWTH_MM (at least one
-    layer). Returns (hole, layers added)."""
-    ring = dilate(hole, ball(ring_mm or RING_MM, spacing)) & ~dilate(hole, structure_for(26)) & ~lesion_any
+def tissue_ring(hole: np.ndarray, lesion_any: np.ndarray, spacing, skip: np.ndarray | None = None) -> np.ndarray:
+    """Normal tissue around `hole` that its levels are read on: within RING_MM and at least two voxels of it
+    (on a 3 mm grid RING_MM reaches one voxel only), outside `skip` (default: the hole) and every lesion."""
+    near = dilate(hole, ball(RING_MM, spacing)) | dilate_box(hole, 2)
+    return near & ~(hole if skip is None else skip) & ~lesion_any
+
+
+def grow_hole(crop: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray, spacing
+              ) -> tuple[np.ndarray, int]:
+    """The hole grown, layer by layer (6-neighbours), at most MAX_GROWTH_MM (at least one layer), while the layer
+    around it still carries the lesion's partial volume on some channel (its median, LAYER_FRACTION of the
+    lesion's contrast); of such a layer the voxels EXCESS_SD beyond the tissue on that channel are taken.
+    Returns (hole, layers added). A voxel-by-voxel test alone took in noise and the anatomy next to a lesion,
+    and the hole grew to its limit around most lesions."""
+    ring = tissue_ring(hole, lesion_any, spacing, dilate(hole, structure_for(26)))
     level, noise = tissue_levels(crop, ring)
-    direction = lesion_direction(crop, component, level, noise)
-    if not direction.any():
+    contrast = lesion_contrast(crop, component, level, noise)
+    if not contrast.any():
         return hole, 0
+    needed = np.maximum(LAYER_FRACTION * np.abs(contrast), LAYER_MIN_SD)
     layers = max(1, int(np.ceil(MAX_GROWTH_MM / float(np.min(spacing)))))
     added = 0
     for _ in range(layers):
         shell = dilate(hole) & ~hole & ~lesion_any
         if not shell.any():
             break
-        grow = np.zeros_like(hole)
-        grow[shell] = excess_sd(crop, shell, level, noise, direction) > EXCESS_SD
-        if not grow.any():
+        excess = excess_sd(crop, shell, level, noise, contrast)
+        still = (contrast != 0) & (np.median(excess, axis=1) > needed)
+        if not still.any():
             break
+        grow = np.zeros_like(hole)
+        grow[shell] = (excess[still] > EXCESS_SD).any(axis=0)
         hole = hole | grow
         added += 1
     return hole, added
@@ -177,69 +189,92 @@ def grow_hole(crop: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_
 
 def residual_excess(channels: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray,
                     original: np.ndarray, spacing) -> tuple[float, float]:
-    """(mean excess, lesion contrast), both in noise sd along the lesion's direction (`lesion_direction`): how
-    far the voxel layer around the filled hole still lies beyond the tissue level towards the removed lesion,
-    and how far the lesion itself did. Levels and direction are read on the original crop, before the fill."""
-    ring = dilate(hole, ball(RING_MM, spacing)) & ~dilate(hole, structure_for(26)) & ~lesion_any
+    """(residual, contrast) in noise sd, of the channel where the voxel layer around the filled hole still lies
+    furthest beyond the tissue level towards the removed lesion, relative to the lesion's contrast there:
+    the layer's median excess and the lesion's contrast on that channel. Levels and contrast are read on
+    the original crop, before the fill."""
+    ring = tissue_ring(hole, lesion_any, spacing, dilate(hole, structure_for(26)))
     level, noise = tissue_levels(original, ring)
-    direction = lesion_direction(original, component, level, noise)
+    contrast = lesion_contrast(original, component, level, noise)
     shell = dilate(hole, structure_for(26)) & ~hole & ~lesion_any
-    if not direction.any() or np.count_nonzero(shell) < 10:
+    if not contrast.any() or np.count_nonzero(shell) < 10:
         return 0.0, 0.0
-    contrast = float(np.median(excess_sd(original, component, level, noise, direction)))
-    return float(excess_sd(channels, shell, level, noise, direction).mean()), contrast
+    left = np.median(excess_sd(channels, shell, level, noise, contrast), axis=1)
+    share = np.where(contrast != 0, left / np.maximum(np.abs(contrast), 1e-9), -np.inf)
+    c = int(np.argmax(share))
+    return float(left[c]), float(abs(contrast[c]))
 
 
-def healthy_texture(channels: np.ndarray, label: np.ndarray, box, hole: np.ndarray, lesion_labels, region_fn,
-                    level: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-    """(C, X, Y, Z) float32: the high-pass texture (the tissue less its gaussian of TEXTURE_SMOOTH_VOX) of a
-    box of healthy tissue elsewhere in the case, of the same tissue level (within 2 noise sd per channel)
-    and in the allowed region, each channel rescaled to the local noise `noise`; None if no such box is
-    found in TEXTURE_TRIES tries. The noise of an MR case is not white: its texture carries the scanner's
-    correlation, which white noise does not."""
-    shape = np.array([s.stop - s.start for s in box])
-    pad = int(np.ceil(3 * TEXTURE_SMOOTH_VOX))
-    size = np.array(label.shape)
-    if np.any(size < shape + 2 * pad):
-        return None
-    for _ in range(TEXTURE_TRIES):
-        lo = np.array([int(rng.integers(pad, n - m - pad + 1)) for n, m in zip(size, shape)])
-        where = tuple(slice(int(a), int(a + m)) for a, m in zip(lo, shape))
-        if all(s.start < b.stop and b.start < s.stop for s, b in zip(where, box)):
-            continue  # overlaps the lesion's own box
-        lab = label[where]
-        if label_in(lab, lesion_labels).any():
-            continue
-        if region_fn is not None and not region_fn(np.ascontiguousarray(lab), lo.tolist())[hole].all():
-            continue
-        outer = tuple(slice(int(a) - pad, int(a + m) + pad) for a, m in zip(lo, shape))
-        crop = np.asarray(channels[(slice(None),) + outer], dtype=np.float32)
-        inner = tuple(slice(pad, pad + int(m)) for m in shape)
-        ok, out = True, np.empty((crop.shape[0],) + tuple(int(m) for m in shape), dtype=np.float32)
-        for c in range(crop.shape[0]):
-            values = crop[c][inner]
-            if noise[c] > 0 and abs(float(np.median(values[hole])) - level[c]) > 2.0 * noise[c]:
-                ok = False
-                break
-            out[c] = (crop[c] - ndimage.gaussian_filter(crop[c], TEXTURE_SMOOTH_VOX))[inner]
-        if not ok:
-            continue
-        for c in range(out.shape[0]):
-            there = noise_sd(np.ascontiguousarray(crop[c][inner]), hole)
-            out[c] *= np.float32(noise[c] / there) if there > 0 else np.float32(0.0)
-        return out
-    return None
+#: Neighbours whose fill difference differs by more than about this many noise sd are not averaged together:
+#: a lesion's sharp edge stays sharp in the excess that is taken off.
+EDGE_TOLERANCE_SD = 1.0
+#: Rounds of that smoothing (each along all three axes): the wider it reaches, the less of the case's own noise
+#: it takes off (and replaces by white noise); a scanner's noise is correlated over neighbouring voxels.
+SMOOTH_PASSES = 3
+
+
+def edge_preserving_smooth(change: np.ndarray, neighbours: np.ndarray, tolerance: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(`change` (N,) smoothed, noise sd it takes off each voxel per unit white noise): the binomial kernel
+    [1, 2, 1] / 4 along each axis in turn (neighbours as `paste.written_neighbours` gives them), each neighbour
+    weighted by exp(-d^2 / 2 tolerance^2), d its difference from the voxel: noise is averaged out, a step of
+    a few noise sd (a lesion's edge, a small lesion within its rim) is not."""
+    out = change.astype(np.float32, copy=True)
+    centre = np.ones(out.size, dtype=np.float32)
+    energy = np.ones(out.size, dtype=np.float32)
+    inv = np.float32(1.0 / (2.0 * tolerance * tolerance))
+    for before, after in neighbours:
+        total = 2.0 * out
+        weight = np.full(out.size, 2.0, dtype=np.float32)
+        squares = np.full(out.size, 4.0, dtype=np.float32)
+        for nb in (before, after):
+            has = np.flatnonzero(nb >= 0)
+            other = out[nb[has]]
+            w = np.exp(-((other - out[has]) ** 2) * inv)
+            total[has] += w * other
+            weight[has] += w
+            squares[has] += w * w
+        out = total / weight
+        centre *= 2.0 / weight
+        energy *= squares / (weight * weight)
+    return out, np.sqrt(np.clip(2.0 * centre - energy, 0.0, None))
+
+
+def remove_excess(crop: np.ndarray, filled: np.ndarray, hole: np.ndarray, noise, gain: float,
+                  rng: np.random.Generator) -> None:
+    """Turn `filled` (the fast-marching fill of `hole`, (C, X, Y, Z)) into the case's own voxels less the lesion's
+    smoothed excess, in place: in the hole, crop + smoothed (fill - crop) (`edge_preserving_smooth`, over hole
+    voxels only), plus white noise of `gain` x `noise` (per channel) for the variance the smoothing takes off
+    the case's own noise.
+
+    The removal thus changes only the low-frequency content: the hole keeps the scanner's own noise, with its
+    level and spatial correlation, and where the grown rim held little of the lesion the voxels hardly move.
+    A smooth fill with noise of another place or white noise added differs from the healthy tissue by about
+    1.4 noise sd in every voxel it writes (the truth benchmark: PSNR below a plain shell-median fill)."""
+    from .paste import written_neighbours
+
+    idx = np.flatnonzero(hole)
+    if not idx.size:
+        return
+    neighbours = np.concatenate([written_neighbours(idx, hole.shape)] * SMOOTH_PASSES)
+    z = rng.standard_normal(size=idx.size, dtype=np.float32)
+    for c in range(crop.shape[0]):
+        own = crop[c].reshape(-1)[idx]
+        change, lost = edge_preserving_smooth(filled[c].reshape(-1)[idx] - own, neighbours,
+                                              EDGE_TOLERANCE_SD * max(float(noise[c]), 1e-6))
+        filled[c].reshape(-1)[idx] = own + change + np.float32(gain * float(noise[c])) * lost * z
 
 
 def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: dict, lesion_labels,
-                  connectivity: int, region_fn=None) -> Patch | None:
+                  connectivity: int) -> Patch | None:
     """Everything removing one component changes, as a Patch (the case arrays are not modified), or None when
-    the lesion cannot be removed without a visible trace (`residual_excess`, MAX_RESIDUAL_FRACTION).
+    the lesion cannot be removed without a visible trace (`residual_excess`, MAX_RESIDUAL_FRACTION) unless the
+    operation says it must be (`must_remove`: a case cleared of every lesion); `residual_visible` records it.
 
     The hole is the component, its partial-volume rim (`rim_mm`, and at least one voxel all round, whatever
     the grid) and the voxels beyond that still carry the lesion's intensity (`grow_hole`). It is filled by
-    fast marching, and texture is added: the high-pass of healthy tissue of the same level elsewhere in the
-    case (`healthy_texture`), else white noise of the local level. `patch.info` holds what was done.
+    fast marching, and only the smoothed difference is written (`remove_excess`): the hole keeps the case's
+    own noise. `patch.info` holds what was done.
     """
     spacing = spacing_of(affine)
     margin = np.ceil((op["rim_mm"] + MAX_GROWTH_MM + RING_MM) / spacing).astype(int) + 2
@@ -253,20 +288,14 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
     hole = component | (rim & ~lesion_any)
     crop = np.asarray(channels[(slice(None),) + box], dtype=np.float32)
     hole, grown = grow_hole(crop, hole, component, lesion_any, spacing)
-    ring = dilate(hole, ball(RING_MM, spacing)) & ~hole & ~lesion_any
-    filled, dist = fast_marching_fill(crop, hole, spacing)
+    ring = tissue_ring(hole, lesion_any, spacing)
+    filled, _ = fast_marching_fill(crop, hole, spacing)
     rng = np.random.default_rng(int(op["texture_seed"]))
-    level, noise = tissue_levels(crop, ring)
-    texture = healthy_texture(channels, label, box, hole, lesion_labels, region_fn, level, noise, rng)
-    source = "healthy tissue" if texture is not None else "white noise"
-    if texture is None:
-        texture = rng.standard_normal(size=(crop.shape[0],) + hole.shape, dtype=np.float32)
-        texture *= noise.astype(np.float32)[:, None, None, None]
-    taper = np.clip(dist / max(float(op["rim_mm"]), float(spacing.min())), 0.0, 1.0).astype(np.float32)
-    for c in range(filled.shape[0]):
-        filled[c][hole] += (float(op["texture_gain"]) * taper * texture[c])[hole]
+    _, noise = tissue_levels(crop, ring)
+    remove_excess(crop, filled, hole, noise, float(op["texture_gain"]), rng)
     residual, contrast = residual_excess(filled, hole, component, lesion_any, crop, spacing)
-    if residual > max(MAX_RESIDUAL_FRACTION * contrast, MIN_RESIDUAL_SD):
+    visible = residual > max(MAX_RESIDUAL_FRACTION * contrast, MIN_RESIDUAL_SD)
+    if visible and not op.get("must_remove"):
         return None
     new_label = crop_label.copy()
     not_lesion = ~lesion_any
@@ -282,6 +311,6 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
         new_label[component] = 0
     patch = Patch(box, component, new_label, channels=filled)
     patch.info = {"hole_voxels": int(hole.sum()), "grown_layers": grown, "residual_excess_sd": round(residual, 2),
-                  "lesion_contrast_sd": round(contrast, 2),
-                  "texture": source}
+                  "lesion_contrast_sd": round(contrast, 2), "residual_visible": bool(visible),
+}
     return patch
