@@ -371,8 +371,8 @@ def peak_memory(bank_dir: Path, cfg: GenerateConfig, indices: list[int], tmp: Pa
         (out / "imagesTr").mkdir(parents=True)
         (out / "labelsTr").mkdir()
         ids = [c["case_id"] for c in bank.cases]
-        base = base_case_of(i, val_folds, ids)[2]
-        run = [i] + [j for j in range(i + 1, cfg.n) if base_case_of(j, val_folds, ids)[2] == base][:1]
+        base = base_case_of(i, val_folds, ids, cfg.seed)[2]
+        run = [i] + [j for j in range(i + 1, cfg.n) if base_case_of(j, val_folds, ids, cfg.seed)[2] == base][:1]
         arg = json.dumps({"cfg": conf, "bank": str(bank_dir), "out": str(out), "indices": run,
                           "val_folds": val_folds})
         env = dict(os.environ)

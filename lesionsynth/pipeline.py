@@ -112,12 +112,49 @@ def synthetic_case_id(cfg: GenerateConfig, index: int) -> str:
     return f"{cfg.case_prefix}{index:05d}"
 
 
-def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str]) -> tuple[int, list[str], str]:
-    """(home fold, the cases that fold trains on, base case) of output case `index`: the cases take turns as
-    base within their fold's training cases, and those training cases are its donors."""
-    home_fold = index % len(val_folds)
-    train = training_cases(val_folds, home_fold, case_ids)
-    return home_fold, train, train[(index // len(val_folds)) % len(train)]
+#: The stream of a run's generator that orders its cases as base cases (apart from the folds' and the cases').
+BASE_ORDER_STREAM = 2**31 - 2
+#: Rounds (cases x folds outputs each) of the base-case cycle: within it every case is a base about equally
+#: often, give or take two (a fold cannot use its own validation cases, so a shorter cycle, repeated, would
+#: repeat its imbalance).
+CYCLE_ROUNDS = 8
+
+
+@lru_cache(maxsize=8)
+def base_cycle(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...], seed: int) -> tuple[tuple[int, str], ...]:
+    """(home fold, base case) of output cases 0 .. cases x folds x CYCLE_ROUNDS - 1; later cases repeat it.
+
+    Case i is built for fold i mod folds (so the folds get synthetic cases in turn), on the fold's training
+    case used least so far, the first of those in a seeded order of the cases from where the last pick left
+    off. The first n outputs thus use min(n, cases) distinct base cases as far as the folds allow (a fold
+    cannot use its own validation cases), and over a run every case is a base about equally often. Walking
+    each fold's sorted training cases instead used their first few for every small run (8 outputs of 8
+    cases: 4 anatomies, one of them 4 times)."""
+    order = [case_ids[k] for k in np.random.default_rng([int(seed), BASE_ORDER_STREAM]).permutation(len(case_ids))]
+    n, folds = len(order), len(val_folds)
+    allowed = np.zeros((folds, n), dtype=bool)
+    for f in range(folds):
+        allowed[f] = np.isin(order, training_cases([list(v) for v in val_folds], f, list(case_ids)))
+    used = np.zeros(n, dtype=np.int64)
+    after = np.arange(n)
+    pointer, out = 0, []
+    for i in range(n * folds * CYCLE_ROUNDS):
+        f = i % folds
+        score = np.where(allowed[f], used * n + (after - pointer) % n, np.iinfo(np.int64).max)
+        k = int(np.argmin(score))
+        used[k] += 1
+        pointer = (k + 1) % n
+        out.append((f, order[k]))
+    return tuple(out)
+
+
+def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int = 0
+                 ) -> tuple[int, list[str], str]:
+    """(home fold, the cases that fold trains on, base case) of output case `index` (`base_cycle`); the fold's
+    training cases are its donors."""
+    cycle = base_cycle(tuple(case_ids), tuple(tuple(v) for v in val_folds), int(seed))
+    home_fold, base = cycle[index % len(cycle)]
+    return home_fold, training_cases(val_folds, home_fold, case_ids), base
 
 
 def donor_lesions(bank: Bank, cases) -> list[dict]:
@@ -196,7 +233,8 @@ def case_job(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[lis
         if gives:
             job.checksum = arrays_checksum(job.case.channels, job.case.label)
     else:
-        home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in open_bank(bank_dir).cases])
+        home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in open_bank(bank_dir).cases],
+                                                  cfg.seed)
         job = CaseJob(index, home_fold, train, base_id, handed[0], 0.0, checksum=handed[1], reused=True)
     job.undo = [] if gives else None
     return job
@@ -207,7 +245,7 @@ def read_stage(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[l
     """Read the base case of output case `index` (bank lookup + `load_case`, `file_threads` files at once)."""
     t0 = time.perf_counter()
     bank = open_bank(bank_dir)
-    home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases])
+    home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases], cfg.seed)
     ref = next(r for r in bank.case_refs() if r.case_id == base_id)
     case = load_case(ref, len(bank.channel_names), file_threads)
     release_freed_memory()  # the file buffers of the read
@@ -364,7 +402,7 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
     progress record yet, so --resume makes them again, with the same bytes."""
     bank = open_bank(bank_dir)
     case_ids = [c["case_id"] for c in bank.cases]
-    order, takes_from = reuse_order(todo, lambda index: base_case_of(index, val_folds, case_ids)[2])
+    order, takes_from = reuse_order(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed)[2])
     givers = set(takes_from.values())
     shelf = _BaseShelf()
 
@@ -645,7 +683,7 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
             cases = overlapped_cases(todo, str(bank_dir), layout, cfg, val_folds, device)
         else:
             case_ids = [c["case_id"] for c in bank.cases]
-            groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids)[2], jobs)
+            groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed)[2], jobs)
             cases = _flattened(runner.map(synthesize_cases, [(g, str(bank_dir), layout, cfg, val_folds, device)
                                                              for g in groups]))
         try:

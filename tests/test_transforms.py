@@ -20,7 +20,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-OFFLINE = GenerateConfig(n=3, load="high", seed=0, include_originals=False)
+OFFLINE = GenerateConfig(n=3, load="medium", seed=0, include_originals=False)  # a case that removes and adds
 #: Two cases of the sample that this range makes one paste into (ATLAS_003, 1169 mm³) and one inpaint (MS_01042,
 #: 27475 mm³): the lesion work of both kinds, in a few seconds.
 LOADER_CASES = ("ATLAS_003", "MS_01042")
