@@ -213,10 +213,25 @@ EDGE_TOLERANCE_SD = 1.0
 SMOOTH_PASSES = 3
 
 
+def written_neighbours(idx: np.ndarray, shape) -> np.ndarray:
+    """(3, 2, N): per axis, the position in `idx` (flat indices of the written voxels of a box of `shape`) of the
+    voxel before and after each one, or -1 where that voxel is not written."""
+    pos = np.full(int(np.prod(shape)), -1, dtype=np.int64)
+    pos[idx] = np.arange(idx.size)
+    ijk = np.unravel_index(idx, shape)
+    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]  # C order
+    out = np.full((3, 2, idx.size), -1, dtype=np.int64)
+    for axis, n in enumerate(shape):
+        for side, step in enumerate((-1, 1)):
+            at = np.flatnonzero((ijk[axis] + step >= 0) & (ijk[axis] + step < n))
+            out[axis, side, at] = pos[idx[at] + step * int(strides[axis])]
+    return out
+
+
 def edge_preserving_smooth(change: np.ndarray, neighbours: np.ndarray, tolerance: float
                            ) -> tuple[np.ndarray, np.ndarray]:
     """(`change` (N,) smoothed, noise sd it takes off each voxel per unit white noise): the binomial kernel
-    [1, 2, 1] / 4 along each axis in turn (neighbours as `paste.written_neighbours` gives them), each neighbour
+    [1, 2, 1] / 4 along each axis in turn (neighbours as `written_neighbours` gives them), each neighbour
     weighted by exp(-d^2 / 2 tolerance^2), d its difference from the voxel: noise is averaged out, a step of
     a few noise sd (a lesion's edge, a small lesion within its rim) is not."""
     out = change.astype(np.float32, copy=True)
@@ -251,8 +266,6 @@ def remove_excess(crop: np.ndarray, filled: np.ndarray, hole: np.ndarray, noise,
     level and spatial correlation, and where the grown rim held little of the lesion the voxels hardly move.
     A smooth fill with noise of another place or white noise added differs from the healthy tissue by about
     1.4 noise sd in every voxel it writes (the truth benchmark: PSNR below a plain shell-median fill)."""
-    from .paste import written_neighbours
-
     idx = np.flatnonzero(hole)
     if not idx.size:
         return

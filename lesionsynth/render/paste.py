@@ -652,72 +652,20 @@ MIN_RING_VOXELS = 10
 RING_ALPHA = 0.03
 
 
-def written_neighbours(idx: np.ndarray, shape) -> np.ndarray:
-    """(3, 2, N): per axis, the position in `idx` (flat indices of the written voxels of a box of `shape`) of the
-    voxel before and after each one, or -1 where that voxel is not written."""
-    pos = np.full(int(np.prod(shape)), -1, dtype=np.int64)
-    pos[idx] = np.arange(idx.size)
-    ijk = np.unravel_index(idx, shape)
-    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]  # C order
-    out = np.full((3, 2, idx.size), -1, dtype=np.int64)
-    for axis, n in enumerate(shape):
-        for side, step in enumerate((-1, 1)):
-            at = np.flatnonzero((ijk[axis] + step >= 0) & (ijk[axis] + step < n))
-            out[axis, side, at] = pos[idx[at] + step * int(strides[axis])]
-    return out
-
-
-def smooth_change(change: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """`change` (N,) smoothed with the binomial kernel [1, 2, 1] / 4 along each axis in turn, over written
-    neighbours only (`written_neighbours`; the weights of missing ones are left out)."""
-    out = change.astype(np.float32, copy=True)
-    for before, after in neighbours:
-        total = 2.0 * out
-        count = np.full(out.size, 2.0, dtype=np.float32)
-        for nb in (before, after):
-            has = nb >= 0
-            total[has] += out[nb[has]]
-            count[has] += 1.0
-        out = total / count
-    return out
-
-
-def smoothing_weights(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centre weight, sum of squared weights) (N,) of each voxel's `smooth_change` kernel: how much of its own
-    noise, and how much noise in all, the smoothed change carries (white noise of sd 1)."""
-    centre = np.ones(neighbours.shape[-1], dtype=np.float32)
-    energy = np.ones(neighbours.shape[-1], dtype=np.float32)
-    for before, after in neighbours:
-        n = (before >= 0).astype(np.float32) + (after >= 0)
-        centre *= 2.0 / (2.0 + n)
-        energy *= (4.0 + n) / (2.0 + n) ** 2
-    return centre, energy
-
-
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
-                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None,
-                 core: np.ndarray | None = None) -> None:
-    """Intensity-match and brighten the lesion's channels and blend them into the case's `channels`
-    (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`), keeping the destination's own noise.
+                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None) -> None:
+    """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into the case's `channels`
+    (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
 
     `lesion_values(idx, linear)` gives the resampled lesion channels (C, N) at flat box indices (cubic, or
     linear where `linear`); it is asked only for the voxels the feathered alpha reaches, and only those voxels
-    are written. `dest_stats`, if given, is `channel_stats(channels, tissue, box start)` computed already.
+    are written. `dest_stats`, if given, is
+    `channel_stats(channels, tissue, box start)` computed already.
 
     MR channels are scaled by (destination tissue median / donor tissue median), both read on the same
     voxels: the `tissue` voxels of the feather around the paste (beyond the halo), in the destination and in
-    the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it.
-
-    Noise: around the lesion's body (`core`, the voxels its label marks; else soft mask >= 0.5) a
-    voxel gets the destination's value plus alpha times the *smoothed* change (donor minus destination,
-    binomial [1, 2, 1] / 4 along each axis; `smooth_change`). The paste thus moves the local intensity level
-    there but keeps most of the destination's own noise, with its level and spatial correlation. Blending the
-    donor's noisy values in (a weighted mean of two noisy images, then noise added on top) left a ring of
-    stronger, whiter noise around every paste, a shortcut a model can learn (README: realism). The variance
-    the smoothing leaves out (what the destination's mean took off, less what the donor's mean brought,
-    `smoothing_weights`) is added back as white noise. The body keeps the donor's values unsmoothed (its
-    contrast and edge), with noise added as far as the destination's x `noise_gain` exceeds what the
-    donor's resampled noise already gives.
+    the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it. Noise is added only as far
+    as the destination's noise (× `noise_gain`) exceeds what the donor's own noise keeps after resampling.
     """
     idx, a, inner = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
@@ -730,9 +678,6 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     # normal tissue the paste writes, beyond the halo: there the resampled donor holds no more of its lesion's
     # partial volume, which would otherwise set its tissue level too bright (FLAIR) and dim the lesion
     ring = tissue.reshape(-1)[idx] & (a < RING_ALPHA)
-    neighbours = written_neighbours(idx, soft.shape)
-    body = (soft if core is None else core).reshape(-1)[idx] >= 0.5  # the voxels the label marks
-    centre, energy = smoothing_weights(neighbours)
     ijk = [i + s0 for i, s0 in zip(np.unravel_index(idx, soft.shape), start)]
     use_ring = np.count_nonzero(ring) >= MIN_RING_VOXELS
     offsets = {}
@@ -764,21 +709,13 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
             ref = dest_ref
         brightness = float(op["brightness"][c])
         values = np.float32(ref) + np.float32(brightness) * (values - np.float32(ref))
-        change = values - d
-        change = np.where(body, change, smooth_change(change, neighbours))
-        # noise variance of the written voxel, in units of the destination's: around the lesion its own, less
-        # the share the smoothed change took off, plus the donor's share; in the body the blend's
-        dest_sd = float(dest_noise)
-        donor_sd = SPLINE_NOISE_KEPT * abs(gain * brightness) * float(src_stats[c].get("noise_sd") or 0.0)
-        ratio = np.float32((donor_sd / dest_sd) ** 2 if dest_sd > 0 else 0.0)
-        kept = np.where(body, (1.0 - a) ** 2 + a * a * ratio, 1.0 - 2.0 * a * centre + a * a * energy * (1.0 + ratio))
-        wanted = np.where(body, np.float32(float(op["noise_gain"]) ** 2), np.float32(1.0))
-        extra = np.float32(dest_sd) * np.sqrt(np.clip(wanted - kept, 0.0, None))
-        written = d + a * change + extra * noise
+        kept = SPLINE_NOISE_KEPT * abs(gain * brightness) * float(src_stats[c].get("noise_sd") or 0.0)
+        wanted = float(op["noise_gain"]) * float(dest_noise)
+        values = values + np.float32(np.sqrt(max(wanted * wanted - kept * kept, 0.0))) * noise
         if flat is not None:
-            flat[at] = written
+            flat[at] = d + a * (values - d)
         else:
-            channel[tuple(ijk)] = written
+            channel[tuple(ijk)] = d + a * (values - d)
 
 
 def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -936,7 +873,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
 
     def blend(case_channels: np.ndarray) -> None:
         blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
-                     settings, tissue_stats(case_channels), core)
+                     settings, tissue_stats(case_channels))
 
     return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label,
                  tissue_stats=tissue_stats)
