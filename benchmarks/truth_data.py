@@ -42,7 +42,6 @@ minutes on one core.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

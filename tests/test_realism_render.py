@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from lesionsynth.bank import BankConfig, extract_lesions
 from lesionsynth.io.dataset import Case
 from lesionsynth.render.inpaint import edge_preserving_smooth, inpaint_patch, written_neighbours
-from lesionsynth.render.paste import PasteSettings, paste_patch
 
 
 def _blurred_ball_case(shape, spacing, noise_sd, seed, radius=5.0, contrast=60.0, level=100.0, lesion=True,

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ..geometry import ball, dilate, dilate_box, spacing_of, structure_for
 from ..labels import label_in
-from ..stats import channel_stats, noise_sd
+from ..stats import channel_stats
 from .paste import Patch
 
 #: Normal tissue ring around the hole used for the local noise estimate (mm).
