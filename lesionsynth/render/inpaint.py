@@ -324,6 +324,5 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
         new_label[component] = 0
     patch = Patch(box, component, new_label, channels=filled)
     patch.info = {"hole_voxels": int(hole.sum()), "grown_layers": grown, "residual_excess_sd": round(residual, 2),
-                  "lesion_contrast_sd": round(contrast, 2), "residual_visible": bool(visible),
-}
+                  "lesion_contrast_sd": round(contrast, 2), "residual_visible": bool(visible)}
     return patch
