@@ -148,13 +148,83 @@ def base_cycle(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...]
     return tuple(out)
 
 
-def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int = 0
-                 ) -> tuple[int, list[str], str]:
-    """(home fold, the cases that fold trains on, base case) of output case `index` (`base_cycle`); the fold's
-    training cases are its donors."""
-    cycle = base_cycle(tuple(case_ids), tuple(tuple(v) for v in val_folds), int(seed))
-    home_fold, base = cycle[index % len(cycle)]
+@dataclass(frozen=True)
+class Reach:
+    """What decides whether a base case can reach an output's target in a one-direction mode (`reach_of`)."""
+
+    mode: str                      # "populate" (loads only rise) or "inpaint" (loads only fall)
+    load: str
+    load_range: tuple | None
+    tolerance: float
+    n: int
+    loads: tuple[float, ...]       # the cases' loads (mm³), in the order of the case ids
+
+
+def reach_of(cfg: GenerateConfig, bank: Bank) -> Reach | None:
+    """The `Reach` of a run whose mode moves loads one way only; None for the other modes (any base will do)."""
+    if cfg.mode not in ("populate", "inpaint"):
+        return None
+    return Reach(cfg.mode, cfg.load, tuple(cfg.load_range) if cfg.load_range else None, float(cfg.tolerance),
+                 int(cfg.n), tuple(float(v) for v in bank.real_loads()))
+
+
+@lru_cache(maxsize=8)
+def base_assignment(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...], seed: int, reach: Reach
+                    ) -> tuple[tuple[int, str, bool], ...]:
+    """(home fold, base case, whether it can reach the target) of output cases 0 .. n - 1 of a one-direction
+    run: as `base_cycle`, among the fold's training cases that can reach the case's target (drawn as
+    `synthesize_arrays` draws it: the first draw of the case's generator), all of them if none can. Populate
+    mode cannot lower a load nor inpaint mode raise one: the bases of the walk alone often stopped at once
+    (`--mode inpaint --load low` on light and heavy MS cases: 0 of 10 reached their target)."""
+    from .plan import case_rng
+
+    order_index = np.random.default_rng([int(seed), BASE_ORDER_STREAM]).permutation(len(case_ids))
+    order = [case_ids[k] for k in order_index]
+    loads = np.asarray(reach.loads, dtype=np.float64)[order_index]
+    n, folds = len(order), len(val_folds)
+    allowed = np.zeros((folds, n), dtype=bool)
+    for f in range(folds):
+        allowed[f] = np.isin(order, training_cases([list(v) for v in val_folds], f, list(case_ids)))
+    real = np.asarray(reach.loads, dtype=np.float64)
+    used = np.zeros(n, dtype=np.int64)
+    after = np.arange(n)
+    pointer, out = 0, []
+    for i in range(reach.n):
+        f = i % folds
+        target = draw_target_load(reach.load, case_rng(seed, i), real, reach.load_range)
+        fits = loads <= target * (1 + reach.tolerance) if reach.mode == "populate" else \
+            loads >= target * (1 - reach.tolerance)
+        pool = allowed[f] & fits
+        reachable = bool(pool.any())
+        score = np.where(pool if reachable else allowed[f], used * n + (after - pointer) % n,
+                         np.iinfo(np.int64).max)
+        k = int(np.argmin(score))
+        used[k] += 1
+        pointer = (k + 1) % n
+        out.append((f, order[k], reachable))
+    return tuple(out)
+
+
+def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int = 0,
+                 reach: Reach | None = None) -> tuple[int, list[str], str]:
+    """(home fold, the cases that fold trains on, base case) of output case `index` (`base_cycle`, or
+    `base_assignment` in a one-direction mode); the fold's training cases are its donors."""
+    folds = tuple(tuple(v) for v in val_folds)
+    if reach is None:
+        cycle = base_cycle(tuple(case_ids), folds, int(seed))
+        home_fold, base = cycle[index % len(cycle)]
+    else:
+        home_fold, base, _ = base_assignment(tuple(case_ids), folds, int(seed), reach)[index]
     return home_fold, training_cases(val_folds, home_fold, case_ids), base
+
+
+def base_reaches(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int, reach: Reach | None
+                 ) -> bool:
+    """Whether output case `index` got a base case that can reach its target (always, but in one-direction
+    modes with no such case among its fold's training cases)."""
+    if reach is None:
+        return True
+    return base_assignment(tuple(case_ids), tuple(tuple(v) for v in val_folds), int(seed), reach)[index][2]
 
 
 def donor_lesions(bank: Bank, cases) -> list[dict]:
@@ -233,8 +303,9 @@ def case_job(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[lis
         if gives:
             job.checksum = arrays_checksum(job.case.channels, job.case.label)
     else:
-        home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in open_bank(bank_dir).cases],
-                                                  cfg.seed)
+        bank = open_bank(bank_dir)
+        home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases], cfg.seed,
+                                                  reach_of(cfg, bank))
         job = CaseJob(index, home_fold, train, base_id, handed[0], 0.0, checksum=handed[1], reused=True)
     job.undo = [] if gives else None
     return job
@@ -245,7 +316,8 @@ def read_stage(index: int, bank_dir: str, cfg: GenerateConfig, val_folds: list[l
     """Read the base case of output case `index` (bank lookup + `load_case`, `file_threads` files at once)."""
     t0 = time.perf_counter()
     bank = open_bank(bank_dir)
-    home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases], cfg.seed)
+    home_fold, train, base_id = base_case_of(index, val_folds, [c["case_id"] for c in bank.cases], cfg.seed,
+                                             reach_of(cfg, bank))
     ref = next(r for r in bank.case_refs() if r.case_id == base_id)
     case = load_case(ref, len(bank.channel_names), file_threads)
     release_freed_memory()  # the file buffers of the read
@@ -402,7 +474,8 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
     progress record yet, so --resume makes them again, with the same bytes."""
     bank = open_bank(bank_dir)
     case_ids = [c["case_id"] for c in bank.cases]
-    order, takes_from = reuse_order(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed)[2])
+    reach = reach_of(cfg, bank)
+    order, takes_from = reuse_order(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed, reach)[2])
     givers = set(takes_from.values())
     shelf = _BaseShelf()
 
@@ -683,7 +756,9 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
             cases = overlapped_cases(todo, str(bank_dir), layout, cfg, val_folds, device)
         else:
             case_ids = [c["case_id"] for c in bank.cases]
-            groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed)[2], jobs)
+            reach = reach_of(cfg, bank)
+            groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed, reach)[2],
+                                 jobs)
             cases = _flattened(runner.map(synthesize_cases, [(g, str(bank_dir), layout, cfg, val_folds, device)
                                                              for g in groups]))
         try:

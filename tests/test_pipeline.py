@@ -324,3 +324,30 @@ def test_base_cases_spread_over_the_dataset():
     assert uses.max() - uses.min() <= 2, uses
     other = [pipeline.base_case_of(i, folds, ids, 1)[2] for i in range(8)]
     assert other != [base for _, _, base in picks[:8]] and len(set(other)) == 8
+
+
+def test_one_direction_modes_pick_bases_that_can_reach_the_target():
+    """Populate-only cannot lower a load, inpaint-only cannot raise one: such runs take, among the fold's
+    training cases, those on the right side of each case's target (drawn as the case draws it), and the
+    targets themselves do not change."""
+    ids = [f"case{k:02d}" for k in range(10)]
+    loads = tuple(float(v) for v in np.geomspace(300, 30000, 10))
+    folds = pipeline.fold_assignment(ids, 5, 0)
+    for mode, load in (("inpaint", "low"), ("populate", "high")):
+        reach = pipeline.Reach(mode, load, None, 0.1, 20, loads)
+        for i in range(20):
+            _, train, base = pipeline.base_case_of(i, folds, ids, 3, reach)
+            target = pipeline.draw_target_load(load, case_rng(3, i), np.array(loads))
+            fits = [c for c in train if (loads[ids.index(c)] >= 0.9 * target if mode == "inpaint"
+                                         else loads[ids.index(c)] <= 1.1 * target)]
+            assert (base in fits) == bool(fits) and pipeline.base_reaches(i, folds, ids, 3, reach) == bool(fits)
+            assert base in train
+
+
+def test_inpaint_only_low_load_starts_from_bases_above_their_targets(blob_bank, tmp_path):
+    """Every base starts above its low target and loses lesions (how close it gets depends on its lesions'
+    sizes: the blobs are few and large)."""
+    res = generate(blob_bank, tmp_path / "out", GenerateConfig(n=4, load="low", mode="inpaint",
+                                                               include_originals=False), progress=False)
+    assert all(r["initial_load_mm3"] >= 0.9 * r["target_load_mm3"] for r in res.records)
+    assert sum(r["lesions_removed"] > 0 for r in res.records) >= 3
