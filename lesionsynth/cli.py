@@ -223,6 +223,12 @@ def _summary(result, n: int) -> None:
     else:
         typer.echo(f"output: {result.out} ({len(result.records)} synthetic cases, {reached} within tolerance "
                    f"of their target load)")
+    # a one-direction run picks bases on the right side of their targets where its folds have any
+    stuck = [r for r in result.records if "-only mode cannot" in str(r.get("stop_reason"))
+             and not r.get("lesions_added") and not r.get("lesions_removed")]
+    if stuck:
+        typer.echo(f"{len(stuck)} case(s) started on the wrong side of their target: no training case of their fold "
+                   f"could reach it in --mode {stuck[0]['mode']} ({stuck[0]['stop_reason']}; see manifest.jsonl)")
 
 
 @app.command()

@@ -351,3 +351,18 @@ def test_inpaint_only_low_load_starts_from_bases_above_their_targets(blob_bank, 
                                                                include_originals=False), progress=False)
     assert all(r["initial_load_mm3"] >= 0.9 * r["target_load_mm3"] for r in res.records)
     assert sum(r["lesions_removed"] > 0 for r in res.records) >= 3
+
+
+def test_a_run_says_in_one_line_when_bases_could_not_reach_their_targets(capsys):
+    from types import SimpleNamespace
+
+    from lesionsynth.cli import _summary
+
+    stuck = {"reached": False, "mode": "populate", "stop_reason": "populate-only mode cannot lower the load",
+             "lesions_added": 0, "lesions_removed": 0}
+    fine = {"reached": True, "mode": "populate", "stop_reason": "reached", "lesions_added": 3, "lesions_removed": 0}
+    _summary(SimpleNamespace(out="OUT", records=[stuck, fine, stuck]), 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("2 case(s) started on the wrong side of their target")
+    _summary(SimpleNamespace(out="OUT", records=[fine]), 1)
+    assert len(capsys.readouterr().out.splitlines()) == 1
