@@ -145,6 +145,12 @@ def generate(
     result = run_generate(bank, out, cfg, jobs=_jobs(jobs), resume=resume, shard=parse_shard(shard),
                           device=device, backend=backend, scheduler=scheduler)
     _summary(result, n)
+    from .bank import Bank
+
+    n_cases = len(Bank(bank).cases)
+    if folds > n_cases:
+        typer.echo(f"--folds {folds}: the bank holds {n_cases} cases, so {n_cases} folds were used "
+                   f"(one case per validation fold in splits_final.json)")
 
 
 @app.command()

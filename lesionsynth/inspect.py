@@ -266,7 +266,7 @@ def _output(path: Path) -> list[str]:
     if not run.dataset:
         lines.append("  ! dataset.json missing: the run has not finished")
     lines.append(f"config   load {cfg.get('load')}, mode {cfg.get('mode')}, seed {cfg.get('seed')}, tolerance "
-                 f"±{float(cfg.get('tolerance', 0.1)):.0%}, folds {cfg.get('folds')}"
+                 f"±{float(cfg.get('tolerance', 0.1)):.0%}, folds {_folds_used(cfg.get('folds'), run)}"
                  + (f", load range {cfg['load_range']} mm³" if cfg.get("load_range") else ""))
     if n:
         ok = sum(run.within(r) for r in recs)
@@ -296,3 +296,11 @@ def _output(path: Path) -> list[str]:
     report = path / "report" / "report.html"
     lines.append(f"report   {report if report.is_file() else '(none yet: run lesionsynth report ' + str(path) + ')'}")
     return lines
+
+
+def _folds_used(asked, run) -> str:
+    """The folds a run used: as asked, or as many as the bank has cases when it asked for more."""
+    cases = len((run.bank_index or {}).get("cases", [])) if run.bank_index else 0
+    if isinstance(asked, int) and cases and asked > cases:
+        return f"{cases} ({asked} asked; the bank holds {cases} cases)"
+    return str(asked)

@@ -366,3 +366,20 @@ def test_a_run_says_in_one_line_when_bases_could_not_reach_their_targets(capsys)
     assert len(lines) == 2 and lines[1].startswith("2 case(s) started on the wrong side of their target")
     _summary(SimpleNamespace(out="OUT", records=[fine]), 1)
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_more_folds_than_cases_is_said_and_shown(blob_bank, tmp_path):
+    """--folds 9 on a 4-case bank: one line says that 4 folds are used, splits_final.json holds 4, and inspect
+    shows the folds used."""
+    from typer.testing import CliRunner
+
+    from lesionsynth.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["generate", str(blob_bank), "--out", str(out), "--n", "1", "--load", "low",
+                                   "--folds", "9", "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "--folds 9: the bank holds 4 cases, so 4 folds were used" in res.output
+    assert len(json.loads((out / "splits_final.json").read_text())) == 4
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert "folds 4 (9 asked; the bank holds 4 cases)" in shown.output
