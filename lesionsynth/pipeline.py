@@ -120,6 +120,32 @@ BASE_ORDER_STREAM = 2**31 - 2
 CYCLE_ROUNDS = 8
 
 
+def _least_used_walk(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...], seed: int, count: int,
+                     fits=None) -> list[tuple[int, int, bool]]:
+    """(home fold, position in the seeded case order, whether the pick fits) of output cases 0 .. count - 1 and
+    that order (see `base_cycle`). `fits(i, order)`, if given, marks the cases (in that order) that output
+    case i should take; where its fold has none, any of its training cases is taken."""
+    order_index = np.random.default_rng([int(seed), BASE_ORDER_STREAM]).permutation(len(case_ids))
+    n, folds = len(case_ids), len(val_folds)
+    order = [case_ids[k] for k in order_index]
+    allowed = np.zeros((folds, n), dtype=bool)
+    for f in range(folds):
+        allowed[f] = np.isin(order, training_cases([list(v) for v in val_folds], f, list(case_ids)))
+    used = np.zeros(n, dtype=np.int64)
+    after = np.arange(n)
+    pointer, out = 0, []
+    for i in range(count):
+        f = i % folds
+        pool = allowed[f] if fits is None else allowed[f] & fits(i, order_index)
+        fitting = bool(pool.any())
+        score = np.where(pool if fitting else allowed[f], used * n + (after - pointer) % n, np.iinfo(np.int64).max)
+        k = int(np.argmin(score))
+        used[k] += 1
+        pointer = (k + 1) % n
+        out.append((f, order[k], fitting))
+    return out
+
+
 @lru_cache(maxsize=8)
 def base_cycle(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...], seed: int) -> tuple[tuple[int, str], ...]:
     """(home fold, base case) of output cases 0 .. cases x folds x CYCLE_ROUNDS - 1; later cases repeat it.
@@ -130,22 +156,8 @@ def base_cycle(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...], ...]
     cannot use its own validation cases), and over a run every case is a base about equally often. Walking
     each fold's sorted training cases instead used their first few for every small run (8 outputs of 8
     cases: 4 anatomies, one of them 4 times)."""
-    order = [case_ids[k] for k in np.random.default_rng([int(seed), BASE_ORDER_STREAM]).permutation(len(case_ids))]
-    n, folds = len(order), len(val_folds)
-    allowed = np.zeros((folds, n), dtype=bool)
-    for f in range(folds):
-        allowed[f] = np.isin(order, training_cases([list(v) for v in val_folds], f, list(case_ids)))
-    used = np.zeros(n, dtype=np.int64)
-    after = np.arange(n)
-    pointer, out = 0, []
-    for i in range(n * folds * CYCLE_ROUNDS):
-        f = i % folds
-        score = np.where(allowed[f], used * n + (after - pointer) % n, np.iinfo(np.int64).max)
-        k = int(np.argmin(score))
-        used[k] += 1
-        pointer = (k + 1) % n
-        out.append((f, order[k]))
-    return tuple(out)
+    count = len(case_ids) * len(val_folds) * CYCLE_ROUNDS
+    return tuple((f, base) for f, base, _ in _least_used_walk(case_ids, val_folds, seed, count))
 
 
 @dataclass(frozen=True)
@@ -178,31 +190,15 @@ def base_assignment(case_ids: tuple[str, ...], val_folds: tuple[tuple[str, ...],
     (`--mode inpaint --load low` on light and heavy MS cases: 0 of 10 reached their target)."""
     from .plan import case_rng
 
-    order_index = np.random.default_rng([int(seed), BASE_ORDER_STREAM]).permutation(len(case_ids))
-    order = [case_ids[k] for k in order_index]
-    loads = np.asarray(reach.loads, dtype=np.float64)[order_index]
-    n, folds = len(order), len(val_folds)
-    allowed = np.zeros((folds, n), dtype=bool)
-    for f in range(folds):
-        allowed[f] = np.isin(order, training_cases([list(v) for v in val_folds], f, list(case_ids)))
-    real = np.asarray(reach.loads, dtype=np.float64)
-    used = np.zeros(n, dtype=np.int64)
-    after = np.arange(n)
-    pointer, out = 0, []
-    for i in range(reach.n):
-        f = i % folds
-        target = draw_target_load(reach.load, case_rng(seed, i), real, reach.load_range)
-        fits = loads <= target * (1 + reach.tolerance) if reach.mode == "populate" else \
-            loads >= target * (1 - reach.tolerance)
-        pool = allowed[f] & fits
-        reachable = bool(pool.any())
-        score = np.where(pool if reachable else allowed[f], used * n + (after - pointer) % n,
-                         np.iinfo(np.int64).max)
-        k = int(np.argmin(score))
-        used[k] += 1
-        pointer = (k + 1) % n
-        out.append((f, order[k], reachable))
-    return tuple(out)
+    loads = np.asarray(reach.loads, dtype=np.float64)
+
+    def fits(i: int, order_index: np.ndarray) -> np.ndarray:
+        target = draw_target_load(reach.load, case_rng(seed, i), loads, reach.load_range)
+        if reach.mode == "populate":
+            return loads[order_index] <= target * (1 + reach.tolerance)
+        return loads[order_index] >= target * (1 - reach.tolerance)
+
+    return tuple(_least_used_walk(case_ids, val_folds, seed, reach.n, fits))
 
 
 def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int = 0,
@@ -216,15 +212,6 @@ def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], se
     else:
         home_fold, base, _ = base_assignment(tuple(case_ids), folds, int(seed), reach)[index]
     return home_fold, training_cases(val_folds, home_fold, case_ids), base
-
-
-def base_reaches(index: int, val_folds: list[list[str]], case_ids: list[str], seed: int, reach: Reach | None
-                 ) -> bool:
-    """Whether output case `index` got a base case that can reach its target (always, but in one-direction
-    modes with no such case among its fold's training cases)."""
-    if reach is None:
-        return True
-    return base_assignment(tuple(case_ids), tuple(tuple(v) for v in val_folds), int(seed), reach)[index][2]
 
 
 def donor_lesions(bank: Bank, cases) -> list[dict]:

@@ -340,7 +340,8 @@ def test_one_direction_modes_pick_bases_that_can_reach_the_target():
             target = pipeline.draw_target_load(load, case_rng(3, i), np.array(loads))
             fits = [c for c in train if (loads[ids.index(c)] >= 0.9 * target if mode == "inpaint"
                                          else loads[ids.index(c)] <= 1.1 * target)]
-            assert (base in fits) == bool(fits) and pipeline.base_reaches(i, folds, ids, 3, reach) == bool(fits)
+            reaches = pipeline.base_assignment(tuple(ids), tuple(tuple(v) for v in folds), 3, reach)[i][2]
+            assert (base in fits) == bool(fits) and reaches == bool(fits)
             assert base in train
 
 
