@@ -151,22 +151,6 @@ def lesion_patch(channels: np.ndarray, lesion: np.ndarray, comps: np.ndarray, la
 # Lesions of an output
 # --------------------------------------------------------------------------------------------------
 
-def _read(ref, lesion_labels, n: int):
-    """(channels (n, X, Y, Z) float32, lesion mask, affine) of a CaseRef (as `critic.read_case`)."""
-    from lesionsynth.errors import InputError
-    from lesionsynth.labels import label_in
-    from lesionsynth.output_run import read_channel, read_label
-
-    label, affine = read_label(ref.label_path)
-    channels = np.empty((n,) + label.shape, dtype=np.float32)
-    for c in range(n):
-        data, _ = read_channel(ref.image_paths[0] if ref.four_d else ref.image_paths[c], c, ref.four_d)
-        if data.shape != label.shape:
-            raise InputError(f"{ref.case_id}: channel {c} has shape {data.shape}, the label {label.shape}")
-        channels[c] = data
-    return channels, label_in(label, lesion_labels), affine
-
-
 def _candidates(lesion: np.ndarray, affine, connectivity: int, min_volume_mm3: float, must_touch=None):
     """(component labels of `lesion`, kept labels, their centroids in world mm, their volumes in mm³): the
     components of at least critic.MIN_VOXELS voxels and `min_volume_mm3` (that hold a `must_touch` voxel)."""
@@ -221,6 +205,7 @@ def collect_lesions(out_dir, data=None, max_lesions: int = MAX_LESIONS, seed: in
     """Patches of real and pasted lesions of a generate output: {"pasted", "real_base", "real_other":
     [(key, patch, meta)], "channels": names, "notes": [...]}; real_base = lesions of original cases that are
     base cases of synthetic cases. Each list holds at most `max_lesions` (smallest keys)."""
+    from lesionsynth import critic
     from lesionsynth.errors import InputError
     from lesionsynth.io import CaseRef
     from lesionsynth.io.dataset import open_dataset
@@ -248,7 +233,7 @@ def collect_lesions(out_dir, data=None, max_lesions: int = MAX_LESIONS, seed: in
     found = {k: 0 for k in pools}
     for oid in sorted(originals):
         try:
-            channels, lesion, affine = _read(originals[oid], labels, n_ch)
+            channels, lesion, affine = critic.read_ref(originals[oid], labels, n_ch)
         except (InputError, OSError) as exc:
             notes.append(f"case {oid} not read: {exc}")
             continue
@@ -265,7 +250,7 @@ def collect_lesions(out_dir, data=None, max_lesions: int = MAX_LESIONS, seed: in
             cid = rec["case_id"]
             ref = CaseRef(cid, tuple(run.image_path(cid, c) for c in range(n_ch)), run.label_path(cid))
             try:
-                s_channels, s_lesion, s_affine = _read(ref, labels, n_ch)
+                s_channels, s_lesion, s_affine = critic.read_ref(ref, labels, n_ch)
                 if s_lesion.shape != lesion.shape:
                     raise InputError(f"grid {s_lesion.shape} differs from its base case {oid}'s {lesion.shape}")
             except (InputError, OSError) as exc:

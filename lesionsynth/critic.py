@@ -695,21 +695,25 @@ class CaseArrays:
         return spacing_of(self.affine)
 
 
+def read_ref(ref, lesion_labels, n_channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(channels (n, X, Y, Z) float32, lesion mask, affine) of the case a CaseRef points to."""
+    from .output_run import read_channel, read_label
+
+    label, affine = read_label(ref.label_path)
+    channels = np.empty((n_channels,) + label.shape, dtype=np.float32)
+    for c in range(n_channels):
+        data, _ = read_channel(ref.image_paths[0] if ref.four_d else ref.image_paths[c], c, ref.four_d)
+        if data.shape != label.shape:
+            raise InputError(f"{ref.case_id}: channel {c} has shape {data.shape}, the label {label.shape}")
+        channels[c] = data
+    return channels, label_in(label, lesion_labels), affine
+
+
 def read_case(run, case_id: str, original: bool) -> CaseArrays:
     """A case's channels, lesion mask and affine: originals through the bank's recorded files (else their
     copy in the output), synthetic cases from the output (`audit._case_ref`)."""
-    from .output_run import read_channel, read_label
-
     ref = _case_ref(run, case_id, original)
-    n = len(run.channel_names)
-    label, affine = read_label(ref.label_path)
-    channels = np.empty((n,) + label.shape, dtype=np.float32)
-    for c in range(n):
-        data, _ = read_channel(ref.image_paths[0] if ref.four_d else ref.image_paths[c], c, ref.four_d)
-        if data.shape != label.shape:
-            raise InputError(f"{case_id}: channel {c} has shape {data.shape}, the label {label.shape}")
-        channels[c] = data
-    return CaseArrays(case_id, channels, label_in(label, run.lesion_labels), affine)
+    return CaseArrays(case_id, *read_ref(ref, run.lesion_labels, len(run.channel_names)))
 
 
 def _finite(value):
