@@ -300,7 +300,7 @@ def _output(path: Path) -> list[str]:
 
 def _folds_used(asked, run) -> str:
     """The folds a run used: as asked, or as many as the bank has cases when it asked for more."""
-    cases = len((run.bank_index or {}).get("cases", [])) if run.bank_index else 0
+    cases = len(run.bank_index.get("cases", [])) if run.bank_index else 0
     if isinstance(asked, int) and cases and asked > cases:
         return f"{cases} ({asked} asked; the bank holds {cases} cases)"
     return str(asked)

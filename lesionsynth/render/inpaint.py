@@ -193,10 +193,10 @@ def residual_excess(channels: np.ndarray, hole: np.ndarray, component: np.ndarra
     furthest beyond the tissue level towards the removed lesion, relative to the lesion's contrast there:
     the layer's median excess and the lesion's contrast on that channel. Levels and contrast are read on
     the original crop, before the fill."""
-    ring = tissue_ring(hole, lesion_any, spacing, dilate(hole, structure_for(26)))
-    level, noise = tissue_levels(original, ring)
+    around = dilate(hole, structure_for(26))
+    level, noise = tissue_levels(original, tissue_ring(hole, lesion_any, spacing, around))
     contrast = lesion_contrast(original, component, level, noise)
-    shell = dilate(hole, structure_for(26)) & ~hole & ~lesion_any
+    shell = around & ~hole & ~lesion_any
     if not contrast.any() or np.count_nonzero(shell) < 10:
         return 0.0, 0.0
     left = np.median(excess_sd(channels, shell, level, noise, contrast), axis=1)
