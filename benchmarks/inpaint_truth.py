@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from native_space import cli  # noqa: E402  (the lesionsynth command of this environment)
 
 CHANNELS = ("FLAIR", "T1")
 CONN26 = np.ones((3, 3, 3), bool)
@@ -166,19 +168,6 @@ def dilate1(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Running lesionsynth
 # --------------------------------------------------------------------------------------------------
-
-
-def cli() -> list[str]:
-    """The lesionsynth command next to this Python ($LESIONSYNTH_CLI overrides, e.g. another build)."""
-    if os.environ.get("LESIONSYNTH_CLI"):
-        return shlex.split(os.environ["LESIONSYNTH_CLI"])
-    sibling = Path(sys.executable).with_name("lesionsynth")
-    if sibling.exists():
-        return [str(sibling)]
-    found = shutil.which("lesionsynth")
-    if found:
-        return [found]
-    raise SystemExit("inpaint_truth: no lesionsynth command next to this Python or on PATH")
 
 
 def provenance(exe: list[str]) -> dict:

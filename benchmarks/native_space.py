@@ -114,7 +114,7 @@ def cli() -> list[str]:
     found = shutil.which("lesionsynth")
     if found:
         return [found]
-    raise SystemExit("native_space: no lesionsynth command next to this Python or on PATH")
+    raise SystemExit(f"{Path(sys.argv[0]).stem}: no lesionsynth command next to this Python or on PATH")
 
 
 def run_stage(name: str, cmd: list[str]) -> tuple[float, str]:

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
-def _load_benchmark():
-    name = "downstream_unet_for_tests"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "downstream_unet.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_benchmark()
+bench = load_benchmark("downstream_unet")
 SHAPE = (20, 18, 16)
 SPACING = 2.0
 

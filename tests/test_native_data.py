@@ -3,7 +3,6 @@ benchmarks/native_space.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -12,14 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("native_space", REPO / "benchmarks" / "native_space.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +63,7 @@ def test_no_tissue_label_in_dataset(native):
 
 def test_truth_on_case_grids_and_real_lesions_in_wm(native):
     root, truth, cases = native
-    harness = _load_harness()
+    harness = load_benchmark("native_space")
     results = []
     for c in cases:
         label_img = nib.load(str(root / "labelsTr" / f"{c}.nii.gz"))
@@ -89,7 +81,7 @@ def test_truth_on_case_grids_and_real_lesions_in_wm(native):
 
 
 def test_tissue_shares_hand_example():
-    harness = _load_harness()
+    harness = load_benchmark("native_space")
     tissue = np.zeros((4, 4, 1), np.uint8)
     tissue[0] = 3  # row 0 WM
     tissue[1] = 2  # row 1 GM
@@ -120,7 +112,7 @@ def test_tissue_shares_hand_example():
 
 
 def test_default_truth_folder():
-    harness = _load_harness()
+    harness = load_benchmark("native_space")
     cache = Path("/some/cache")
     assert harness.default_truth(cache / "heldout" / "native_brains") == cache / "truth" / "heldout_native_brains"
     assert harness.default_truth(cache / "native_brains") == cache / "truth" / "native_brains"

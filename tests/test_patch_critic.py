@@ -3,27 +3,13 @@ cross-validation on synthetic patches (separable: AUC > 0.9; one distribution: A
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
-def _load_benchmark():
-    name = "patch_cnn_critic_for_tests"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "patch_cnn_critic.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_benchmark()
+bench = load_benchmark("patch_cnn_critic")
 
 
 def _oblique_affine():
