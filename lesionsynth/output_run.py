@@ -93,8 +93,11 @@ def read_manifest(path: Path) -> list[dict]:
     return [records[k] for k in sorted(records)]
 
 
-def read_output(out: str | Path) -> OutputRun:
-    """Open a generate output folder; InputError if it is not one."""
+def read_output(out: str | Path, data_root: str | Path | None = None) -> OutputRun:
+    """Open a generate output folder; InputError if it is not one. The bank's cases are found as the bank says
+    (`io.locate.located`), or under `data_root` if given."""
+    from .io.locate import located
+
     out = Path(out)
     if not (out / RUN_FILE).is_file() or not (out / MANIFEST).is_file():
         raise InputError(f"{out}: not a lesionsynth generate output ({RUN_FILE} or {MANIFEST} missing)")
@@ -108,7 +111,7 @@ def read_output(out: str | Path) -> OutputRun:
     bank_index = None
     if bank_dir is not None and (bank_dir / "bank.json").is_file():
         try:
-            bank_index = json.loads((bank_dir / "bank.json").read_text())
+            bank_index = located(json.loads((bank_dir / "bank.json").read_text()), bank_dir, data_root)
         except json.JSONDecodeError:
             bank_index = None
     return OutputRun(out, run, records, dataset, bank_dir, bank_index)
@@ -127,9 +130,9 @@ def component_volumes(label: np.ndarray, affine: np.ndarray, lesion_labels, conn
 
 def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(int16 label volume, affine) of a written label file."""
-    from .io.nifti import load_nifti
+    from .io.images import load_image
 
-    img = load_nifti(path)
+    img = load_image(path)
     data = np.asanyarray(img.dataobj)
     if data.dtype.kind == "f":
         data = np.rint(data)
@@ -138,9 +141,10 @@ def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_channel(path: Path, channel: int, four_d: bool) -> tuple[np.ndarray, np.ndarray]:
     """(float32 channel volume, affine) of a written image file (`four_d`: channel `channel` of a 4-D file)."""
-    from .io.nifti import load_nifti, read_array
+    from .io.images import load_image
+    from .io.nifti import read_array
 
-    img = load_nifti(path)
+    img = load_image(path)
     if four_d:
         data = np.asarray(img.dataobj[..., channel], dtype=np.float32)
     else:

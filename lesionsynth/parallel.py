@@ -16,7 +16,13 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .errors import InputError, Interrupted, LesionsynthError
+
+# tqdm's monitor thread is of no use to a run's bars, and a stop signal raised while the first bar starts it
+# would be caught there and printed as a warning instead of stopping the run
+tqdm.monitor_interval = 0
 
 #: Seconds a stopped worker gets to remove its temporary file and exit before it is killed.
 STOP_GRACE_S = 3.0
@@ -92,29 +98,51 @@ class Runner:
 
     def map(self, fn, calls: Iterable[tuple]) -> Iterator:
         if self.in_process:
-            return (fn(*args) for args in calls)
+            return _checked(fn(*args) for args in calls)
         if self.jobs > 1:
             # submitted now, not when the results are first asked for: the workers are forked before the
             # caller starts anything else (a progress bar's thread, say)
             return self._results(self._submit(fn, calls))
         from joblib import Parallel, delayed
 
-        return Parallel(n_jobs=self.jobs, return_as="generator")(delayed(fn)(*args) for args in calls)
+        return _checked(Parallel(n_jobs=self.jobs, return_as="generator")(delayed(fn)(*args) for args in calls))
 
     def _submit(self, fn, calls) -> list:
-        if self._pool is not None:
-            return [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
+        with deferred_signals():  # a signal now is acted on once the futures are known and returned
+            if self._pool is None:
+                self._start_workers()
+            futures = [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
+            self._remember_workers()
+        return futures
+
+    def _start_workers(self) -> None:
+        """Start the pool with all its workers now, not at its first task (there may be none: a resumed run
+        whose originals are done), so that their ids are known from the moment they exist. Called with
+        SIGTERM and SIGINT held back (`deferred_signals`): a worker starts with them blocked and takes them
+        only once its own handlers are in place (`_worker_start`)."""
         self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context(self.start_method),
                                          initializer=_worker_start, initargs=(os.getpid(),))
-        # the workers start at the first submit; objects frozen then are not traversed by the workers'
-        # garbage collector, which would otherwise copy every page holding them (copy-on-write)
+        # objects frozen when the workers are forked are not traversed by their garbage collector, which
+        # would otherwise copy every page holding them (copy-on-write)
         gc.freeze()
         try:
-            futures = [self._pool.submit(_run_in_worker, fn, *args) for args in calls]
+            # Python's pool forks all its workers at its first submit and spawns them one per submit; these
+            # (private, Python 3.9+) calls start them all now. Without them, the first submit starts them.
+            launch = getattr(self._pool, "_launch_processes", None)
+            start = getattr(self._pool, "_start_executor_manager_thread", None)
+            if launch is not None and start is not None:
+                launch()
+                start()
         finally:
             gc.unfreeze()
-        self._workers = list(getattr(self._pool, "_processes", {}).values())  # to tell why one died
-        return futures
+        self._remember_workers()
+
+    def _remember_workers(self) -> None:
+        """Add the pool's worker processes to those known (kept after the pool lets them go: to tell why one
+        died, and to stop them)."""
+        known = {id(p) for p in self._workers}
+        processes = getattr(self._pool, "_processes", None) or {}
+        self._workers += [p for p in list(processes.values()) if id(p) not in known]
 
     def _results(self, futures: list) -> Iterator:
         # after an error or an early stop the rest is not run: `close` cancels what has not started, or stops
@@ -124,10 +152,13 @@ class Runner:
         try:
             for future in futures:
                 try:
-                    yield future.result()
+                    result = future.result()
                 except BrokenProcessPool:
+                    raise_if_stopped()  # the workers were stopped by the signal that stops this run too
                     raise LesionsynthError(f"{worker_death(self._workers)}; rerun (generate --resume keeps the "
                                            f"cases already written)") from None
+                raise_if_stopped()
+                yield result
         except Interrupted:
             self._stopping = True
             raise
@@ -142,6 +173,7 @@ class Runner:
         if self._pool is None:
             return
         self._stopping = self._stopping or stop_workers
+        self._remember_workers()
         if stop_workers:
             for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 0.0)):
                 for process in self._workers:  # SIGKILL only for one stuck in a long native call
@@ -196,11 +228,13 @@ def _worker_start(parent_pid: int) -> None:
 
     A failure here is kept and raised by the worker's first task (`_run_in_worker`), so that it reaches the
     user with its own type and message instead of as a broken pool."""
-    global _start_error
+    global _start_error, _stop
+    _stop = None  # a forked worker's copy of the parent's stop handling: not its own
     try:
-        _die_with_parent(parent_pid)
         signal.signal(signal.SIGTERM, _stop_worker)
+        signal.signal(signal.SIGALRM, _stop_worker)  # a stop put off until a result is sent (`_stop_worker`)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+        _die_with_parent(parent_pid)
         # a forked worker inherits the parent's thread pools, which the environment variables set for spawned
         # workers no longer size
         from threadpoolctl import threadpool_limits
@@ -208,6 +242,9 @@ def _worker_start(parent_pid: int) -> None:
         threadpool_limits(1)  # applies at once, for the rest of the process
     except BaseException as exc:  # noqa: BLE001 - reported by the first task
         _start_error = exc
+    finally:
+        # the worker started with both blocked (`Runner._start_workers`): one sent meanwhile is taken now
+        _unblock_stop_signals()
 
 
 def _run_in_worker(fn, *args):
@@ -217,10 +254,24 @@ def _run_in_worker(fn, *args):
 
 
 def _stop_worker(signum, frame) -> None:
+    if _sending_result(frame):  # half a result in the pipe would hang the parent's pool: stop right after it
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        return
     from .io.nifti import remove_open_temporaries
 
     remove_open_temporaries()
-    os._exit(128 + signum)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _sending_result(frame) -> bool:
+    """Whether a worker stopped at `frame` is writing a message to the parent (a result, through its pipe)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("send_bytes", "_send_bytes", "_send") and \
+                code.co_filename.endswith(os.path.join("multiprocessing", "connection.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -257,25 +308,130 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopRequest:
+    """The stop signal a run received (the first one) and how far it has got with it."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.acting = False   # the run is stopping: more signals are noted, and do not cut its cleanup short
+        self.deferring = 0    # inside `deferred_signals`: a signal is noted, acted on at the window's end
+        self.owner = os.getpid()
+
+    def raise_pending(self) -> None:
+        if self.signum is not None and not self.acting:
+            raise Interrupted(self.signum)
+
+
+_stop: _StopRequest | None = None
+
+
+def _on_stop_signal(signum, frame) -> None:
+    stop = _stop
+    if stop is None:
+        return
+    if os.getpid() != stop.owner:  # a forked worker before its own handlers are in place: act as one
+        if signum == signal.SIGTERM:
+            _stop_worker(signum, frame)
+        return
+    stop.signum = stop.signum or signum
+    if not stop.deferring:
+        stop.raise_pending()
+
+
+def raise_if_stopped() -> None:
+    """Raise `Interrupted` if a stop signal came and the run is not stopping yet: its first `Interrupted` was
+    lost (raised inside a finalizer or a library's `except Exception`) or is still held back. Loops over
+    results call this after each one."""
+    if _stop is not None:
+        _stop.raise_pending()
+
+
+def _acknowledge_stop() -> None:
+    """The run now acts on the signal it received: later ones are noted, not raised into its cleanup."""
+    if _stop is not None and _stop.signum is not None:
+        _stop.acting = True
+
+
+def _unblock_stop_signals() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def run_bar(*args, **kwargs):
+    """A tqdm progress bar made with SIGTERM and SIGINT held back (`deferred_signals`): a signal while tqdm builds
+    it would leave a half-made bar, whose finaliser then prints a traceback beside the run's one line."""
+    with deferred_signals():
+        return tqdm(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def stop_on_signals():
+def deferred_signals():
+    """Hold SIGTERM and SIGINT back while the block runs, and act on one that came meanwhile at its end. Used
+    while worker processes start and tasks are handed to them: a process started here inherits the block
+    (its own handlers take the signal later) and is registered before the signal is acted on."""
+    blocked = None
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    stop = _stop
+    if stop is not None:
+        stop.deferring += 1
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop.deferring -= 1
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending one reaches the handler now
+        if stop is not None and not stop.deferring:
+            stop.raise_pending()  # one the handler took (in another thread's turn) meanwhile
+
+
+def _checked(results: Iterator) -> Iterator:
+    """`results`, with `raise_if_stopped` after each (a signal's lost `Interrupted` is raised here again)."""
+    try:
+        for result in results:
+            raise_if_stopped()
+            yield result
+    finally:
+        if hasattr(results, "close"):
+            results.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals(keep_after_stop: bool = False):
     """Turn SIGTERM and SIGINT into `Interrupted` in this (main) thread while the block runs, so the run
-    stops where it is, its workers are stopped and one line says what is done. A no-op off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
+    stops where it is, its workers are stopped and one line says what is done. The handlers stay in place
+    until the block ends: a signal is never ignored. A second signal before the run acts on the first raises
+    again (the first may have been lost); one after that is noted and lets the cleanup (a few seconds) end.
+    `keep_after_stop` (a command whose process ends with the stop): once the run has stopped, a repeated signal
+    changes nothing and does not kill the process while it exits (Python's own handler would be gone by then;
+    its exit status stays that of the first). Nested blocks share the outer one's handling. A no-op off the
+    main thread."""
+    global _stop
+    if threading.current_thread() is not threading.main_thread() or _stop is not None:
         yield
         return
+    _stop = _StopRequest()
+    previous_hook = sys.unraisablehook
 
-    def handler(signum, frame):
-        for sig in (signal.SIGTERM, signal.SIGINT):  # one stop at a time: the cleanup is not interrupted
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
+    def quiet_hook(unraisable) -> None:
+        # an Interrupted raised inside a finalizer is lost there (raise_if_stopped raises it again): no traceback
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+    sys.unraisablehook = quiet_hook
     try:
         yield
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            # SIG_IGN, unlike a Python handler, outlasts the interpreter's finalization
+            signal.signal(sig, signal.SIG_IGN if keep_after_stop and _stop.signum is not None else old)
+        sys.unraisablehook = previous_hook
+        _stop = None
 
 
 @contextlib.contextmanager
@@ -298,6 +454,7 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
                 yield runner
         except BaseException:
             stopped = True
+            _acknowledge_stop()
             raise
         finally:
             runner.close(stop_workers=stopped)
@@ -312,6 +469,9 @@ def execution(backend: str = "local", scheduler: str | None = None, jobs: int = 
     try:
         with joblib.parallel_config(backend="dask"):
             yield Runner(-1, fork=False)
+    except BaseException:
+        _acknowledge_stop()
+        raise
     finally:
         client.close()
 

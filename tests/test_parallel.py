@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -142,3 +143,83 @@ def test_stopping_while_a_result_is_held_prints_no_pool_traceback(monkeypatch):
             raise Interrupted(signal.SIGTERM)
     time.sleep(0.5)  # the pool's thread reports the broken pool after the workers are gone
     assert thread_errors == []
+
+
+class _RaisesASignalWhenFreed:
+    """Sends SIGTERM to this process while it is being freed: the handler's `Interrupted` is raised inside a
+    finalizer, where Python ignores it (as in a library's __del__ or weakref callback that runs at that moment)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+        sum(range(100))  # bytecode after the signal: its handler runs here, inside the finalizer
+
+
+def test_a_signal_lost_in_a_finalizer_is_raised_again_at_the_next_check():
+    from lesionsynth.parallel import raise_if_stopped, stop_on_signals
+
+    with stop_on_signals():
+        _RaisesASignalWhenFreed()  # freed at once: the Interrupted is lost
+        with pytest.raises(Interrupted) as caught:
+            raise_if_stopped()  # as the run does after each result
+    assert caught.value.signum == signal.SIGTERM
+
+
+def test_a_second_signal_is_raised_when_the_first_was_lost():
+    from lesionsynth.parallel import stop_on_signals
+
+    with stop_on_signals():
+        _RaisesASignalWhenFreed()
+        with pytest.raises(Interrupted) as caught:
+            signal.raise_signal(signal.SIGINT)
+            sum(range(100))
+    assert caught.value.signum == signal.SIGTERM  # the exit status is the first signal's
+
+
+def test_a_signal_while_workers_start_is_held_back_then_acted_on():
+    from lesionsynth.parallel import deferred_signals, stop_on_signals
+
+    finished = False
+    with stop_on_signals():
+        with pytest.raises(Interrupted) as caught:
+            with deferred_signals():
+                signal.raise_signal(signal.SIGINT)
+                sum(range(100))
+                finished = True  # not cut short
+    assert finished and caught.value.signum == signal.SIGINT
+
+
+@needs_fork
+def test_worker_ids_are_known_before_any_task():
+    """A pool started by an empty map (a resumed run whose originals are all done) knows its workers: a signal
+    then stops them, instead of waiting for every queued case."""
+    runner = Runner(2, fork=True)
+    assert list(runner.map(_slow, [])) == []
+    pids = runner.worker_pids()
+    assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    results = runner.map(_slow, [(x,) for x in range(40)])
+    start = time.monotonic()
+    runner.close(stop_workers=True)
+    assert time.monotonic() - start < 5  # not 40 × 0.3 s / 2
+    del results
+
+
+def _large_result(x):
+    return bytes(100_000_000)  # its trip through the pipe to the parent takes most of the call's time
+
+
+@needs_fork
+def test_workers_stopped_while_they_send_results_do_not_hang_the_stop():
+    """A worker killed half-way through writing a result leaves half a message in the pipe, on which Python's
+    pool waits for ever: a worker being stopped finishes the message first, then exits."""
+    for _ in range(3):
+        runner = Runner(2, fork=True)
+        results = runner.map(_large_result, [(x,) for x in range(20)])
+        next(results)
+        time.sleep(0.15)
+        start = time.monotonic()
+        stopper = threading.Thread(target=runner.close, kwargs={"stop_workers": True}, daemon=True)
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "the stop hangs"
+        assert time.monotonic() - start < 10
+        del results

@@ -88,7 +88,7 @@ def test_write_failure_is_clean_and_resumable(blob_bank, reference, tmp_path, mo
     import lesionsynth.io.output as output
 
     out = tmp_path / "out"
-    real_save = output.save_nifti
+    real_save = output.save_image
     calls = {"n": 0}
 
     def failing_save(path, *args, **kwargs):
@@ -97,14 +97,14 @@ def test_write_failure_is_clean_and_resumable(blob_bank, reference, tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(output, "save_nifti", failing_save)
+    monkeypatch.setattr(output, "save_image", failing_save)
     with pytest.raises(LesionsynthError, match="No space left on device.*--resume"):
         generate(blob_bank, out, CFG, progress=False)
     assert not list(out.rglob(".*.tmp*"))  # no partial file left
     assert not (out / "dataset.json").exists()
     for label in (out / "labelsTr").glob("*.nii.gz"):
         assert label.stat().st_size > 0
-    monkeypatch.setattr(output, "save_nifti", real_save)
+    monkeypatch.setattr(output, "save_image", real_save)
     generate(blob_bank, out, CFG, progress=False, resume=True)
     assert _hashes(out) == reference
 
