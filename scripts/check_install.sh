@@ -61,6 +61,25 @@ test "$(wc -l < testset/strata.csv)" -eq 3
 step "lesionsynth score (the labels against themselves)"
 "${ls[@]}" score dataset/labelsTr dataset --out scored --jobs 2 --bootstrap 200
 "$work/user-env/bin/python" -c "import json; s = json.load(open('scored/summary.json')); assert s['overall']['dice']['mean'] == 1, s['overall']['dice']"
+step "a .mha dataset (converted by SimpleITK itself): build-bank and generate keep the ending"
+"$work/user-env/bin/python" - <<'PY'
+import json, pathlib, SimpleITK as sitk
+src, dst = pathlib.Path("dataset"), pathlib.Path("dataset_mha")
+for sub in ("imagesTr", "labelsTr"):
+    (dst / sub).mkdir(parents=True)
+    for f in sorted((src / sub).glob("*.nii.gz")):
+        img = sitk.ReadImage(str(f))
+        for key in img.GetMetaDataKeys():
+            img.EraseMetaData(key)
+        sitk.WriteImage(img, str(dst / sub / (f.name[: -len(".nii.gz")] + ".mha")), useCompression=True)
+meta = json.loads((src / "dataset.json").read_text())
+(dst / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".mha"}))
+PY
+"${ls[@]}" build-bank dataset_mha --out bank_mha --jobs 2 2>/dev/null
+"${ls[@]}" generate bank_mha --out out_mha --n 2 --load high --seed 0 --jobs 2 2>/dev/null
+"$work/user-env/bin/python" -c "import json; assert json.load(open('out_mha/dataset.json'))['file_ending'] == '.mha'"
+test -f out_mha/labelsTr/syn00000.mha && test -f out_mha/imagesTr/syn00001_0000.mha && echo "output written as .mha"
+
 step "one-line errors"
 if "${ls[@]}" build-bank dataset --out bank2 --recipe no_such_recipe 2>err.txt; then exit 1; fi
 cat err.txt; [ "$(wc -l <err.txt)" -eq 1 ]

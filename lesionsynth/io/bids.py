@@ -239,7 +239,9 @@ def source_index(run: dict) -> SourceIndex | None:
 @lru_cache(maxsize=4)
 def _cached_source_index(path: str, _stamp: int) -> SourceIndex | None:
     try:
-        index = json.loads(Path(path).read_text())
+        from .locate import located
+
+        index = located(json.loads(Path(path).read_text()), Path(path).parent)  # the cases' paths absolute
         cases = {c["case_id"]: {"images": list(c["images"]), "label": c["label"], "four_d": bool(c.get("four_d")),
                                 "load_mm3": c.get("load_mm3")} for c in index["cases"]}
         dataset = index.get("dataset") or {}

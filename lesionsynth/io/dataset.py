@@ -16,8 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
-
-NIFTI_ENDINGS = (".nii.gz", ".nii")
+from .images import IMAGE_ENDINGS
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Case:
 
 
 def _strip_ending(name: str) -> str:
-    for end in NIFTI_ENDINGS:
+    for end in IMAGE_ENDINGS:
         if name.endswith(end):
             return name[: -len(end)]
     return name
@@ -135,8 +134,8 @@ def _open_nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
     channels = _channel_names(meta, meta_path)
     labels = _labels_from_json(meta, meta_path)
     ending = meta.get("file_ending", ".nii.gz")
-    if ending not in NIFTI_ENDINGS:
-        raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (use .nii.gz or .nii)")
+    if ending not in IMAGE_ENDINGS:
+        raise InputError(f"{meta_path}: file_ending {ending!r} is not supported (use {', '.join(IMAGE_ENDINGS)})")
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
@@ -174,7 +173,7 @@ def _open_nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
         if f.name.endswith(ending):
             if f.name[: -len(ending)] not in found:
                 problems.append(f"{f}: label without images")
-        elif f.name.endswith(NIFTI_ENDINGS):
+        elif f.name.endswith(IMAGE_ENDINGS):
             problems.append(f"{f}: file name does not end in {ending} (dataset.json file_ending)")
     n_declared = meta.get("numTraining")
     if isinstance(n_declared, int) and n_declared != len(found):

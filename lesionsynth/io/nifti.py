@@ -161,7 +161,28 @@ def atomic_file(path: str | os.PathLike):
         OPEN_TEMPORARIES.discard(tmp)
 
 
-#: Atomic writes go to '.NAME.tmpPID' in the target's folder.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """A temporary path in `path`'s folder, ending in `suffix`, for a writer that opens the file by name (and
+    picks its format by the name's ending); on success the file is fsynced and renamed over `path`, on any
+    error removed."""
+    path = Path(path)
+    tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.tmp{os.getpid()}{suffix}")
+    OPEN_TEMPORARIES.add(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        OPEN_TEMPORARIES.discard(tmp)
+
+
+#: Atomic writes go to '.NAME.tmpPID' in the target's folder ('.NAME.tmpPID.mha' where the writer needs the
+#: ending).
 TEMPORARY_PREFIX = "."
 #: The temporary files this process is writing now (removed by a worker stopped by a signal).
 OPEN_TEMPORARIES: set[Path] = set()
@@ -177,8 +198,9 @@ def remove_open_temporaries() -> None:
 
 
 def temporary_owner(name: str) -> int | None:
-    """The process id in a temporary file's name ('.NAME.tmpPID'), or None if it is not one."""
+    """The process id in a temporary file's name ('.NAME.tmpPID[.ENDING]'), or None if it is not one."""
     head, sep, pid = name.rpartition(".tmp")
+    pid = pid.partition(".")[0]
     return int(pid) if sep and head.startswith(TEMPORARY_PREFIX) and pid.isdigit() else None
 
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import LesionsynthError
 from .dataset import Case
-from .nifti import atomic_file, save_nifti, write_bytes_atomic
+from .images import NIFTI_ENDINGS, save_image
+from .nifti import atomic_file, write_bytes_atomic
 
 
 def image_dtype(header) -> np.dtype:
@@ -63,11 +64,11 @@ def _write_case_files(images, label_path, channels, label, base, compression_lev
                       ) -> None:
     def channel(c: int) -> None:
         dtype = image_dtype(base.channel_headers[c])
-        save_nifti(images[c], stored_values(channels[c], dtype), base.affine, base.channel_headers[c], dtype,
+        save_image(images[c], stored_values(channels[c], dtype), base.affine, base.channel_headers[c], dtype,
                    compression_level)
 
     def label_file() -> None:
-        save_nifti(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
+        save_image(label_path, label, base.affine, base.label_header, np.uint8, compression_level)
 
     writes = [functools.partial(channel, c) for c in range(len(images))] + [label_file]
     if file_threads <= 1:
@@ -84,7 +85,8 @@ def _write_case_files(images, label_path, channels, label, base, compression_lev
 
 def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", compression_level: int = 1,
                   paths=None) -> None:
-    """Put an original case into the output: copy 3-D image files as they are, rewrite the label as uint8."""
+    """Put an original case into the output: copy 3-D NIfTI image files as they are (a .mha/.nrrd file may name a
+    data file beside it, and takes the run's compression), rewrite the label as uint8."""
     try:
         _copy_original_files(out, case, image_paths, ending, compression_level, paths)
     except OSError as exc:
@@ -94,15 +96,16 @@ def copy_original(out: Path, case: Case, image_paths, ending: str = ".nii.gz", c
 
 def _copy_original_files(out: Path, case: Case, image_paths, ending: str, compression_level: int, paths) -> None:
     images, label_path = paths or case_paths(out, case.case_id, case.channels.shape[0], ending)
-    same_files = len(image_paths) == len(images) and all(str(p).endswith(ending) for p in image_paths)
+    same_files = ending in NIFTI_ENDINGS and len(image_paths) == len(images) \
+        and all(str(p).endswith(ending) for p in image_paths)
     for c, dst in enumerate(images):
         if same_files and len(case.channel_headers[c].get_data_shape()) == 3:
             with atomic_file(dst) as fh, open(image_paths[c], "rb") as src:
                 shutil.copyfileobj(src, fh, 1 << 20)
         else:
             dtype = image_dtype(case.channel_headers[c])
-            save_nifti(dst, case.channels[c], case.affine, case.channel_headers[c], dtype, compression_level)
-    save_nifti(label_path, case.label, case.affine, case.label_header, np.uint8, compression_level)
+            save_image(dst, case.channels[c], case.affine, case.channel_headers[c], dtype, compression_level)
+    save_image(label_path, case.label, case.affine, case.label_header, np.uint8, compression_level)
 
 
 def write_json(path: Path, data) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import InputError
 from .dataset import Case, CaseRef, DatasetSpec, open_dataset
-from .nifti import load_nifti, read_array
+from .images import IMAGE_ENDINGS, load_image
+from .nifti import read_array
 
 #: grids of a case's files must agree to this many mm (origin, voxel spacing) ...
 AFFINE_ATOL_MM = 1e-3
@@ -70,6 +71,7 @@ class CaseCheck:
     case: Case | None
     problems: list[Problem]
     label_counts: dict[int, int] | None
+    voxel_mm3: float | None = None  # the label grid's voxel volume (None if its affine is unusable)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,10 +164,10 @@ def _value_counts(label: np.ndarray, high: int) -> np.ndarray:
 
 
 def _open_and_check_header(path: Path, case_id: str | None, opened: dict | None = None):
-    """(image or None, problems) of a NIfTI file: whether it reads, its voxel type and its affine.
+    """(image or None, problems) of an image file: whether it reads, its voxel type and its affine.
     `opened`: files read already (`_open_all`); this one's entry is taken out of it."""
     try:
-        img = opened.pop(path) if opened and path in opened else load_nifti(path)
+        img = opened.pop(path) if opened and path in opened else load_image(path)
         if isinstance(img, InputError):
             raise img
     except InputError as exc:
@@ -191,7 +193,8 @@ def check_label_file(path, declared_labels=None, case_id: str | None = None, ope
               + (" (4-D)" if len(img.shape) == 4 else ""))
     if _voxel_type_problem(img) or shape3 is None:
         return img, None, problems, None
-    scaled = img.dataobj.slope not in (1.0, None) or img.dataobj.inter not in (0.0, None)
+    proxy = img.dataobj  # an array without scaling for a .mha/.nrrd image
+    scaled = getattr(proxy, "slope", 1.0) not in (1.0, None) or getattr(proxy, "inter", 0.0) not in (0.0, None)
     dtype = np.float64 if img.get_data_dtype().kind == "f" or scaled else img.get_data_dtype()
     try:
         data = read_array(img, path, dtype=dtype).reshape(shape3)
@@ -298,13 +301,13 @@ def channel_stack(n_channels: int, shape) -> np.ndarray:
 
 
 def _open_all(paths, threads: int) -> dict:
-    """`load_nifti` of every file, `threads` at a time (decompression lets go of the interpreter lock): each
+    """`load_image` of every file, `threads` at a time (decompression lets go of the interpreter lock): each
     path's image, or the InputError its read raised."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(path: Path):
         try:
-            return load_nifti(path)
+            return load_image(path)
         except InputError as exc:
             return exc
 
@@ -374,7 +377,10 @@ def inspect_case(ref: CaseRef, n_channels: int, declared_labels=None, keep_data:
             for c, chan in enumerate(channels):
                 stack[c] = chan
         case = Case(cid, stack, label, np.asarray(label_img.affine, dtype=np.float64), headers, label_img.header)
-    return CaseCheck(case, problems, counts)
+    voxel_mm3 = None
+    if label_img is not None and affine_problem(label_img.affine) is None:
+        voxel_mm3 = float(abs(np.linalg.det(np.asarray(label_img.affine, dtype=np.float64)[:3, :3])))
+    return CaseCheck(case, problems, counts, voxel_mm3)
 
 
 def load_case(ref: CaseRef, n_channels: int, file_threads: int = 1) -> Case:
@@ -396,7 +402,7 @@ def _check_task(kind: str, item, n_channels: int, declared, channel_names):
     """Worker: check one case (kind "case") or one file outside complete cases ("label", "image")."""
     if kind == "case":
         check = inspect_case(item, n_channels, declared, keep_data=False, channel_names=channel_names)
-        return check.problems, check.label_counts
+        return check.problems, None if check.label_counts is None else (check.label_counts, check.voxel_mm3)
     path, case_id, four_d = item
     if kind == "label":
         return check_label_file(path, declared, case_id)[2], None
@@ -417,10 +423,11 @@ def _case_of_path(path: str, spec: DatasetSpec) -> str | None:
     p = Path(path)
     if p in (Path(spec.root), _meta_path(spec)):
         return None
+    endings = "|".join(re.escape(e) for e in IMAGE_ENDINGS)
     if p.parent.name == "imagesTr" and spec.kind == "nnunet":
-        m = re.match(r"^(.+)_\d{4}\.nii(\.gz)?$", p.name)
+        m = re.match(rf"^(.+)_\d{{4}}({endings})$", p.name)
         return m[1] if m else None
-    m = re.match(r"^(.+?)(\.nii\.gz|\.nii)$", p.name)
+    m = re.match(rf"^(.+?)({endings})$", p.name)
     return m[1] if m else None
 
 
@@ -459,9 +466,10 @@ def _loose_files(spec: DatasetSpec) -> list[tuple[str, tuple]]:
     return out
 
 
-def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1, progress: bool = False
-                     ) -> tuple[DatasetSpec | None, list[Problem]]:
-    """Check a dataset completely; return its spec (None if it cannot be opened) and every problem found."""
+def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1, progress: bool = False,
+                     figures: list[str] | None = None) -> tuple[DatasetSpec | None, list[Problem]]:
+    """Check a dataset completely; return its spec (None if it cannot be opened) and every problem found.
+    `figures`, if given, gets one line per lesion label: its voxels and mm³ over the cases read."""
     try:
         spec = open_dataset(path)
     except InputError as exc:
@@ -501,16 +509,31 @@ def validate_dataset(path, lesion_labels=(1,), region_labels=(), jobs: int = 1, 
     with execution(jobs=jobs) as runner:
         checks = runner.map(_check_task, [(kind, item, n_channels, decl, spec.channel_names) for kind, item in tasks])
         results = list(tqdm(checks, total=len(tasks), desc="check", unit="file", disable=not progress))
-    label_counts = []
-    for probs, counts in results:
+    label_counts, voxel_volumes = [], []
+    for probs, counted in results:
         problems.extend(probs)
-        if counts is not None:
-            label_counts.append(counts)
+        if counted is not None:
+            label_counts.append(counted[0])
+            voxel_volumes.append(counted[1])
+    if figures is not None:
+        figures.extend(lesion_label_figures(label_counts, voxel_volumes, lesion_labels))
 
     if label_counts and not any(c.get(int(v), 0) for c in label_counts for v in lesion_labels):
         problems.append(Problem(str(spec.root), f"no voxel has lesion label(s) {_fmt_values(list(lesion_labels))} "
                                                 f"in any label file ({len(label_counts)} read)"))
     return spec, problems
+
+
+def lesion_label_figures(label_counts: list[dict], voxel_volumes: list, lesion_labels) -> list[str]:
+    """Per lesion label, one line: its voxels and mm³ summed over the cases, and how many cases hold it."""
+    lines = []
+    for v in lesion_labels:
+        per_case = [(c.get(int(v), 0), vv) for c, vv in zip(label_counts, voxel_volumes)]
+        voxels = sum(n for n, _ in per_case)
+        mm3 = sum(n * vv for n, vv in per_case if vv is not None)
+        holding = sum(1 for n, _ in per_case if n)
+        lines.append(f"lesion label {int(v)}: {voxels:,} voxels, {mm3:,.0f} mm³ in {holding} of {len(per_case)} cases")
+    return lines
 
 
 def problems_error(problems: list[Problem], dataset) -> InputError:
