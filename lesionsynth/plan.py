@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .bank import lesion_mask
+from .bank import lesion_load_volume, lesion_mask
 from .geometry import structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
 from .prior import PlacementDensity, context_distance, matching_fraction, tissue_signature
@@ -78,11 +78,13 @@ class Component:
     seed_voxel: list[int]
     bbox: list[list[int]]
     voxels: int
+    load_voxels: int = 0  # its voxels of the labels the load is counted on (all lesion labels by default)
 
 
-def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> list[Component]:
+def lesion_components(label: np.ndarray, lesion_labels, connectivity: int, load_labels=None) -> list[Component]:
     """The connected lesion components of a label volume (labelled within the lesions' bounding box, and
-    sized box by box: no volume-sized int64 temporaries)."""
+    sized box by box: no volume-sized int64 temporaries). `load_labels`: the labels each component's
+    `load_voxels` counts (None: every lesion label)."""
     mask = lesion_mask(label, lesion_labels)
     spans = true_bounds(mask)
     if spans is None:
@@ -93,9 +95,12 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int) -> li
     for k, box in enumerate(ndimage.find_objects(comps), start=1):
         inside = comps[box] == k
         local = np.argwhere(inside)[0]
+        voxels = int(np.count_nonzero(inside))
+        counted = voxels if not load_labels else \
+            int(np.count_nonzero(inside & label_in(label[spans][box], load_labels)))
         out.append(Component([int(v + s.start + o) for v, s, o in zip(local, box, offset)],
                              [[int(s.start + o), int(s.stop + o)] for s, o in zip(box, offset)],
-                             int(np.count_nonzero(inside))))
+                             voxels, counted))
     return out
 
 
@@ -289,8 +294,9 @@ def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float
     natural = pasted < n_natural
     weights = size_tilted_weights(volumes[pool], deficit_mm3, largest, n_natural,
                                   tilts=(0.0,) if natural else SIZE_TILTS)
-    lesion = lesions[int(pool[int(rng.choice(len(pool), p=weights / weights.sum()))])]
-    s_fit = np.cbrt(max(deficit_mm3, 0.0) / lesion["volume_mm3"])
+    chosen = int(pool[int(rng.choice(len(pool), p=weights / weights.sum()))])
+    lesion = lesions[chosen]
+    s_fit = np.cbrt(max(deficit_mm3, 0.0) / volumes[chosen])  # the volume the load counts
     if natural or s_fit > cfg.scale_range[1]:
         # natural sizes; a lesion larger than what is left to fill starts at the size that fills it
         scale = min(rng.uniform(*cfg.natural_scale), max(s_fit, cfg.scale_range[0]))
@@ -327,26 +333,28 @@ def draw_paste(rng: np.random.Generator, lesions: list[dict], deficit_mm3: float
 def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, bank, donors: list[dict],
                          density: PlacementDensity, ctx: RenderContext, rng: np.random.Generator,
                          target_mm3: float, tolerance: float, mode: str, cfg: AugmentConfig,
-                         region, context: ContextMatch | None = None) -> CasePlan:
+                         region, context: ContextMatch | None = None, load_labels=None) -> CasePlan:
     """Run the per-case loop in place on `channels`/`label`: inpaint while above target (mode replace: every
     lesion of the case), populate while below.
 
     Every accepted operation is recorded with all its parameters; the achieved load is counted on the
-    label array itself.
+    label array itself, on `load_labels` (None: every lesion label). Removals take whole lesions, all labels.
     """
     vv = voxel_volume(affine)
     natural_pastes = cfg.natural_pastes or bank.typical_lesion_count
     lesion_labels = ctx.lesion_labels
-    load_vox = count_in(label, lesion_labels)
+    counted = tuple(load_labels) if load_labels else lesion_labels
+    load_vox = count_in(label, counted)
     plan = CasePlan(round(target_mm3, 3), load_vox * vv)
     hi, lo = target_mm3 * (1 + tolerance), target_mm3 * (1 - tolerance)
 
     clear = mode == "replace"
     if (mode in ("both", "inpaint") and load_vox * vv > hi) or (clear and load_vox > 0):
-        comps = lesion_components(label, lesion_labels, ctx.connectivity)
+        comps = lesion_components(label, lesion_labels, ctx.connectivity, load_labels)
         while (clear or load_vox * vv > hi) and comps and len(plan.ops) < cfg.max_ops:
-            best = comps[0] if clear else min(comps, key=lambda c: abs((load_vox - c.voxels) * vv - target_mm3))
-            if mode == "inpaint" and abs((load_vox - best.voxels) * vv - target_mm3) >= abs(load_vox * vv - target_mm3):
+            best = comps[0] if clear else min(comps, key=lambda c: abs((load_vox - c.load_voxels) * vv - target_mm3))
+            if mode == "inpaint" and \
+                    abs((load_vox - best.load_voxels) * vv - target_mm3) >= abs(load_vox * vv - target_mm3):
                 break
             comps.remove(best)
             op = {"op": "inpaint", "seed_voxel": best.seed_voxel, "bbox": best.bbox, "rim_mm": cfg.rim_mm,
@@ -357,9 +365,9 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             if patch is None:  # it would leave a visible trace: the lesion stays
                 plan.refuse("residual excess (inpaint)")
                 continue
-            before = int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
+            before = count_in(label[patch.box], counted)
             patch.apply(channels, label, ctx.undo)
-            removed = before - int(np.count_nonzero(lesion_mask(label[patch.box], lesion_labels)))
+            removed = before - count_in(label[patch.box], counted)
             load_vox -= removed
             op["removed_mm3"] = round(removed * vv, 3)
             op.update(patch.info)
@@ -368,7 +376,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
     if mode in ("both", "populate", "replace") and donors:
         donors, plan.sharp_donors = sharp_donors(donors, affine, cfg)
         pasted = 0
-        volumes = np.array([les["volume_mm3"] for les in donors], dtype=np.float64)
+        volumes = np.array([lesion_load_volume(les, load_labels) for les in donors], dtype=np.float64)
         while (load_vox * vv < lo and len(plan.ops) < cfg.max_ops and plan.failed_tries < cfg.max_failed_tries
                and plan.prechecks_refused < cfg.max_prechecks_refused):
             load = load_vox * vv
@@ -391,7 +399,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 n_core = int(core.sum())
                 in_region = patch.region_fraction
                 overlap = float(old_lesion[core].mean())
-                added = int(np.count_nonzero(core & ~old_lesion))
+                # lesion voxels the paste adds, on the labels the load counts (inner labels may cover others)
+                added = count_in(patch.label, counted) - count_in(patch.old_label, counted)
                 if in_region < cfg.min_region_fraction or overlap > cfg.max_overlap_fraction or n_core == 0:
                     why = "overlap" if overlap > cfg.max_overlap_fraction else "region"
                     break

@@ -56,10 +56,17 @@ def render_op(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, op: d
         return paste_patch(channels, label, affine, image, mask, bank.by_id[op["lesion_id"]], op,
                            ctx.lesion_labels, ctx.region_fn, ctx.paste, prepared_mask(bank, op["lesion_id"]),
                            landing_check(label, ctx), lambda: prepared_coefficients(bank, op["lesion_id"]),
-                           ctx.resample)
+                           ctx.resample, lesion_label_values(bank, op["lesion_id"]))
     if op["op"] == "inpaint":
         return inpaint_patch(channels, label, affine, op, ctx.lesion_labels, ctx.connectivity)
     raise ValueError(f"unknown operation {op['op']!r}")
+
+
+def lesion_label_values(bank, lesion_id: str) -> np.ndarray | None:
+    """A multi-class bank lesion's crop of label values, None for one of a single label (or a bank without
+    them, e.g. a test double)."""
+    read = getattr(bank, "lesion_label_values", None)
+    return None if read is None else read(lesion_id)
 
 
 def prepared_mask(bank, lesion_id: str) -> PreparedMask:
