@@ -72,7 +72,7 @@ class PasteSettings:
 
     is_ct: tuple[bool, ...]
     feather_mm: float = 0.5
-    halo_mm: float = 1.0   # the donor's partial-volume rim pasted with the lesion (alpha 1), beyond its soft mask
+    halo_mm: float = 3.0   # beyond the lesion's body: where its modelled partial-volume tail is written (alpha 1)
     label_from_intensity: bool = True  # the label's edge follows the lesion's half level (`intensity_cut`)
 
 
@@ -578,21 +578,24 @@ def resample_on_cpu(lesion_image: np.ndarray, prepared: PreparedMask, src_affine
     made = {}
 
     def lesion_values(idx, linear=None):
-        # each voxel is interpolated once: the label's edge (`intensity_cut`) asks for some voxels first, the
-        # blend for them again with the rest of the feather
+        # each voxel is interpolated once per method: the label's edge (`intensity_cut`) asks for some voxels
+        # first, the blend for them again with the rest of the feather (the torch twin reads the same way)
         if not made:
             made["crop"] = antialiased_crop(lesion_image, src_affine, tgt_affine, op)
-            made["values"] = np.empty((lesion_image.shape[0], soft.size), dtype=np.float32)
-            made["known"] = np.zeros(soft.size, dtype=bool)
-        values, known = made["values"], made["known"]
-        ask = ~known[idx]
-        groups = [(ask, cubic)] if linear is None else [(ask & ~linear, cubic), (ask & linear, by_line)]
-        for part, read in groups:
-            missing = idx[part]
+            for kind in ("cubic", "linear"):
+                made[kind] = (np.empty((lesion_image.shape[0], soft.size), dtype=np.float32),
+                              np.zeros(soft.size, dtype=bool))
+        linear = np.zeros(idx.size, dtype=bool) if linear is None else np.asarray(linear, dtype=bool)
+        out = np.empty((lesion_image.shape[0], idx.size), dtype=np.float32)
+        for kind, part, read in (("cubic", ~linear, cubic), ("linear", linear, by_line)):
+            values, known = made[kind]
+            wanted = idx[part]
+            missing = wanted[~known[wanted]]
             if missing.size:
                 values[:, missing] = read(np.column_stack(np.unravel_index(missing, shape)) + start)
                 known[missing] = True
-        return values[:, idx]
+            out[:, part] = values[:, wanted]
+        return out
 
     def cubic(voxels):
         if "coefficients" not in made:
@@ -652,10 +655,55 @@ MIN_RING_VOXELS = 10
 RING_ALPHA = 0.03
 
 
+#: Gaussian (sd, voxels) whose low-pass the destination's texture under a paste is taken from (`destination_texture`).
+TEXTURE_LOWPASS_VOX = 2.0
+
+
+def destination_texture(box_values: np.ndarray, at: np.ndarray, white: np.ndarray) -> np.ndarray:
+    """(N,) noise of unit spread with the destination's own texture at the flat box indices `at`: the high-pass
+    of its values there (`box_values` minus their gaussian low-pass, TEXTURE_LOWPASS_VOX), over its robust sd.
+    The noise a paste adds to its body then has the scanner's spatial correlation (white noise was whiter than
+    the scanner's, inside the lesion); `white` (N,) where too few voxels give no spread."""
+    values = np.asarray(box_values, dtype=np.float32)
+    high = (values - ndimage.gaussian_filter(values, TEXTURE_LOWPASS_VOX)).reshape(-1)[at]
+    spread = 1.4826 * float(np.median(np.abs(high - np.median(high)))) if high.size >= 8 else 0.0
+    return high / np.float32(spread) if spread > 0 else white
+
+
+#: Widths (sd, mm) of the gaussian point-spread functions a pasted lesion's partial-volume tail is fitted with.
+TAIL_PSF_MM = (0.3, 0.45, 0.6, 0.8, 1.0, 1.3)
+
+
+def tail_shapes(body: np.ndarray, spacing) -> list[np.ndarray]:
+    """The lesion's body (bool, over its box) blurred by each gaussian of TAIL_PSF_MM (float32): the shapes a
+    scanner gives the partial-volume tail around it, following the label's outline."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    body = np.asarray(body, dtype=np.float32)
+    return [ndimage.gaussian_filter(body, sd / spacing, mode="constant") for sd in TAIL_PSF_MM]
+
+
+def fitted_tail(excess: np.ndarray, shapes: list[np.ndarray]) -> np.ndarray:
+    """(N,) the tail that fits `excess` (N,) best in least squares as a sum of `shapes` ((N,) each, read at the
+    same voxels) with weights of one sign (that of the excess along their sum; scipy's non-negative least
+    squares): the tail may be sharp and wide at once, and changes smoothly with the donor's values (a choice of
+    one shape would jump between them). Zeros for fewer than 8 voxels."""
+    from scipy.optimize import nnls
+
+    tail = np.zeros(excess.shape, dtype=np.float32)
+    if excess.size < 8 or not shapes:
+        return tail
+    basis = np.stack(shapes, axis=1).astype(np.float64)
+    excess = excess.astype(np.float64)
+    sign = 1.0 if float(excess @ basis.sum(axis=1)) >= 0 else -1.0
+    weights, _ = nnls(basis, sign * excess)
+    return (sign * (basis @ weights)).astype(np.float32)
+
+
 def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, soft: np.ndarray, tissue: np.ndarray,
-                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None) -> None:
-    """Intensity-match, brighten, add noise and alpha-blend the lesion's channels into the case's `channels`
-    (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
+                 spacing, src_stats: list[dict], op: dict, settings: PasteSettings, dest_stats=None,
+                 core: np.ndarray | None = None) -> None:
+    """Intensity-match, brighten and add noise to the lesion's channels and write them into the case's
+    `channels` (C, X, Y, Z), in place, within `box` (the box of `soft` and `tissue`).
 
     `lesion_values(idx, linear)` gives the resampled lesion channels (C, N) at flat box indices (cubic, or
     linear where `linear`); it is asked only for the voxels the feathered alpha reaches, and only those voxels
@@ -664,17 +712,27 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
 
     MR channels are scaled by (destination tissue median / donor tissue median), both read on the same
     voxels: the `tissue` voxels of the feather around the paste (beyond the halo), in the destination and in
-    the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it. Noise is added only as far
-    as the destination's noise (× `noise_gain`) exceeds what the donor's own noise keeps after resampling.
+    the resampled donor crop. The lesion thus keeps its contrast to the tissue right around it.
+
+    The lesion's body (`core`, the voxels its label marks; else soft mask >= 0.5) takes the donor's values,
+    with noise added only as far as the destination's noise (× `noise_gain`) exceeds what the donor's own
+    noise keeps after resampling; that noise has the destination's texture (`destination_texture`). Around it the destination keeps its own values, noise and anatomy, and
+    gets only the lesion's partial-volume tail: the body blurred by a gaussian point-spread function, its
+    width and amplitude fitted to the donor's excess over the tissue level there (`fitted_tail`). Writing the
+    donor's voxels around the body (as before) put the donor's noise beside the destination's, a seam inside
+    the tissue that a texture-aware critic found at once, and cut the tail off where that rim ended.
     """
-    idx, a, inner = feather(soft, spacing, settings)
+    idx, a, _ = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
     start = [s.start for s in box]
     if dest_stats is None:
         dest_stats = channel_stats(channels, tissue, start)
-    # the fall-off beyond the halo weighs the lesion's values by at most about one half; linear interpolation is
-    # enough there (on ~45 % of the voxels a paste writes, at an eighth of the cubic spline's cost)
-    lesion = lesion_values(idx, ~inner)
+    body_box = (soft >= 0.5) if core is None else np.asarray(core, dtype=bool)
+    body = body_box.reshape(-1)[idx]
+    shapes = [shape.reshape(-1)[idx[~body]] for shape in tail_shapes(body_box, spacing)]
+    # around the body only the tail's fit reads the donor: linear interpolation is enough there (on most of the
+    # voxels a paste writes, at an eighth of the cubic spline's cost)
+    lesion = lesion_values(idx, ~body)
     # normal tissue the paste writes, beyond the halo: there the resampled donor holds no more of its lesion's
     # partial volume, which would otherwise set its tissue level too bright (FLAIR) and dim the lesion
     ring = tissue.reshape(-1)[idx] & (a < RING_ALPHA)
@@ -711,11 +769,16 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
         values = np.float32(ref) + np.float32(brightness) * (values - np.float32(ref))
         kept = SPLINE_NOISE_KEPT * abs(gain * brightness) * float(src_stats[c].get("noise_sd") or 0.0)
         wanted = float(op["noise_gain"]) * float(dest_noise)
-        values = values + np.float32(np.sqrt(max(wanted * wanted - kept * kept, 0.0))) * noise
+        written = np.empty_like(d)
+        extra = np.float32(np.sqrt(max(wanted * wanted - kept * kept, 0.0)))
+        noisy = values[body] + extra * destination_texture(channel[box], idx[body], noise[body])
+        written[body] = d[body] + a[body] * (noisy - d[body])
+        tail = fitted_tail(values[~body] - np.float32(ref), shapes)
+        written[~body] = d[~body] + a[~body] * tail
         if flat is not None:
-            flat[at] = d + a * (values - d)
+            flat[at] = written
         else:
-            channel[tuple(ijk)] = d + a * (values - d)
+            channel[tuple(ijk)] = written
 
 
 def label_soft(soft: np.ndarray, box, mapper: PointMapper, src_mask: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -825,10 +888,84 @@ def keep_main_body(soft: np.ndarray) -> np.ndarray:
     return out
 
 
+#: An inner part of a donor counts as wrapped by the part just outside it when at most this share of the voxels
+#: around it (6-neighbours) lies outside that part; a paste then keeps it wrapped.
+WRAPPED_SHARE = 0.05
+
+
+def wrapped_parts(label_values: np.ndarray, order) -> list[bool]:
+    """For each inner level k ≥ 1 of `order` (outermost first), whether the donor's labels order[k:] are wrapped
+    by order[k - 1] (`WRAPPED_SHARE`): BraTS' core inside a closed enhancing rim, that inside the oedema."""
+    from ..labels import nested_masks
+
+    parts = [np.asarray(label_values) != 0] + nested_masks(label_values, order)
+    out = []
+    for outer, inner in zip(parts[:-1], parts[1:]):
+        around = dilate(inner) & ~inner
+        out.append(bool(np.count_nonzero(around & ~outer) <= WRAPPED_SHARE * max(np.count_nonzero(around), 1)))
+    return out
+
+
+def nested_label_values(core: np.ndarray, box, mapper: PointMapper, label_values: np.ndarray, order,
+                        sd: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) uint8 labels of a pasted multi-class lesion over its box (0 outside `core`).
+
+    `label_values` is the donor crop's label values, `order` its labels outermost first. Each inner part (the
+    labels order[k:], `labels.nested_masks`) is resampled like the mask, with the same mapping and the same
+    anti-aliasing blur (`sd`, see `label_soft`), and cut within the part outside it, so the parts stay nested
+    (no hole of an outer value inside an inner part, no ring of an inner value outside it). As for the outer
+    edge (`intensity_cut`), a part keeps the voxels that read ≥ CUT_BAND[1] and, of its partial-volume band
+    (CUT_BAND), those of highest value, as many as give it the donor's share of the lesion: cutting a small
+    part at 0.5 after a rotation shrinks it more than the whole. A part the donor wraps in the one outside it
+    (`wrapped_parts`: a closed rim of enhancing tumour around the core) stays wrapped: where resampling left
+    no voxel of the outer part between it and a part further out, that voxel joins the outer part (a rim one
+    voxel thick stays closed), or, where the outer part may not be (beyond the lesion, or where it is wrapped
+    in turn), the inner part gives the voxel up."""
+    from ..labels import nested_masks
+
+    idx = np.flatnonzero(core)
+    voxels = np.column_stack(np.unravel_index(idx, core.shape)) + np.array([s.start for s in box])
+    coords = mapper(voxels)
+    out = np.where(core, np.uint8(order[0]), np.uint8(0))
+    parts = nested_masks(label_values, order)
+    donor_share = [np.count_nonzero(part) / max(np.count_nonzero(label_values), 1) for part in parts]
+    outer, outer_allowed = core, core  # the part outside the next one, and where that part may be
+    for level, outer_level, part, share, wrapped in zip(order[1:], order[:-1], parts, donor_share,
+                                                        wrapped_parts(label_values, order)):
+        if sd.max() >= MIN_ANTIALIAS_SD:
+            part = ndimage.gaussian_filter(part.astype(np.float32), sigma=sd, mode="constant")
+        soft = np.zeros(core.shape, dtype=np.float32)
+        soft.reshape(-1)[idx] = sample_mask(part, coords)
+        inner = outer & (soft >= CUT_BAND[1])
+        band = np.flatnonzero(outer & (soft >= CUT_BAND[0]) & (soft < CUT_BAND[1]))
+        wanted = int(round(share * idx.size)) - int(np.count_nonzero(inner))
+        if wanted > 0 and band.size:
+            chosen = band[np.argsort(-soft.reshape(-1)[band], kind="stable")[:wanted]]
+            inner.reshape(-1)[chosen] = True
+        if wrapped:
+            gap = dilate(inner) & ~outer & outer_allowed
+            outer = outer | gap
+            out[gap] = outer_level
+            inner &= ~dilate(~outer)
+        outer_allowed = outer & ~dilate(~outer) if wrapped else outer
+        outer = inner
+        out[inner] = level
+    return out
+
+
+def outer_part_stats(lesion_meta: dict) -> list[dict]:
+    """The lesion's per-channel stats with its `lesion` statistics read on its outermost label: a multi-class
+    lesion meets the tissue with that part (BraTS: the oedema), so its edge is cut on that part's level."""
+    by_label, order = lesion_meta.get("stats_by_label"), lesion_meta.get("label_order")
+    if not by_label or not order:
+        return lesion_meta["stats"]
+    return [dict(st, lesion=parts[str(order[0])]) for st, parts in zip(lesion_meta["stats"], by_label)]
+
+
 def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, lesion_image: np.ndarray,
                 lesion_mask: np.ndarray, lesion_meta: dict, op: dict, lesion_labels, region_fn,
                 settings: PasteSettings, prepared: PreparedMask | None = None, land_check=None,
-                coefficients=None, resample=None) -> Patch | None:
+                coefficients=None, resample=None, label_values: np.ndarray | None = None) -> Patch | None:
     """Everything a paste changes, as a Patch (the case arrays are not modified); None if it misses the volume
     or fails `land_check` (see `resample_mask`).
 
@@ -836,6 +973,8 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     `coefficients`: the crop's spline coefficients or a callable giving them (see `paste_coefficients`).
     `resample`: how the lesion is resampled onto the case (`resample_on_cpu`, the default, or its torch twin;
     `render.backend.lesion_resampler` picks one from the device).
+    `label_values`: a multi-class lesion's crop of label values (`Bank.lesion_label_values`); the pasted label
+    then keeps its inner parts (`nested_label_values`), else every lesion voxel takes `op["label_value"]`.
     The channel values are blended by `apply`, from and into the channels it is given (`channels` here
     only keeps the signature of `inpaint_patch`); apply it before the case arrays change otherwise.
     """
@@ -852,7 +991,8 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     if sd.max() >= MIN_ANTIALIAS_SD:
         cut = label_soft(soft, box, resampled.mapper(), lesion_mask, sd)
     if settings.label_from_intensity:
-        cut = intensity_cut(cut, lesion_values, lesion_meta["stats"])
+        cut = intensity_cut(cut, lesion_values, outer_part_stats(lesion_meta) if label_values is not None
+                            else lesion_meta["stats"])
     body = keep_main_body(cut)
     soft = np.where((soft > 0) & (body == 0), np.float32(0.0), soft)  # the pieces keep_main_body left out
     core = body >= 0.5
@@ -861,7 +1001,11 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     dest_label = np.ascontiguousarray(label[box])  # the box's own masks are C-ordered: no mixed-order passes
     region = region_fn(dest_label, [s.start for s in box])
     new_label = dest_label.copy()
-    new_label[core] = int(op["label_value"])
+    if label_values is not None:
+        new_label[core] = nested_label_values(core, box, resampled.mapper(), label_values, lesion_meta["label_order"],
+                                              sd)[core]
+    else:
+        new_label[core] = int(op["label_value"])
 
     tissue = (soft < 0.02) & ~label_in(dest_label, lesion_labels) & region
     known = {}
@@ -873,7 +1017,7 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
 
     def blend(case_channels: np.ndarray) -> None:
         blend_lesion(case_channels, box, lesion_values, soft, tissue, spacing_of(affine), lesion_meta["stats"], op,
-                     settings, tissue_stats(case_channels))
+                     settings, tissue_stats(case_channels), core)
 
     return Patch(box, core, new_label, region_fraction=float(region[core].mean()), blend=blend, old_label=dest_label,
                  tissue_stats=tissue_stats)
