@@ -15,11 +15,12 @@ import numpy as np
 from scipy import ndimage
 
 from ._version import __version__
-from .errors import InputError
+from .errors import InputError, check_choice, check_field
 from .geometry import apply_affine, ball, crop_affine, dilate, spacing_of, structure_for, voxel_volume
 from .io import Case, CaseRef, load_case, open_dataset
+from .io.locate import dataset_record, file_fingerprint, located, relative_to
 from .io.nifti import save_nifti
-from .labels import label_in
+from .labels import count_in, label_in, nesting_order
 from .prior import (Grid, Region, allowed_region, coarse_likelihood, finish_likelihood, is_ct, likelihood_on,
                     on_grid, reference_grid, region_world_points, splat)
 from .space import (ALIGNED_OVERLAP, POOR_OVERLAP, SPACES, RegImage, Registration, closest_case, foreground_overlap,
@@ -33,6 +34,8 @@ MASKS_FILE = "lesion_masks.u8"
 #: The crops' cubic B-spline coefficients (`render.paste.spline_coefficients`), made once here rather than per
 #: paste in every worker; memory-mapped, so the workers of a run share one copy in the page cache.
 SPLINES_FILE = "lesion_splines.f32"
+#: The label values (uint8, 0 outside the lesion) of the crops of multi-class lesions only (`labels_offset`).
+LABEL_VALUES_FILE = "lesion_label_values.u8"
 LIKELIHOOD_FILE = "likelihood.nii.gz"
 REGIONS_FILE = "body_regions.u1"  # packed coarse body masks of the cases without region labels
 TEMPLATE_REGION_FILE = "template_region.nii.gz"  # the template's tissue prior on the likelihood grid
@@ -58,9 +61,23 @@ class BankConfig:
     template_region: str | None = None  # tissue prior (probability map) in the template's space
     exclude_cases: tuple[str, ...] = ()  # cases left out (e.g. one whose registration is poor)
 
+    def __post_init__(self) -> None:  # a bad config fails where it is made, naming its field
+        check_field(self, "lesion_labels", len(self.lesion_labels) > 0 and 0 not in self.lesion_labels,
+                    "must name one or more labels other than 0 (the background)")
+        check_choice(self, "connectivity", (6, 18, 26))
+        check_field(self, "min_volume_mm3", self.min_volume_mm3 >= 0, "must be ≥ 0")
+        check_choice(self, "space", SPACES)
+
 
 def lesion_mask(label: np.ndarray, lesion_labels) -> np.ndarray:
     return label_in(label, lesion_labels)
+
+
+def lesion_load_volume(les: dict, load_labels=None) -> float:
+    """A bank lesion's volume (mm³) counted on `load_labels` (all its labels: None)."""
+    if not load_labels or "volume_by_label" not in les:
+        return les["volume_mm3"]
+    return float(sum(les["volume_by_label"].get(str(v), 0.0) for v in load_labels))
 
 
 def case_load(label: np.ndarray, affine: np.ndarray, lesion_labels) -> tuple[float, int]:
@@ -122,6 +139,7 @@ def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[di
         label_crop = case.label[sl]
         values, counts = np.unique(label_crop[mask], return_counts=True)
         label_value = int(values[counts.argmax()])
+        by_label = {str(int(v)): int(n) for v, n in zip(values, counts)}
         shell = dilate(mask, shell_ball) & ~any_lesion[sl]
         # the voxels touching the lesion carry its partial volume: they are not the tissue it sits in
         clean = shell & ~dilate(mask)
@@ -140,8 +158,11 @@ def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[di
             "id": f"{case.case_id}_L{k:03d}",
             "source_case": case.case_id,
             "label_value": label_value,
+            "labels": [int(v) for v in values],
             "volume_mm3": volume,
             "voxels": voxels,
+            "voxels_by_label": by_label,
+            "volume_by_label": {v: n * vox_vol for v, n in by_label.items()},
             "centroid_mm": apply_affine(case.affine, centroid_vox).tolist(),
             "spacing_mm": spacing.tolist(),
             "shape": list(mask.shape),
@@ -152,7 +173,20 @@ def extract_lesions(case: Case, config: BankConfig, ct_channels=None) -> list[di
             "_image": np.ascontiguousarray(crop, dtype=np.float32),
             "_mask": np.ascontiguousarray(mask, dtype=np.uint8),
         })
+        if len(values) > 1:  # a multi-class lesion keeps its inner label values and their nesting
+            inner = np.where(mask, label_crop, 0).astype(np.uint8)
+            lesions[-1].update(multi_class_parts(crop, inner, spacing))
     return lesions
+
+
+def multi_class_parts(crop: np.ndarray, values: np.ndarray, spacing) -> dict:
+    """What the bank keeps of a multi-class lesion beyond its mask: its crop of label values (`_labels`, 0
+    outside the lesion), the labels' nesting (`label_order`, outermost first) and per channel the intensity
+    statistics of each label's voxels (`stats_by_label`, label value (str) → stats)."""
+    order = nesting_order(values, spacing)
+    stats = [{str(v): _robust_stats(channel[values == v]) for v in order} for channel in crop]
+    return {"label_order": list(order), "stats_by_label": stats,
+            "_labels": np.ascontiguousarray(values, dtype=np.uint8)}
 
 
 def intensity_reference(channels: np.ndarray, region: Region) -> list[float]:
@@ -171,6 +205,10 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
     """Worker: load one case, cut its lesions, and collect what the likelihood map needs."""
     case = load_case(ref, n_channels)
     load_mm3, load_voxels = case_load(case.label, case.affine, config.lesion_labels)
+    by_label = {}
+    if len(config.lesion_labels) > 1:  # the load of each lesion label (generate --load-label)
+        by_label = {"load_by_label": {str(int(v)): count_in(case.label, (v,)) * voxel_volume(case.affine)
+                                      for v in config.lesion_labels}}
     lesions = extract_lesions(case, config, tuple(is_ct(name) for name in channel_names))
     region = allowed_region(case.channels, case.label, case.affine, channel_names, config.region_labels)
     lesion_idx = np.argwhere(lesion_mask(case.label, config.lesion_labels))
@@ -180,11 +218,14 @@ def _scan_case(ref: CaseRef, n_channels: int, channel_names, config: BankConfig)
             "case_id": case.case_id,
             "images": [str(Path(p).resolve()) for p in ref.image_paths],
             "label": str(Path(ref.label_path).resolve()),
+            # size and checksum: whether a dataset found elsewhere (relocate, --data-root) holds these cases
+            "files": [file_fingerprint(p) for p in [*ref.image_paths, ref.label_path]],
             "four_d": ref.four_d,
             "shape": list(case.label.shape),
             "affine": case.affine.tolist(),
             "load_mm3": load_mm3,
             "load_voxels": load_voxels,
+            **by_label,
             "lesion_count": len(lesions),
             "region_from_labels": bool(region.region_labels),
             "intensity_ref": intensity_reference(case.channels, region),
@@ -246,7 +287,7 @@ def build_bank(dataset: str | Path, out: str | Path, config: BankConfig | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_bank(staging, spec, results, config, extra_run_info or {}, space)
+        _write_bank(staging, spec, results, config, extra_run_info or {}, space, progress)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -269,13 +310,14 @@ def _without_excluded(cases: list[CaseRef], excluded, dataset) -> list[CaseRef]:
 
 def _read_template(config: BankConfig) -> dict:
     """The template image (first volume if 4-D) as a registration image, and its tissue prior if given."""
-    from .io.nifti import load_nifti, read_array
+    from .io.images import load_image
+    from .io.nifti import read_array
 
     def volume(path_text: str) -> tuple[np.ndarray, np.ndarray]:
         path = Path(path_text)
         if not path.is_file():
             raise InputError(f"{path}: template file not found")
-        img = load_nifti(path)
+        img = load_image(path)
         data = np.asarray(read_array(img, path), dtype=np.float32)
         if data.ndim == 4:
             data = data[..., 0]
@@ -374,14 +416,22 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
     return record
 
 
-def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, extra: dict, space: dict) -> None:
+def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, extra: dict, space: dict,
+                progress: bool = False) -> None:
+    from tqdm import tqdm
+
     lesions_meta = []
-    image_offset = mask_offset = spline_offset = 0
+    image_offset = mask_offset = spline_offset = values_offset = 0
     with open(folder / IMAGES_FILE, "wb") as fi, open(folder / MASKS_FILE, "wb") as fm, \
-            open(folder / SPLINES_FILE, "wb") as fs:
-        for r in results:
+            open(folder / SPLINES_FILE, "wb") as fs, open(folder / LABEL_VALUES_FILE, "wb") as fv:
+        for r in tqdm(results, desc="write lesions", unit="case", disable=not progress):
             for les in r["lesions"]:
                 image, mask = les.pop("_image"), les.pop("_mask")
+                values = les.pop("_labels", None)
+                if values is not None:
+                    les["labels_offset"] = values_offset
+                    fv.write(values.tobytes())
+                    values_offset += values.size
                 splines = spline_coefficients(image)
                 les["image_offset"], les["mask_offset"] = image_offset, mask_offset
                 les["spline_offset"] = spline_offset
@@ -411,7 +461,7 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
     lesion_sum = np.zeros(ref.shape, dtype=np.float32)
     region_hits = np.zeros(ref.shape, dtype=np.uint16)
     ref_vox = voxel_volume(ref.affine)
-    for r in results:
+    for r in tqdm(results, desc="likelihood map", unit="case", disable=not progress):
         to_ref = np.array(r["case"]["registration"]["ref_from_case"]) if registered else np.eye(4)
         splat(lesion_sum, ref.affine, apply_affine(to_ref, r["lesion_world"]), r["voxel_volume"] / ref_vox)
         splat_mask = np.zeros(ref.shape, dtype=np.float32)
@@ -431,11 +481,13 @@ def _write_bank(folder: Path, spec, results: list[dict], config: BankConfig, ext
         prior = likelihood_on(ref.affine, ref.shape, template_region[0], template_region[1]).astype(np.float32)
         save_nifti(folder / TEMPLATE_REGION_FILE, prior, ref.affine, None, np.float32)
         space["template_region_file"] = TEMPLATE_REGION_FILE
-    cases = [r["case"] for r in results]
+    # paths relative to the dataset root, the root relative to the bank (`io.locate`): bank and dataset may move
+    cases = [{**r["case"], "images": [relative_to(p, spec.root) for p in r["case"]["images"]],
+              "label": relative_to(r["case"]["label"], spec.root)} for r in results]
     index = {
         "format": BANK_FORMAT,
         "lesionsynth_version": __version__,
-        "dataset": {"root": str(Path(spec.root).resolve()), "kind": spec.kind},
+        "dataset": dataset_record(spec.root, folder, spec.kind),
         "channel_names": spec.channel_names,
         "labels": spec.labels or _labels_from_cases(results, config),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
@@ -465,9 +517,10 @@ MIN_TYPICAL_LESIONS = 4
 
 
 class Bank:
-    """Read access to a bank folder; lesion arrays are memory-mapped, opened on first use."""
+    """Read access to a bank folder; lesion arrays are memory-mapped, opened on first use. Its cases' paths are
+    absolute, under the dataset root found (`io.locate.located`) or under `data_root` if given."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, data_root: str | Path | None = None):
         self.folder = Path(folder)
         index_path = self.folder / "bank.json"
         if not index_path.is_file():
@@ -478,12 +531,13 @@ class Bank:
             raise InputError(f"{index_path}: malformed bank index ({exc})") from None
         if self.index.get("format") != BANK_FORMAT:
             raise InputError(f"{index_path}: unsupported bank format {self.index.get('format')}")
+        self.index = located(self.index, self.folder, data_root)
         self.lesions = self.index["lesions"]
         self.by_id = {les["id"]: les for les in self.lesions}
         self.cases = self.index["cases"]
         self.channel_names = self.index["channel_names"]
         self.config = self.index["config"]
-        self._images = self._masks = self._splines = None
+        self._images = self._masks = self._splines = self._label_values = None
         self._likelihood = None
         self._likelihood_grid = None  # (shape, affine) of the map, kept when the map itself is let go
         self._coarse_likelihood = None
@@ -511,8 +565,29 @@ class Bank:
         return [CaseRef(c["case_id"], tuple(Path(p) for p in c["images"]), Path(c["label"]), c["four_d"])
                 for c in self.cases]
 
-    def real_loads(self) -> np.ndarray:
-        return np.array([c["load_mm3"] for c in self.cases], dtype=np.float64)
+    def real_loads(self, load_labels=None) -> np.ndarray:
+        """Per case, the lesion load (mm³): of every lesion label, or of `load_labels` only."""
+        if not load_labels or set(load_labels) >= set(self.lesion_labels):
+            return np.array([c["load_mm3"] for c in self.cases], dtype=np.float64)
+        if any("load_by_label" not in c for c in self.cases):
+            raise InputError(f"{self.folder}: the bank has no load per lesion label; rebuild it with build-bank")
+        return np.array([sum(c["load_by_label"].get(str(v), 0.0) for v in load_labels) for c in self.cases],
+                        dtype=np.float64)
+
+    def lesion_label_values(self, lesion_id: str) -> np.ndarray | None:
+        """(X, Y, Z) uint8 label values of a multi-class lesion's crop (0 outside it), a memory-mapped view;
+        None for a lesion of one label value."""
+        les = self.by_id[lesion_id]
+        if "labels_offset" not in les:
+            return None
+        if self._label_values is None:
+            path = self.folder / LABEL_VALUES_FILE
+            if not path.is_file():
+                raise InputError(f"{path}: missing from the bank; rebuild it with build-bank")
+            self._label_values = np.memmap(path, dtype=np.uint8, mode="r")
+        shape = tuple(les["shape"])
+        n = int(np.prod(shape))
+        return self._label_values[les["labels_offset"]: les["labels_offset"] + n].reshape(shape)
 
     def lesion_arrays(self, lesion_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(channels (C, X, Y, Z) float32, mask (X, Y, Z) uint8) views into the memory-mapped bank."""

@@ -18,18 +18,23 @@ from .errors import InputError
 MAX_LINES = 40
 #: Datasets with at most this many cases get their labels read for lesion counts and loads.
 LABEL_SCAN_LIMIT = 60
-LESION_WORDS = ("lesion", "tumor", "tumour", "metast", "wmh", "nodule", "cancer", "infarct", "stroke", "ms")
+LESION_WORDS = ("lesion", "tumor", "tumour", "metast", "wmh", "nodule", "cancer", "infarct", "stroke", "ms",
+                # tumour sub-regions (BraTS: necrotic core, oedema, enhancing; NCR, ED, ET, NET)
+                "necro", "edema", "oedema", "enhanc", "ncr", "ed", "et", "net")
+#: Lesion words that count as whole words only (as substrings they are in too many names).
+WHOLE_WORDS = ("ms", "ncr", "ed", "et", "net")
 
 
-def summarize(path: str | Path) -> str:
-    """One-screen (≤ 40 lines) summary of a dataset folder or list, a bank folder or an output folder."""
+def summarize(path: str | Path, data_root: str | Path | None = None) -> str:
+    """One-screen (≤ 40 lines) summary of a dataset folder or list, a bank folder or an output folder; a bank's
+    cases (an output's bank's) looked for under `data_root` if given."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "bank.json").is_file():
-        lines = _bank(path)
+        lines = _bank(path, data_root)
     elif path.is_dir() and (path / "run.json").is_file() and (path / "manifest.jsonl").is_file():
-        lines = _output(path)
+        lines = _output(path, data_root)
     elif (path.is_dir() and ((path / "dataset.json").is_file() or len(list(path.glob("*.csv"))) == 1)) or \
             (path.is_file() and path.suffix.lower() in (".csv", ".json")):
         lines = _dataset(path)
@@ -105,8 +110,8 @@ def _spacing_range(spacings) -> str:
 def _guess_lesion_labels(labels: dict) -> tuple[tuple[int, ...], str]:
     """Lesion label values from label names, else 1 (the default of build-bank --lesion-label)."""
     found = tuple(sorted(int(v) for k, v in labels.items() if int(v) != 0 and
-                         any(w in str(k).lower().replace("_", " ").split() or
-                             (w != "ms" and w in str(k).lower()) for w in LESION_WORDS)))
+                         any(w in str(k).lower().replace("_", " ").replace("-", " ").split() or
+                             (w not in WHOLE_WORDS and w in str(k).lower()) for w in LESION_WORDS)))
     if found:
         return found, "from label names"
     return (1,), "default --lesion-label"
@@ -115,9 +120,8 @@ def _guess_lesion_labels(labels: dict) -> tuple[tuple[int, ...], str]:
 # ------------------------------------------------------------------------------------------------ dataset
 
 def _dataset(path: Path) -> list[str]:
-    import nibabel as nib
-
-    from .io import open_dataset
+    from .io import image_info, open_dataset
+    from .io.nifti import voxel_spacing
 
     spec = open_dataset(path)
     kind = {"nnunet": "nnU-Net v2 raw", "msd": "Medical Segmentation Decathlon", "list": "case list"}.get(
@@ -133,51 +137,70 @@ def _dataset(path: Path) -> list[str]:
     shapes, spacings, dtypes = [], [], Counter()
     for ref in spec.cases:
         try:
-            hdr = nib.load(str(ref.label_path)).header
-        except Exception:  # unreadable files are reported by build-bank / check
+            shape, affine, dtype = image_info(ref.label_path)
+        except InputError:  # unreadable files are reported by build-bank / check
             continue
-        shapes.append(hdr.get_data_shape()[:3])
-        spacings.append(hdr.get_zooms()[:3])
-        dtypes[str(hdr.get_data_dtype())] += 1
+        shapes.append(shape[:3])
+        spacings.append(tuple(voxel_spacing(affine)))
+        dtypes[str(dtype)] += 1
     lines += [f"shape    {_shape_range(shapes)}", f"spacing  {_spacing_range(spacings)}"]
     if spec.cases and len(spec.cases) <= LABEL_SCAN_LIMIT:
         lesion_labels, why = _guess_lesion_labels(spec.labels)
-        counts, loads, vols = _scan_labels(spec.cases, lesion_labels)
+        counts, loads, vols, by_label = _scan_labels(spec.cases, lesion_labels)
         lines += [f"lesions  label(s) {list(lesion_labels)} ({why}); 26-connected components",
                   f"  per case     {_range(counts)}; {sum(counts)} in all",
                   f"  load         {_range(loads, 'mm³')}",
                   f"  lesion size  {_quantiles(vols, 'mm³')}"]
+        if len(lesion_labels) > 1:
+            lines += _label_lines(by_label)
     elif spec.cases:
         lines.append(f"lesions  not counted ({len(spec.cases)} cases > {LABEL_SCAN_LIMIT}): "
                      "build a bank for per-lesion numbers")
     return lines
 
 
-def _scan_labels(cases, lesion_labels) -> tuple[list[int], list[float], list[float]]:
-    from .io.nifti import load_nifti
+def _label_lines(by_label: dict) -> list[str]:
+    """One line per lesion label: its load per case (mm³ and voxels)."""
+    return [f"  label {v:<6} {_range([mm3 for mm3, _ in per_case], 'mm³')}; "
+            f"{sum(n for _, n in per_case):,} voxels in all" for v, per_case in by_label.items()]
+
+
+def _scan_labels(cases, lesion_labels) -> tuple[list[int], list[float], list[float], dict]:
+    """Per case its lesion count and load, every lesion's volume, and per lesion label value its
+    (mm³, voxels) per case."""
+    from .io.images import load_image
+    from .labels import count_in
     from .output_run import component_volumes
 
     counts, loads, vols = [], [], []
+    by_label: dict = {int(v): [] for v in lesion_labels}
     for ref in cases:
         try:
-            img = load_nifti(ref.label_path)
+            img = load_image(ref.label_path)
             data = np.asanyarray(img.dataobj)
         except Exception:
             continue
         if data.dtype.kind == "f":
             data = np.rint(data)
-        v = component_volumes(data.reshape(img.shape[:3]), img.affine, lesion_labels)
+        data = data.reshape(img.shape[:3])
+        v = component_volumes(data, img.affine, lesion_labels)
         counts.append(len(v))
         loads.append(float(v.sum()))
         vols.extend(v.tolist())
-    return counts, loads, vols
+        voxel_mm3 = float(abs(np.linalg.det(np.asarray(img.affine)[:3, :3])))
+        for value, per_case in by_label.items():
+            n = count_in(data, (value,))
+            per_case.append((n * voxel_mm3, n))
+    return counts, loads, vols, by_label
 
 
 # ------------------------------------------------------------------------------------------------ bank
 
-def _bank(path: Path) -> list[str]:
+def _bank(path: Path, data_root: str | Path | None = None) -> list[str]:
+    from .io.locate import located
+
     try:
-        index = json.loads((path / "bank.json").read_text())
+        index = located(json.loads((path / "bank.json").read_text()), path, data_root)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path / 'bank.json'}: malformed bank index ({exc})") from None
     cfg = index.get("config", {})
@@ -199,9 +222,7 @@ def _bank(path: Path) -> list[str]:
              f"  per case     {_range([c.get('lesion_count', 0) for c in cases])}",
              f"  load         {_range([c.get('load_mm3', 0.0) for c in cases], 'mm³')}",
              f"  lesion size  {_quantiles([les['volume_mm3'] for les in lesions], 'mm³')}"]
-    by_label = Counter(int(les.get("label_value", 0)) for les in lesions)
-    if len(by_label) > 1:
-        lines.append("  by label     " + ", ".join(f"{k}: {v}" for k, v in sorted(by_label.items())))
+    lines += _bank_label_lines(cases, lesions, cfg.get("lesion_labels") or [])
     shapes = [c["shape"] for c in cases if "shape" in c]
     spacings = [np.sqrt((np.asarray(c["affine"])[:3, :3] ** 2).sum(axis=0)) for c in cases if "affine" in c]
     lines += [f"case shape   {_shape_range(shapes)}", f"case spacing {_spacing_range(spacings)}"]
@@ -215,7 +236,32 @@ def _bank(path: Path) -> list[str]:
     lines.append(f"on disk      {size / 2**20:.1f} MiB")
     missing = [p for c in cases for p in [*c.get("images", []), c.get("label")] if p and not Path(p).is_file()]
     if missing:
-        lines.append(f"  ! {len(missing)} source file(s) recorded in bank.json are missing, e.g. {missing[0]}")
+        lines.append(f"  ! {len(missing)} source file(s) recorded in bank.json are missing, e.g. {missing[0]} "
+                     f"(dataset moved? lesionsynth relocate {path} DATASET)")
+    return lines
+
+
+def _bank_label_lines(cases: list[dict], lesions: list[dict], lesion_labels) -> list[str]:
+    """Per lesion label of a bank with several: how many lesions hold it, its volume in them and its load per
+    case; and how many lesions are multi-class."""
+    if len(lesion_labels) <= 1:
+        return []
+    lines = []
+    multi = Counter(len(les.get("labels") or [les.get("label_value")]) for les in lesions)
+    lines.append("  labels held  " + ", ".join(f"{k} label{'s' if k > 1 else ''}: {n} lesions"
+                                               for k, n in sorted(multi.items())))
+    orders = Counter(tuple(les["label_order"]) for les in lesions if les.get("label_order"))
+    if orders:
+        shown = ", ".join(f"{' ⊃ '.join(map(str, o))}: {n}" for o, n in orders.most_common(3))
+        lines.append(f"  nesting      {shown}  (outermost first)")
+    for v in lesion_labels:
+        key = str(int(v))
+        volumes = [les["volume_by_label"][key] for les in lesions if key in les.get("volume_by_label", {})]
+        if not volumes and not any("volume_by_label" in les for les in lesions):  # a bank from before per-label data
+            volumes = [les["volume_mm3"] for les in lesions if int(les.get("label_value", 0)) == int(v)]
+        loads = [c["load_by_label"].get(key, 0.0) for c in cases if "load_by_label" in c]
+        lines.append(f"  label {key:<6} in {len(volumes)} lesions, {_range(volumes, 'mm³')}"
+                     + (f"; load per case median {_num(np.median(loads))} mm³" if loads else ""))
     return lines
 
 
@@ -242,10 +288,10 @@ def _space_lines(index: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ output
 
-def _output(path: Path) -> list[str]:
+def _output(path: Path, data_root: str | Path | None = None) -> list[str]:
     from .output_run import read_output
 
-    run = read_output(path)
+    run = read_output(path, data_root)
     cfg = run.config
     recs = run.records
     n = len(recs)
@@ -280,6 +326,15 @@ def _output(path: Path) -> list[str]:
         if run.bank_index:
             loads = [c["load_mm3"] for c in run.bank_index["cases"]]
             lines.append(f"  {'original':<14} load     {_range(loads, 'mm³')}")
+        by_label: dict = {}
+        for r in recs:
+            for v, figures in (r.get("achieved_by_label") or {}).items():
+                by_label.setdefault(v, []).append(figures)
+        for v, figures in sorted(by_label.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"  label {v:<8} achieved {_quantiles([f['mm3'] for f in figures], 'mm³')}; "
+                         f"{sum(f['voxels'] for f in figures):,} voxels")
+        if cfg.get("load_label") is not None:
+            lines.append(f"  loads counted on lesion label {cfg['load_label']} only (--load-label)")
         added = [int(r.get("lesions_added", 0)) for r in recs]
         removed = [int(r.get("lesions_removed", 0)) for r in recs]
         lines.append(f"lesions added    {sum(added)}; per case {_range(added)}")

@@ -116,6 +116,9 @@ def case_metrics(truth: np.ndarray, pred: np.ndarray, voxel_volume_mm3: float, c
         "voxel_precision": ratio(overlap, p_voxels, empty),
         "voxel_recall": ratio(overlap, t_voxels, empty),
         "truth_median_lesion_mm3": float(np.median(sizes)) * voxel_volume_mm3 if n_truth else float("nan"),
+        # per truth lesion (for recall against lesion size): its volume and whether a prediction matched it
+        "truth_lesion_mm3": [float(v) * voxel_volume_mm3 for v in sizes],
+        "truth_lesion_detected": [bool(t in {m[0] for m in matches}) for t in range(1, n_truth + 1)],
     }
 
 

@@ -6,20 +6,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 from ._version import __version__
-from .bank import Bank, intensity_reference
-from .errors import InputError, Interrupted, LesionsynthError
+from .bank import Bank, intensity_reference, lesion_load_volume
+from .errors import InputError, Interrupted, LesionsynthError, check_choice, check_field
 from .geometry import voxel_volume
 from .io import load_case
+from .io.images import IMAGE_ENDINGS, common_ending, output_ending
 from .io.layout import LAYOUTS, OutputLayout, output_layout
+from .io.locate import BankFolder, check_same_files
 from .io.output import copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
@@ -48,29 +51,38 @@ class GenerateConfig:
     folds: int = 5
     include_originals: bool = True
     compression_level: int = 1
-    file_ending: str = ".nii.gz"
+    file_ending: str | None = None  # .nii.gz, .nii, .mha or .nrrd; None: that of the bank's source cases
     case_prefix: str = "syn"
     volume_warp: bool = False  # whole-case rotation/scale/elastic warp before the lesion work
     format: str = "nnunet"     # output layout (io/layout.py): "nnunet" (v2 raw) or "bids" (BIDS derivative)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    load_label: int | None = None  # count loads on this lesion label only (None: every lesion label)
+
+    @property
+    def load_labels(self) -> tuple[int, ...] | None:
+        """The labels loads are counted on, or None for every lesion label of the bank."""
+        return None if self.load_label is None else (int(self.load_label),)
+
+    def check_load_label(self, bank: "Bank") -> None:
+        """An InputError unless `load_label` is one of the bank's lesion labels."""
+        if self.load_label is not None and int(self.load_label) not in bank.lesion_labels:
+            raise InputError(f"--load-label {self.load_label}: not a lesion label of the bank {bank.folder} "
+                             f"(its lesion labels: {', '.join(str(v) for v in bank.lesion_labels)})")
+
+    def __post_init__(self) -> None:
+        self.validate()  # a bad config fails where it is made, naming its field
 
     def validate(self) -> None:
-        if self.n < 0:
-            raise InputError(f"--n {self.n}: must be ≥ 0")
-        if self.load not in FAMILIES:
-            raise InputError(f"--load {self.load!r}: choose one of {', '.join(FAMILIES)}")
-        if self.mode not in MODES:
-            raise InputError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if not 0 <= self.tolerance < 1:
-            raise InputError(f"--tolerance {self.tolerance}: must lie in [0, 1)")
-        if self.folds < 1:
-            raise InputError(f"--folds {self.folds}: must be ≥ 1")
-        if self.file_ending not in (".nii.gz", ".nii"):
-            raise InputError(f"file ending {self.file_ending!r}: use .nii.gz or .nii")
-        if self.format not in FORMATS:
-            raise InputError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
-        if not 0 <= self.compression_level <= 9:
-            raise InputError(f"--compression-level {self.compression_level}: must lie in 0..9")
+        """A ConfigError naming the first bad field (the command line names its flag instead)."""
+        check_field(self, "n", self.n >= 0, "must be ≥ 0")
+        check_choice(self, "load", FAMILIES)
+        check_choice(self, "mode", MODES)
+        check_field(self, "tolerance", 0 <= self.tolerance < 1, "must lie in [0, 1)")
+        check_field(self, "folds", self.folds >= 1, "must be ≥ 1")
+        check_choice(self, "format", FORMATS)
+        check_choice(self, "file_ending", (None, *IMAGE_ENDINGS))
+        output_ending(self.file_ending, ".nii.gz", nifti_only=self.format == "bids")  # e.g. bids and .mha
+        check_field(self, "compression_level", 0 <= self.compression_level <= 9, "must lie in 0..9")
 
 
 @dataclass
@@ -95,16 +107,18 @@ def training_cases(val_folds: list[list[str]], fold: int, all_ids: list[str]) ->
 
 
 def open_bank(folder: str) -> Bank:
-    """One Bank per worker process (its memory maps stay open), renewed when bank.json changes."""
+    """One Bank per worker process (its memory maps stay open), renewed when bank.json changes; its cases read
+    from the folder's `data_root` where it is a `BankFolder` that carries one."""
+    data_root = getattr(folder, "data_root", None)
     index = Path(folder) / "bank.json"
     if not index.is_file():
         return Bank(folder)  # says in one line what is wrong
-    return _cached_bank(folder, index.stat().st_mtime_ns)
+    return _cached_bank(str(folder), data_root, index.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=4)
-def _cached_bank(folder: str, _stamp: int) -> Bank:
-    return Bank(folder)
+def _cached_bank(folder: str, data_root: str | None, _stamp: int) -> Bank:
+    return Bank(folder, data_root)
 
 
 def synthetic_case_id(cfg: GenerateConfig, index: int) -> str:
@@ -177,7 +191,7 @@ def reach_of(cfg: GenerateConfig, bank: Bank) -> Reach | None:
     if cfg.mode not in ("populate", "inpaint"):
         return None
     return Reach(cfg.mode, cfg.load, tuple(cfg.load_range) if cfg.load_range else None, float(cfg.tolerance),
-                 int(cfg.n), tuple(float(v) for v in bank.real_loads()))
+                 int(cfg.n), tuple(float(v) for v in bank.real_loads(cfg.load_labels)))
 
 
 @lru_cache(maxsize=8)
@@ -214,10 +228,12 @@ def base_case_of(index: int, val_folds: list[list[str]], case_ids: list[str], se
     return home_fold, training_cases(val_folds, home_fold, case_ids), base
 
 
-def donor_lesions(bank: Bank, cases) -> list[dict]:
-    """The bank's lesions (of a lesion label) cut out of `cases`, in bank order."""
+def donor_lesions(bank: Bank, cases, load_labels=None) -> list[dict]:
+    """The bank's lesions (of a lesion label) cut out of `cases`, in bank order; with `load_labels`, only those
+    that hold some of them (a paste of another lesion would add nothing to the load)."""
     cases, lesion_labels = set(cases), bank.lesion_labels
-    return [les for les in bank.lesions if les["source_case"] in cases and les["label_value"] in lesion_labels]
+    return [les for les in bank.lesions if les["source_case"] in cases and les["label_value"] in lesion_labels
+            and (not load_labels or lesion_load_volume(les, load_labels) > 0)]
 
 
 def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
@@ -229,24 +245,47 @@ def synthesize_case(index: int, bank_dir: str, layout: OutputLayout, cfg: Genera
 
 
 def synthesize_cases(indices: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
-                     val_folds: list[list[str]], device: str = "cpu") -> list[tuple[dict, dict]]:
+                     val_folds: list[list[str]], device: str = "cpu", log_stem: str | None = None
+                     ) -> list[tuple[dict, dict]]:
     """`synthesize_case` of cases that share a base case, one after another: the base case is read once, and
     after each case is written its operations' boxes are restored (checked by checksum; read again if that
-    fails), so the arrays serve the next case as they were read. Returns [(record, timings)] in order."""
+    fails), so the arrays serve the next case as they were read. Returns [(record, timings)] in order; with
+    `log_stem`, each case's record is also appended to this process's progress file once its files are in
+    place (`record_case`)."""
     results, handed = [], None
     for k, index in enumerate(indices):
         more = k + 1 < len(indices)
         job = case_job(index, bank_dir, cfg, val_folds, handed, gives=more)
         results.append(write_stage(lesion_stage(job, bank_dir, cfg, device), layout, cfg))
+        if log_stem:
+            record_case(log_stem, results[-1][0])
         handed = _restored_base(job) if more else None
         job = None
         release_freed_memory()  # what this case's lesion work and write freed, before the next one's
     return results
 
 
-#: Most cases in one worker's run of a base case (`base_groups`): its cases are recorded when the run ends, so
-#: a stopped run's --resume makes at most this many minus one written cases per worker again.
+#: Most cases in one worker's run of a base case (`base_groups`).
 RUN_CASES = 4
+
+_RECORD_LOCK = threading.Lock()
+
+
+def record_case(log_stem: str, rec: dict) -> None:
+    """Append the record of a case whose files are in place to this process's own progress file,
+    LOG_STEM.HOST.PID.jsonl (`read_records` reads them all). The process that wrote the case records it at once,
+    so a run stopped at any moment has a record of every case it finished; no two processes share a file
+    (appends from two machines to one file on a shared file system may interleave)."""
+    path = f"{log_stem}.{socket.gethostname()}.{os.getpid()}.jsonl"
+    line = (json.dumps(rec) + "\n").encode()
+    with _RECORD_LOCK:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        finally:
+            os.close(fd)
 
 
 def base_groups(todo: list[int], base_of, jobs: int) -> list[list[int]]:
@@ -317,7 +356,7 @@ def lesion_stage(job: CaseJob, bank_dir: str, cfg: GenerateConfig, device: str =
     bank = open_bank(bank_dir)
     job.channels, job.label, job.lesion_record = synthesize_arrays(
         job.case.channels, job.case.label, job.case.affine, bank, cfg, case_rng(cfg.seed, job.index), job.base_id,
-        donor_lesions(bank, job.train), device, undo=job.undo)
+        donor_lesions(bank, job.train, cfg.load_labels), device, undo=job.undo)
     job.lesion_s = time.perf_counter() - t0
     return job
 
@@ -447,7 +486,7 @@ def _restored_base(job: CaseJob):
 
 
 def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: GenerateConfig,
-                     val_folds: list[list[str]], device: str = "cpu"):
+                     val_folds: list[list[str]], device: str = "cpu", log_stem: str | None = None):
     """`synthesize_case` of every index in `todo`, in this process, with the I/O of the cases next to each
     one overlapped with its lesion work (`parallel.overlapped`): the next case is read and the previous one
     written in two threads while this one's lesion work runs (gzip and fsync release the GIL). The cases of
@@ -455,10 +494,10 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
     was read (its operations' boxes restored, checked by checksum) and serve the next case of that base
     instead of reading it again.
 
-    Yields (record, timings) once a case's files are in place. Each case is the same pure function of its
-    index as `synthesize_case`, so the bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are
-    in memory. On an exception the cases handed to the writer are finished but not yielded: they have no
-    progress record yet, so --resume makes them again, with the same bytes."""
+    Yields (record, timings) once a case's files are in place; with `log_stem` the writer thread has then
+    recorded it (`record_case`). Each case is the same pure function of its index as `synthesize_case`, so the
+    bytes do not change; at most 1 + READ_AHEAD + WRITE_BEHIND cases are in memory. On an exception the cases
+    handed to the writer are finished (and recorded) but not yielded."""
     bank = open_bank(bank_dir)
     case_ids = [c["case_id"] for c in bank.cases]
     reach = reach_of(cfg, bank)
@@ -478,6 +517,8 @@ def overlapped_cases(todo: list[int], bank_dir: str, layout: OutputLayout, cfg: 
         handed = None
         try:
             result = write_stage(job, layout, cfg, file_threads)
+            if log_stem:
+                record_case(log_stem, result[0])
             if job.index in givers:
                 handed = _restored_base(job)
             return result
@@ -509,8 +550,9 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
     operation overwrote in `channels` and `label` (`render.restore_patches` makes them the base case again);
     nothing when a whole-case warp made new arrays."""
     lesion_labels = bank.lesion_labels
+    counted = cfg.load_labels or lesion_labels  # the labels the load is counted on
     if replay is None:
-        target = draw_target_load(cfg.load, rng, bank.real_loads(), cfg.load_range)
+        target = draw_target_load(cfg.load, rng, bank.real_loads(cfg.load_labels), cfg.load_range)
         volume_warp = draw_volume_warp(rng, cfg.augment) if cfg.volume_warp else None
     else:
         target, volume_warp = replay["target_load_mm3"], replay["volume_warp"]
@@ -537,7 +579,7 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
             likelihood = likelihood * prior
     density = placement_density(region, label, affine, lesion_labels, likelihood)
     if donors is None:
-        donors = donor_lesions(bank, [c["case_id"] for c in bank.cases])
+        donors = donor_lesions(bank, [c["case_id"] for c in bank.cases], cfg.load_labels)
     ct_channels = tuple(is_ct(n) for n in bank.channel_names)
     context = None
     # region labels already say which tissue lesions belong to (liver, lung, white matter): the context
@@ -551,11 +593,23 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
                         undo)
     if replay is not None:
         apply_plan(channels, label, affine, replay["ops"], bank, ctx)
-        return channels, label, replayed_record(replay, label, affine, lesion_labels)
+        return channels, label, replayed_record(replay, label, affine, counted)
     plan = plan_and_render_case(channels, label, affine, bank, donors, density, ctx, rng, target,
-                                cfg.tolerance, cfg.mode, cfg.augment, region, context)
-    return channels, label, lesion_record(plan, target, cfg, label, affine, lesion_labels, density.fallback,
-                                          volume_warp)
+                                cfg.tolerance, cfg.mode, cfg.augment, region, context, cfg.load_labels)
+    record = lesion_record(plan, target, cfg, label, affine, counted, density.fallback, volume_warp)
+    if len(lesion_labels) > 1:  # what each lesion label holds, for inspect and the report
+        record["achieved_by_label"] = load_by_label(label, affine, lesion_labels)
+    return channels, label, record
+
+
+def load_by_label(label: np.ndarray, affine: np.ndarray, values) -> dict:
+    """Label value (str) → {"voxels", "mm3"} of a label volume."""
+    vv = voxel_volume(affine)
+    out = {}
+    for v in values:
+        n = count_in(label, (v,))
+        out[str(int(v))] = {"voxels": n, "mm3": round(n * vv, 3)}
+    return out
 
 
 def lesion_record(plan, target: float, cfg: GenerateConfig, label: np.ndarray, affine: np.ndarray, lesion_labels,
@@ -621,9 +675,25 @@ def _copy_original_task(ref, bank_dir: str, layout: OutputLayout, cfg: GenerateC
     return ref.case_id
 
 
+def source_ending(bank: Bank) -> str:
+    """The file ending of the bank's source cases (.nii.gz, .nii, .mha or .nrrd): output keeps it by default."""
+    return common_ending([c["label"] for c in bank.cases])
+
+
+def with_file_ending(cfg, bank: Bank):
+    """`cfg` (a GenerateConfig or TestsetConfig) with its file ending decided: the one asked for, else the
+    bank's source ending (NIfTI for BIDS)."""
+    if cfg.file_ending is not None:
+        return cfg
+    return replace(cfg, file_ending=output_ending(None, source_ending(bank),
+                                                  nifti_only=getattr(cfg, "format", "nnunet") == "bids"))
+
+
 def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
     conf = asdict(cfg)
     conf["load_range"] = list(cfg.load_range) if cfg.load_range else None
+    if cfg.load_label is None:  # run.json as it was before --load-label existed
+        del conf["load_label"]
     return {
         "lesionsynth_version": __version__,
         "bank": str(Path(bank_dir).resolve()),
@@ -678,7 +748,7 @@ def remove_stale_temporaries(folders: list[Path]) -> None:
 
 def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int = 1, progress: bool = True,
              resume: bool = False, shard: tuple[int, int] = (0, 1), device: str = "cpu", backend: str = "local",
-             scheduler: str | None = None) -> GenerateResult:
+             scheduler: str | None = None, data_root: str | Path | None = None) -> GenerateResult:
     """Generate `cfg.n` synthetic cases from the bank into the folder `out`, in the layout `cfg.format`.
 
     Writes run.json first, then the case files (each atomically; nnU-Net: imagesTr/ and labelsTr/), a
@@ -686,41 +756,67 @@ def generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: i
     files (nnU-Net: dataset.json) and splits_final.json. With
     `shard=(i, n)` only cases whose index ≡ i (mod n) are made; shards may run one after another or at
     the same time into the same folder, and whichever finds every case done writes the final files.
+    `data_root`: the dataset folder to read the bank's cases from, where it is not where the bank says.
+
+    SIGTERM and SIGINT stop it (`Interrupted`, whose message says how many cases are written and how to go on).
     """
-    from .parallel import check_backend, shard_count_lock, stop_on_signals, writer_lock
+    from .parallel import stop_on_signals
+
+    with stop_on_signals():
+        try:
+            return _generate(bank_dir, out, cfg, jobs, progress, resume, shard, device, backend, scheduler,
+                             data_root)
+        except Interrupted as exc:
+            raise Interrupted(exc.signum, interrupted_message(exc, Path(out), cfg.n)) from None
+
+
+def interrupted_message(exc: Interrupted, out: Path, n: int) -> str:
+    """What a stopped run says: how many of its `n` cases are written, and how to go on."""
+    name = signal_name(exc.signum)
+    if not (out / RUN_FILE).is_file():
+        return f"stopped by {name} before anything was written; run the same command again"
+    return (f"stopped by {name}: {len(read_records(out))} of {n} cases written to {out}; run the same command "
+            f"with --resume to finish")
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _generate(bank_dir: str | Path, out: str | Path, cfg: GenerateConfig, jobs: int, progress: bool, resume: bool,
+              shard: tuple[int, int], device: str, backend: str, scheduler: str | None,
+              data_root: str | Path | None) -> GenerateResult:
+    from .parallel import check_backend, shard_count_lock, writer_lock
     from .render.torch_backend import resolve_device
 
     cfg.validate()
     check_backend(backend, scheduler)
     device = resolve_device(device)
     shard_i, shard_n = shard
-    bank_dir = Path(bank_dir)
-    bank = Bank(bank_dir)
+    bank_dir = BankFolder(Path(bank_dir), data_root)
+    bank = Bank(bank_dir, data_root)
+    cfg.check_load_label(bank)
+    cfg = with_file_ending(cfg, bank)
     out = Path(out)
     record = run_record(bank, bank_dir, cfg)
-    check_base_cases(bank)
+    check_base_cases(bank, same_files=data_root is not None)
     layout = run_layout(out, cfg, bank, record)
     layout.check_case_ids([c["case_id"] for c in bank.cases] + [synthetic_case_id(cfg, i) for i in range(cfg.n)])
     prepare_output(out, record, resume or shard_n > 1)
     layout.prepare()
     what = f"{out} (--shard {shard_i}/{shard_n})" if shard_n > 1 else str(out)
     with shard_count_lock(out / PROGRESS_DIR / "shards.lock", shard_n, str(out)), \
-            writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what), stop_on_signals():
-        try:
-            return _generate_shard(bank, bank_dir, layout, cfg, jobs, progress, resume, shard, device, backend,
-                                   scheduler)
-        except Interrupted as exc:
-            written = len(read_records(out))
-            raise Interrupted(exc.signum, f"{exc}: {written} of {cfg.n} cases written to {out}; run the same "
-                                          f"command with --resume to finish") from None
+            writer_lock(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.lock", what):
+        return _generate_shard(bank, bank_dir, layout, cfg, jobs, progress, resume, shard, device, backend,
+                               scheduler)
 
 
-def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: GenerateConfig, jobs: int,
+def _generate_shard(bank: Bank, bank_dir: BankFolder, layout: OutputLayout, cfg: GenerateConfig, jobs: int,
                     progress: bool, resume: bool, shard: tuple[int, int], device: str, backend: str,
                     scheduler: str | None) -> GenerateResult:
-    from tqdm import tqdm
-
-    from .parallel import execution
+    from .parallel import execution, raise_if_stopped, run_bar
 
     out = layout.out
     shard_i, shard_n = shard
@@ -731,30 +827,27 @@ def _generate_shard(bank: Bank, bank_dir: Path, layout: OutputLayout, cfg: Gener
     todo = [i for i in range(cfg.n) if i % shard_n == shard_i and i not in done]
     refs = [r for k, r in enumerate(bank.case_refs()) if k % shard_n == shard_i]
     timings: list[dict] = []
-    progress_file = out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}.jsonl"
-    progress_file.parent.mkdir(exist_ok=True)
+    log_stem = str(out / PROGRESS_DIR / f"shard-{shard_i:04d}-of-{shard_n:04d}")  # each writer's record_case file
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
     with execution(backend, scheduler, jobs, device) as runner:
         if cfg.include_originals:
             missing = [r for r in refs if not _case_done(layout, r.case_id, original=True)]
-            copies = runner.map(_copy_original_task, [(r, str(bank_dir), layout, cfg) for r in missing])
-            for _ in tqdm(copies, total=len(missing), desc="originals", unit="case", disable=not progress):
+            copies = runner.map(_copy_original_task, [(r, bank_dir, layout, cfg) for r in missing])
+            for _ in run_bar(copies, total=len(missing), desc="originals", unit="case", disable=not progress):
                 pass
         if runner.in_process:
-            cases = overlapped_cases(todo, str(bank_dir), layout, cfg, val_folds, device)
+            cases = overlapped_cases(todo, bank_dir, layout, cfg, val_folds, device, log_stem)
         else:
             case_ids = [c["case_id"] for c in bank.cases]
             reach = reach_of(cfg, bank)
             groups = base_groups(todo, lambda index: base_case_of(index, val_folds, case_ids, cfg.seed, reach)[2],
                                  jobs)
-            cases = _flattened(runner.map(synthesize_cases, [(g, str(bank_dir), layout, cfg, val_folds, device)
+            cases = _flattened(runner.map(synthesize_cases, [(g, bank_dir, layout, cfg, val_folds, device, log_stem)
                                                              for g in groups]))
         try:
-            with open(progress_file, "a") as log:
-                for rec, timing in tqdm(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    done[rec["case_index"]] = rec
-                    timings.append(timing)
+            for rec, timing in run_bar(cases, total=len(todo), desc="generate", unit="case", disable=not progress):
+                raise_if_stopped()  # recorded already, by the process that wrote it
+                timings.append(timing)
         finally:
             if hasattr(cases, "close"):
                 cases.close()  # now, not when the traceback is freed: its threads finish their file first
@@ -811,23 +904,29 @@ def finalize_run(out: str | Path) -> GenerateResult:
     return GenerateResult(out, records, [])
 
 
-def check_base_cases(bank: Bank) -> None:
+def check_base_cases(bank: Bank, same_files: bool = False) -> None:
     """Before anything is written: every base case the bank points at is still there, readable, and on the
-    grid the bank recorded (headers only; the bank was built from fully validated cases)."""
-    import nibabel as nib
+    grid the bank recorded (headers only; the bank was built from fully validated cases). `same_files` (a
+    dataset given by --data-root): also of the size and checksum the bank recorded."""
+    from .io.images import image_info
 
+    if same_files:
+        check_same_files(bank.cases)
     for c in bank.cases:
         for path in [*c["images"], c["label"]]:
-            try:
-                img = nib.load(path)
-            except FileNotFoundError:
+            if not Path(path).is_file():
                 raise InputError(f"{path}: file not found (base case {c['case_id']} of the bank has moved or "
-                                 f"been deleted)") from None
-            except Exception as exc:  # nibabel raises several types for unreadable headers
-                raise InputError(f"{path}: not a readable NIfTI file ({exc})") from None
-            if tuple(img.shape[:3]) != tuple(c["shape"]) or not np.allclose(img.affine, c["affine"], atol=1e-3):
+                                 f"been deleted; if the dataset moved: lesionsynth relocate {bank.folder} "
+                                 f"DATASET, or --data-root DATASET)")
+            shape, affine, _ = image_info(path)
+            if tuple(shape[:3]) != tuple(c["shape"]) or not np.allclose(affine, c["affine"], atol=1e-3):
                 raise InputError(f"{path}: grid differs from the one recorded in the bank (case {c['case_id']} "
                                  f"changed since build-bank); rebuild the bank")
+
+
+def run_is_finished(out: Path) -> bool:
+    """Whether the run in OUT wrote its final files (manifest.jsonl) and left no progress log behind."""
+    return (out / MANIFEST).is_file() and not (out / PROGRESS_DIR).exists()
 
 
 def prepare_output(out: Path, record: dict, resume: bool) -> None:
@@ -847,8 +946,11 @@ def prepare_output(out: Path, record: dict, resume: bool) -> None:
             same = False
         if not same:
             raise InputError(f"{out}: holds a run with a different configuration; choose a new folder")
+        if not resume and run_is_finished(out):
+            raise InputError(f"{out}: holds a finished run of this configuration; it is complete, nothing to do "
+                             f"(use a new --out for another run)")
         if not resume:
-            raise InputError(f"{out}: holds an earlier run of this configuration; add --resume to complete it")
+            raise InputError(f"{out}: holds an unfinished run of this configuration; add --resume to complete it")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, record)  # first, so that a shard starting alongside sees whose folder it is
 

@@ -1,7 +1,8 @@
 """QC report of a `generate` output: load plots, lesion count/size distributions, before/after pictures.
 
-`write_report(OUT)` writes `OUT/report/report.html`, one self-contained file (every picture embedded as a
-base64 PNG, so it can be mailed), and keeps the PNGs next to it. It reads `run.json`, `manifest.jsonl`,
+`write_report(OUT)` writes `OUT/report/report.html`, one self-contained file: every picture is embedded as a
+base64 PNG and none is saved beside it (one file to mail or archive, nothing to keep in step; each `<img>` names
+its picture in `data-name`). It reads `run.json`, `manifest.jsonl`,
 `dataset.json`, the synthetic labels (for the lesion counts and sizes), the bank index recorded in
 `run.json`, and the images of the few cases it draws. matplotlib is imported only here, inside the
 functions, and only its Agg canvas is used (no pyplot, no global backend switch). The realism audit
@@ -13,29 +14,46 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from ._version import __version__
 from .errors import InputError, LesionsynthError
 from .geometry import apply_affine
 from .output_run import OutputRun, component_volumes, read_channel, read_label, read_output
+from .score_html import SORT_JS
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
 REALISM_FILE = "realism.json"
 
-#: Colours: lesion outline (after), lesion outline (before, shown dashed on the after picture), target.
+#: Colours: other lesions' outlines, the zoom window, the lesion of the drawn operation by kind (a pasted one
+#: magenta, an inpainted one cyan), target, achieved, original, organ labels.
 LESION_COLOUR = "#ffd400"
 BEFORE_COLOUR = "#00e5ff"
+OP_COLOURS = {"paste": "#ff3df2", "inpaint": "#00e5ff"}
 TARGET_COLOUR = "#1f77b4"
 ACHIEVED_COLOUR = "#d62728"
 ORIGINAL_COLOUR = "#7f7f7f"
 ORGAN_COLOUR = "#4cdc4c"
+#: At most this many rows in the per-case table (manifest.jsonl holds every case).
+MAX_CASE_ROWS = 2000
+
+
+@dataclass
+class Picture:
+    """A rendered figure: the name it is known by (`data-name` of its <img>) and its PNG bytes."""
+
+    name: str
+    data: bytes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,11 +172,13 @@ def _figure(width: float, height: float, layout: str | None = "constrained"):
     return fig
 
 
-def _save(fig, path: Path, dpi: int = 100, palette: bool = False) -> Path:
-    """Write the figure as PNG; `palette` stores it with a 192-colour palette (pictures: ~3x smaller)."""
+def _save(fig, name: str, dpi: int = 100, palette: bool = False) -> Picture:
+    """The figure as PNG bytes; `palette` stores it with a fixed palette (`_palette`: 2x smaller than RGB; an
+    adaptive palette would take the greys' levels, and so the images' noise, or wash out the outlines)."""
+    buffer = io.BytesIO()
     if not palette:
-        fig.savefig(path, dpi=dpi, facecolor="white")
-        return path
+        fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+        return Picture(name, buffer.getvalue())
     from PIL import Image  # a dependency of matplotlib
 
     fig.set_dpi(dpi)
@@ -166,9 +186,23 @@ def _save(fig, path: Path, dpi: int = 100, palette: bool = False) -> Path:
     canvas = fig.canvas
     canvas.draw()
     rgb = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-    rgb.convert("RGB").quantize(colors=192, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        path, format="PNG", optimize=True)
-    return path
+    rgb.convert("RGB").quantize(palette=_palette(), dither=Image.Dither.NONE).save(buffer, format="PNG",
+                                                                                     optimize=True)
+    return Picture(name, buffer.getvalue())
+
+
+def _palette():
+    """192 grey levels, and each overlay colour pure and blended with black, grey and white (the outlines'
+    anti-aliased edges), as a PIL palette image."""
+    from PIL import Image
+
+    colours = [(round(i * 255 / 191),) * 3 for i in range(192)]
+    for hex_colour in (LESION_COLOUR, *OP_COLOURS.values(), ORGAN_COLOUR):
+        rgb = [int(hex_colour[k:k + 2], 16) for k in (1, 3, 5)]
+        colours += [tuple(round(w * c + (1 - w) * bg) for c in rgb) for bg in (0, 128, 255) for w in (1.0, 0.66, 0.33)]
+    image = Image.new("P", (1, 1))
+    image.putpalette([v for c in colours[:256] for v in c])
+    return image
 
 
 def _mm3_axis(axis) -> None:
@@ -199,7 +233,7 @@ def _bins(values: np.ndarray, max_bins: int = 30) -> np.ndarray:
     return edges if len(edges) - 1 <= max_bins else np.linspace(lo, hi, max_bins + 1)
 
 
-def load_figure(run: OutputRun, path: Path) -> Path:
+def load_figure(run: OutputRun, picture_name: str = "loads.png") -> Picture:
     """Histogram of target and achieved (and original) loads; scatter achieved vs target with the tolerance band."""
     recs = run.records
     target = np.array([r["target_load_mm3"] for r in recs], dtype=np.float64)
@@ -222,7 +256,7 @@ def load_figure(run: OutputRun, path: Path) -> Path:
     ax_h.set_xlabel("lesion load (mm³)")
     ax_h.set_ylabel("fraction of cases")
     ax_h.set_title("Lesion load distribution")
-    ax_h.legend(frameon=False, fontsize=9)
+    _legend_below(ax_h)
 
     lo = float(min(target.min(initial=np.inf), achieved[achieved > 0].min(initial=np.inf)))
     hi = float(max(target.max(initial=0), achieved.max(initial=0)))
@@ -251,11 +285,11 @@ def load_figure(run: OutputRun, path: Path) -> Path:
     ax_s.set_xlabel("target load (mm³)")
     ax_s.set_ylabel("achieved load (mm³)")
     ax_s.set_title("Achieved vs target")
-    ax_s.legend(frameon=False, fontsize=9, loc="upper left")
-    return _save(fig, path)
+    _legend_below(ax_s)
+    return _save(fig, picture_name)
 
 
-def lesion_figure(before: LesionStats | None, after: LesionStats, path: Path) -> Path:
+def lesion_figure(before: LesionStats | None, after: LesionStats, picture_name: str = "lesions.png") -> Picture:
     """Lesions per case and lesion size (log axis), before (original cases) and after (synthetic)."""
     fig = _figure(11, 4.2)
     ax_c, ax_v = fig.subplots(1, 2)
@@ -274,7 +308,7 @@ def lesion_figure(before: LesionStats | None, after: LesionStats, path: Path) ->
     ax_c.set_xlabel("lesions per case")
     ax_c.set_ylabel("fraction of cases")
     ax_c.set_title("Lesion count")
-    ax_c.legend(frameon=False, fontsize=9, loc="best")
+    _legend_below(ax_c)
 
     vols = np.array([v for s, _, _ in series for v in s.volumes if v > 0])
     if vols.size:
@@ -290,16 +324,21 @@ def lesion_figure(before: LesionStats | None, after: LesionStats, path: Path) ->
                           alpha=0.35 if name == "original" else 1.0, linewidth=2, color=colour,
                           label=f"{name}: {v.size} lesions, median {np.median(v):.3g} mm³")
         ax_v.set_xscale("log")
-        ax_v.legend(frameon=False, fontsize=9, loc="best")
+        _legend_below(ax_v)
     else:
         ax_v.text(0.5, 0.5, "no lesions", ha="center", va="center", transform=ax_v.transAxes)
     ax_v.set_xlabel("lesion volume (mm³, log scale)")
     ax_v.set_ylabel("fraction of lesions")
     ax_v.set_title("Lesion size")
-    return _save(fig, path)
+    return _save(fig, picture_name)
 
 
-def realism_figure(audit: dict, path: Path) -> Path:
+def _legend_below(ax) -> None:
+    """The axes' legend under its x-axis label, clear of the data (constrained layout makes room)."""
+    ax.legend(frameon=False, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+
+
+def realism_figure(audit: dict, picture_name: str = "realism.png") -> Picture:
     """Per channel (rows): histograms of each audit feature (contrast, spread, edge, context), real vs pasted;
     values more than 3 IQR beyond the quartiles (both groups together) are counted in the end bins."""
     from .audit import MEASURES, REPORTED
@@ -331,8 +370,8 @@ def realism_figure(audit: dict, path: Path) -> Path:
             if c == 0:
                 ax.set_ylabel("fraction of lesions", fontsize=9)
             if r == 0 and c == 0:
-                ax.legend(frameon=False, fontsize=8, loc="best")
-    return _save(fig, path)
+                fig.legend(frameon=False, fontsize=9, loc="outside upper center", ncol=2)
+    return _save(fig, picture_name)
 
 
 def _canonical(data: np.ndarray, affine: np.ndarray):
@@ -353,8 +392,10 @@ def _plane(vol: np.ndarray, fixed: int, index: int) -> np.ndarray:
     return vol[tuple(sl)]  # axes: the two remaining axes in order (horizontal, vertical)
 
 
-def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Path) -> Path | None:
-    """Before / after slices (three orthogonal planes, zoomed) and the after slices in full, through one site."""
+def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, picture_name: str) -> Picture | None:
+    """Before / after slices (three orthogonal planes, zoomed) and the after slices in full, through one site; the
+    lesion of the operation is outlined in its kind's colour (`OP_COLOURS`), solid where it is, dashed where it
+    will be (paste, before) or was (inpaint, after); other lesions in yellow."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
@@ -395,6 +436,8 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Pat
         window = tuple(np.percentile(after_img[::2, ::2, ::2], [1, 99]))
     centre_vox = np.rint(apply_affine(np.linalg.inv(c_affine), centre_mm)).astype(int)
     centre_vox = np.clip(centre_vox, 0, np.asarray(lab_after.shape) - 1)
+    op_colour = OP_COLOURS[op["op"]]
+    op_mask = operation_mask(masks["after"], masks.get("before"), op["op"], centre_vox, half / zooms)
 
     # the full-slice row is left out when the zoom window already shows (nearly) the whole slice
     shape_c = np.asarray(lab_after.shape)
@@ -414,9 +457,10 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Pat
             ax = axes[row, col]
             src = "before" if kind == "before" else "after"
             img = _plane(vols[src][0], fixed, k)
-            mask = _plane(masks[src], fixed, k)
-            old = _plane(masks["before"], fixed, k) if (kind == "after" and op["op"] == "inpaint"
-                                                        and "before" in masks) else None
+            own = _plane(op_mask, fixed, k)
+            mask = _plane(masks[src], fixed, k) & ~own  # the other lesions
+            # the op's lesion: solid where it is in this row's picture, dashed where it is not (yet / any more)
+            present = (op["op"] == "paste") == (src == "after")
             n_h, n_v = img.shape
             if kind == "context":
                 (h0, h1), (v0, v1) = (0, n_h), (0, n_v)
@@ -431,14 +475,14 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Pat
                       interpolation="nearest" if kind != "context" else "antialiased")
             organ = _plane(organs[src], fixed, k) if src in organs else None
             for m, colour, style, lw in ((organ, ORGAN_COLOUR, "-", 0.7),
-                                         (mask, LESION_COLOUR, "-", 1.5 if kind != "context" else 0.8),
-                                         (old, BEFORE_COLOUR, "--", 1.2)):
+                                         (mask, LESION_COLOUR, "-", 1.0 if kind != "context" else 0.6),
+                                         (own, op_colour, "-" if present else "--", 2.0 if kind != "context" else 1.2)):
                 if m is not None and m[crop].any() and min(h1 - h0, v1 - v0) > 1:
                     ax.contour(m[crop].T, levels=[0.5], colors=colour, linewidths=lw, linestyles=style,
                                origin="lower", extent=ext)
             if kind == "context":
                 ax.add_patch(Rectangle((-half, -half), 2 * half, 2 * half, fill=False, edgecolor=BEFORE_COLOUR,
-                                       linewidth=1, clip_on=True))
+                                       linewidth=1, linestyle=":", clip_on=True))
             else:
                 _scale_bar(ax, ext)
             ax.set_xlim(ext[0], ext[1])
@@ -457,18 +501,42 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, path: Pat
                 ax.set_ylabel(row_names[kind], fontsize=10)
             if row == 0:
                 ax.set_title(f"{pname} (slice {k})", fontsize=10)
-    handles = [Line2D([], [], color=LESION_COLOUR, linewidth=1.6, label="lesion label outline")]
-    if op["op"] == "inpaint" and before is not None:
-        handles.append(Line2D([], [], color=BEFORE_COLOUR, linewidth=1.4, linestyle="--",
-                              label="lesion outline before (removed)"))
+    what = "pasted lesion (dashed: before it was pasted)" if op["op"] == "paste" else \
+        "inpainted lesion (dashed: after it was removed)"
+    handles = [Line2D([], [], color=op_colour, linewidth=2.0, label=what),
+               Line2D([], [], color=LESION_COLOUR, linewidth=1.0, label="other lesions")]
     if organs:
         handles.append(Line2D([], [], color=ORGAN_COLOUR, linewidth=1, label="other labels (organ / region)"))
     if context:
-        handles.append(Line2D([], [], color=BEFORE_COLOUR, linewidth=1, label="zoom window"))
+        handles.append(Line2D([], [], color=BEFORE_COLOUR, linewidth=1, linestyle=":", label="zoom window"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9,
                bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(site_title(site, run, channel), fontsize=10.5, y=1 - 0.08 / height, va="top")
-    return _save(fig, path, dpi=90, palette=True)
+    return _save(fig, picture_name, dpi=80, palette=True)
+
+
+def operation_mask(after: np.ndarray, before: np.ndarray | None, kind: str, centre_vox, half_vox) -> np.ndarray:
+    """The voxels of the drawn operation's lesion: the connected part, nearest the site's centre inside the zoom
+    window, of what a paste added (after − before) or an inpaint removed (before − after); without the before
+    picture, the after lesion at the site (paste) or nothing (inpaint)."""
+    from scipy import ndimage
+
+    after = after.astype(bool)
+    if before is None:
+        changed = after if kind == "paste" else np.zeros(after.shape, dtype=bool)
+    else:
+        changed = after & ~before.astype(bool) if kind == "paste" else before.astype(bool) & ~after
+    lo = np.maximum(np.floor(centre_vox - half_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_vox + half_vox).astype(int) + 1, after.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    parts, n = ndimage.label(changed[box], structure=np.ones((3, 3, 3), dtype=bool))
+    out = np.zeros(after.shape, dtype=bool)
+    if n == 0:
+        return out
+    points = np.argwhere(parts > 0)
+    nearest = points[np.argmin(((points + lo - centre_vox) ** 2).sum(axis=1))]
+    out[box] = parts == parts[tuple(nearest)]
+    return out
 
 
 def _window(centre: int, half_vox: float, n: int) -> tuple[int, int]:
@@ -513,6 +581,24 @@ def site_title(site: Site, run: OutputRun, channel: int) -> str:
             f"achieved {rec['achieved_load_mm3']:.0f} mm³")
 
 
+def site_caption(site: Site, run: OutputRun) -> str:
+    """What a site's pictures show, in words: case, base, operation, donor, scale, score, loads."""
+    rec, op = site.record, site.op
+    head = f"{rec['case_id']} (base {rec['base_case']}), operation {site.op_index + 1} of {len(rec['ops'])}: "
+    if op["op"] == "paste":
+        les = run.bank_index and next((x for x in run.bank_index["lesions"] if x["id"] == op["lesion_id"]), None)
+        donor = op.get("source_case") or (les and les.get("case_id")) or "?"
+        size = f", {les['volume_mm3']:.0f} mm³ in the bank" if les else ""
+        score = (f"; context score {op['context_score']:.2f} (distance of the destination's tissue from the "
+                 f"donor's own surroundings; 0 = same)") if "context_score" in op else ""
+        what = (f"<b>paste</b> (magenta) of lesion {op['lesion_id']} from donor case {donor}{size}, scale "
+                f"{op['scale']:.2f}, adding {op.get('added_mm3', 0):.0f} mm³{score}")
+    else:
+        what = f"<b>inpaint</b> (cyan) removing a {op.get('removed_mm3', 0):.0f} mm³ lesion"
+    return (f"{html.escape(head)}{what}. Case load: target {rec['target_load_mm3']:,.0f} mm³, achieved "
+            f"{rec['achieved_load_mm3']:,.0f} mm³.")
+
+
 def _cached(cache: dict, key, make):
     if key not in cache:
         cache[key] = make()
@@ -553,12 +639,15 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3}td.n{text-align:right}img{max-width:100%;height:auto;display:block;margin:.6em 0}
 .muted{color:#666;font-size:.9em}figure{margin:1.2em 0}figcaption{font-size:.9em;color:#444}
 .channels{display:flex;flex-wrap:wrap;gap:.5em}.channels>div{flex:1 1 480px}
+.scroll{max-height:30em;overflow:auto;border:1px solid #eee}.scroll table{margin:0}
+table.sortable th{cursor:pointer;position:sticky;top:0}table.sortable th:hover{background:#e6e6e6}
+details summary{cursor:pointer;color:#444}
 """
 
 
-def _img_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def _img_tag(picture: Picture, alt: str) -> str:
+    data = base64.b64encode(picture.data).decode("ascii")
+    return f'<img data-name="{html.escape(picture.name)}" src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def _table(header: list[str] | None, rows: list[list]) -> str:
@@ -571,6 +660,98 @@ def _table(header: list[str] | None, rows: list[list]) -> str:
     return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
+def _sortable_table(header: list[str], rows: list[list]) -> str:
+    """A table whose columns sort on a click on their header (score_html.SORT_JS; numbers numerically)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+
+    def cell(c) -> str:
+        if isinstance(c, float):
+            return f'<td class="n" data-v="{c:.10g}">{c:,.0f}</td>'
+        if isinstance(c, int) and not isinstance(c, bool):
+            return f'<td class="n" data-v="{c}">{c}</td>'
+        return f'<td data-v="{html.escape(str(c))}">{html.escape(str(c))}</td>'
+
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return (f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
+
+
+def case_rows(run: OutputRun) -> list[list]:
+    """The per-case table: case, base, target and achieved load (mm³), achieved / target, within tolerance,
+    lesions pasted and inpainted, failed placements, stop reason; in case order."""
+    rows = []
+    for r in sorted(run.records, key=lambda r: r.get("case_index", 0)):
+        ops = Counter(op["op"] for op in r.get("ops", []))
+        target, achieved = float(r["target_load_mm3"]), float(r["achieved_load_mm3"])
+        rows.append([r["case_id"], r["base_case"], target, achieved,
+                     f"{achieved / target:.0%}" if target > 0 else "–", "yes" if run.within(r) else "no",
+                     ops.get("paste", 0), ops.get("inpaint", 0), int(r.get("failed_placements", 0)),
+                     str(r.get("stop_reason", "?"))])
+    return rows
+
+
+def quantile_rows(series: list[tuple[str, object]]) -> list[list]:
+    """Rows of a statistics table: name, n, min, q25, median, q75, max of each (name, values)."""
+    rows = []
+    for name, values in series:
+        v = np.asarray(values if values is not None else [], dtype=np.float64)
+        q = np.percentile(v, [0, 25, 50, 75, 100]) if v.size else [None] * 5
+        rows.append([name, int(v.size), *(("–" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}")
+                                          for x in q)])
+    return rows
+
+
+QUANTILE_HEADER = ["", "n", "min", "q25", "median", "q75", "max"]
+
+
+def equivalent_command(run: OutputRun) -> str:
+    """A `lesionsynth generate` command line that makes this run again (its options that differ from the
+    defaults; the augment ranges come from the bank's recipe, as generate reads them)."""
+    import shlex
+
+    cfg = run.config
+    defaults = {"mode": "both", "seed": 0, "tolerance": 0.1, "folds": 5, "include_originals": True,
+                "compression_level": 1, "file_ending": None, "volume_warp": False, "format": "nnunet",
+                "load_label": None, "load_range": None}
+    words = ["lesionsynth", "generate", str(run.bank_dir), "--out", str(run.out), "--n", str(cfg.get("n", "?")),
+             "--load", str(cfg.get("load", "?"))]
+    flags = {"mode": "--mode", "seed": "--seed", "tolerance": "--tolerance", "folds": "--folds",
+             "compression_level": "--compression-level", "file_ending": "--file-ending", "format": "--format",
+             "load_label": "--load-label"}
+    for key, flag in flags.items():
+        if key in cfg and cfg[key] != defaults[key]:
+            words += [flag, str(cfg[key])]
+    if cfg.get("load_range"):
+        words += ["--load-range", *(f"{v:g}" for v in cfg["load_range"])]
+    if cfg.get("include_originals") is False:
+        words.append("--no-include-originals")
+    if cfg.get("volume_warp"):
+        words.append("--volume-warp")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def run_rows(run: OutputRun) -> list[list]:
+    """The head of the page: what made the run, when, and what made this report."""
+    manifest = run.out / "manifest.jsonl"
+    finished = (datetime.fromtimestamp(manifest.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+                if manifest.is_file() else "not finished")
+    return [["run", f"lesionsynth {run.run.get('lesionsynth_version', '?')}, finished {finished}"],
+            ["command (equivalent)", equivalent_command(run)],
+            ["report", f"lesionsynth {__version__}, {datetime.now().strftime('%Y-%m-%d %H:%M')}"]]
+
+
+def config_rows(config: dict, prefix: str = "") -> list[list]:
+    """The run's configuration as (key, value) rows; nested sections as `section.key`."""
+    rows = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            rows += config_rows(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", json.dumps(value) if isinstance(value, (list, tuple, type(None))) else
+                         str(value)])
+    return rows
+
+
 def _quantiles(values) -> str:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
@@ -579,14 +760,19 @@ def _quantiles(values) -> str:
     return " / ".join(f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" for x in q)
 
 
-def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Path:
-    """Write `out_dir/report/report.html` (self-contained) and its PNGs; return the HTML path."""
+def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0, data_root: str | Path | None = None,
+                 progress: bool = False) -> Path:
+    """Write `out_dir/report/report.html` (self-contained, its pictures embedded) and `realism.json`; return the
+    HTML path. `data_root`: the bank's dataset, where it is not where the bank says (else the pictures use the
+    originals in the output). `progress`: bars and step lines on stderr."""
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise LesionsynthError("lesionsynth report needs matplotlib: pip install matplotlib") from None
-    run = read_output(out_dir)
+    run = read_output(out_dir, data_root)
     if not run.records:
         raise InputError(f"{run.out}: manifest.jsonl holds no synthetic case; nothing to report")
     folder = run.out / REPORT_DIR
@@ -597,15 +783,15 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
     cache: dict = {}
     channel = display_channel(run)
     sites = choose_sites(run.records, n_examples, seed)
-    figures = {"loads": load_figure(run, folder / "loads.png")}
+    figures = {"loads": load_figure(run)}
     before = before_stats(run)
     site_pngs, skipped = [], []
     # every channel of a site is drawn: a paste can look right on one contrast and wrong on another
     channels = [channel] + [c for c in range(len(run.channel_names)) if c != channel]
-    for k, site in enumerate(sites):
+    for k, site in enumerate(tqdm(sites, desc="report pictures", unit="site", disable=not progress)):
         stem = f"site{k + 1:02d}_{site.record['case_id']}_{site.op['op']}{site.op_index + 1}"
         try:
-            pngs = [(c, site_figure(site, run, c, cache, folder / f"{stem}_c{c}.png")) for c in channels]
+            pngs = [(c, site_figure(site, run, c, cache, f"{stem}_c{c}.png")) for c in channels]
         except InputError as exc:  # a case file gone missing or unreadable: say so, draw the others
             skipped.append(f"{site.record['case_id']} op {site.op_index + 1}: {exc}")
             pngs = []
@@ -618,27 +804,65 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0) -> Pat
             if (key[0] == "image" and not any(s.record["case_id"] == key[1] for s in later)) or \
                     (key[0] == "base" and not any(s.record["base_case"] == key[1] for s in later)):
                 del cache[key]
+    _step("report: counting the synthetic lesions", progress)
     after = after_stats(run, cache)
     cache.clear()
-    figures["lesions"] = lesion_figure(before, after, folder / "lesions.png")
+    figures["lesions"] = lesion_figure(before, after)
     from .audit import audit_output
     from .io.nifti import write_bytes_atomic
 
+    _step("report: realism audit (pasted vs real lesions)", progress)
     audit = audit_output(run, seed=seed)
     from .critic import strong_audit
 
-    strong = strong_audit(run, seed=seed, progress=None)  # the critic: a stronger, independent audit
+    _step("report: strong audit (critic)", progress)
+    strong = strong_audit(run, seed=seed, progress=progress)  # the critic: a stronger, independent audit
     audit["unlabelled_changes"] = strong.pop("unlabelled_changes")
     audit["strong"] = strong
     write_bytes_atomic(folder / REALISM_FILE, (json.dumps(audit, indent=1) + "\n").encode("utf-8"))
     if audit["n_real"] or audit["n_pasted"]:
-        figures["realism"] = realism_figure(audit, folder / "realism.png")
+        figures["realism"] = realism_figure(audit)
 
     html_text = _html(run, before, after, figures, site_pngs, skipped, channel, n_examples, seed,
                       time.perf_counter() - t0, audit)
     path = folder / REPORT_FILE
     write_bytes_atomic(path, html_text.encode("utf-8"))
     return path
+
+
+def _step(text: str, progress: bool) -> None:
+    """One line on stderr as a long step of the report starts."""
+    if progress:
+        print(f"{text} ...", file=sys.stderr, flush=True)
+
+
+def label_rows(run: OutputRun) -> list[list]:
+    """Per lesion label of a run with several: its load per case (median mm³) and its voxels in all, in the
+    original cases (the bank) and in the synthetic ones (`achieved_by_label` of the manifest); no rows for a
+    run with one lesion label."""
+    if len(run.lesion_labels) <= 1:
+        return []
+    rows = []
+    bank_cases = run.bank_index["cases"] if run.bank_index else []
+    for v in run.lesion_labels:
+        key = str(int(v))
+        real = [c["load_by_label"][key] for c in bank_cases if key in c.get("load_by_label", {})]
+        synthetic = [r["achieved_by_label"][key] for r in run.records if key in (r.get("achieved_by_label") or {})]
+        rows.append([v, f"{np.median(real):,.0f}" if real else "–",
+                     f"{np.median([s['mm3'] for s in synthetic]):,.0f}" if synthetic else "–",
+                     f"{sum(s['voxels'] for s in synthetic):,}" if synthetic else "–"])
+    return rows
+
+
+def _label_html(run: OutputRun) -> list[str]:
+    rows = label_rows(run)
+    if not rows:
+        return []
+    counted = run.config.get("load_label")
+    return ["<p>Per lesion label (a lesion is the connected whole of all of them and keeps its inner labels"
+            + (f"; loads were counted on label {counted} only" if counted is not None else "") + "):</p>",
+            _table(["label", "original load per case, median mm³", "synthetic load per case, median mm³",
+                    "synthetic voxels in all"], rows)]
 
 
 def _placement_html(run: OutputRun) -> list[str]:
@@ -667,9 +891,10 @@ def _placement_html(run: OutputRun) -> list[str]:
     if scores:
         parts.append(f"<p>Context match (tolerance {tol}): a paste is kept only where the destination's tissue "
                      "around it resembles the donor lesion's own surroundings in its source case (per channel, in "
-                     "units of each case's intensity level) and the tissue it covers does too. Kept pastes' "
-                     f"distance min/q25/median/q75/max: {_quantiles(scores)}; share of covered voxels that match: "
-                     f"{_quantiles(covered) if covered else '–'}.</p>")
+                     "units of each case's intensity level) and the tissue it covers does too. Kept pastes:</p>")
+        parts.append(_table(QUANTILE_HEADER, quantile_rows([("distance to the donor's surroundings", scores),
+                                                            ("share of covered voxels that match",
+                                                             covered or None)])))
     sharp = sum(1 for rec in run.records if rec.get("sharp_donors") is False)
     if sharp:
         parts.append(f"<p>{sharp} cases had no donor sharp enough for their grid; all donors were used.</p>")
@@ -699,15 +924,17 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
     def iqr(s: dict) -> str:
         return f"{s['median']:.3g} [{s['q25']:.3g}–{s['q75']:.3g}]" if s["n"] else "–"
 
+    auc_rows = []
     if audit["auc"] is not None:
         lo, hi = audit["auc_ci95"]
         verdict = (f"<b>Realism AUC {audit['auc']:.2f}</b> (95 % bootstrap interval {lo:.2f}–{hi:.2f}; "
                    f"{audit['n_real']} real and {audit['n_pasted']} pasted lesions).")
+        auc_rows.append(["all pasted vs all real lesions", f"{audit['auc']:.2f}", f"{lo:.2f}–{hi:.2f}"])
         for key, what in MATCHED_AUCS:
             matched = audit.get(key) or {}
             if matched.get("auc") is not None:
                 mlo, mhi = matched["auc_ci95"]
-                verdict += f" {what}: <b>{matched['auc']:.2f}</b> ({mlo:.2f}–{mhi:.2f})."
+                auc_rows.append([what, f"{matched['auc']:.2f}", f"{mlo:.2f}–{mhi:.2f}"])
     else:
         verdict = f"<b>Realism AUC not computed</b>: {html.escape(audit['reason'] or '?')}."
     strongest = ", ".join(f"{s['feature']} ({s['auc']:.2f})" for s in audit["strongest"]) or "–"
@@ -729,7 +956,9 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
         "the synthetic labels' components that hold voxels not lesion in their base case (at most "
         f"{audit['max_lesions']} of each, drawn with seed {audit['seed']}; {audit['real_available']} real and "
         f"{audit['pasted_available']} pasted lesions recorded in all).</p>",
-        f"<p>{verdict} Strongest single features (AUC alone, either direction): {html.escape(strongest)}.</p>",
+        f"<p>{verdict}</p>",
+        *([_table(["comparison", "AUC", "95 % interval"], auc_rows)] if auc_rows else []),
+        f"<p>Strongest single features (AUC alone, either direction): {html.escape(strongest)}.</p>",
         _table(["feature", "real: median [IQR]", "pasted: median [IQR]", "AUC alone"], rows),
         f"<p>Tissue context (shell median / the case's body median): {context}. Volume and context are not "
         "given to the classifier (the load target sets the volumes).</p>",
@@ -825,6 +1054,7 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+        _table(None, run_rows(run)),
         '<h2 id="summary">Summary</h2>',
         _table(None, [
             ["output", str(run.out)],
@@ -840,17 +1070,30 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         '<h2 id="load">Lesion load: target vs achieved</h2>',
         "<p>Left: distribution of the drawn target loads and of the achieved loads (measured on the written "
         "labels)" + (", with the original cases' loads in grey" if run.bank_index else "") + ". Right: achieved "
-        f"against target per case; the shaded band is the {tol_text} tolerance and the line is achieved = target. "
-        f"Target load min/q25/median/q75/max: {_quantiles(target)} mm³; achieved: {_quantiles(achieved)} mm³.</p>",
+        f"against target per case; the shaded band is the {tol_text} tolerance and the line is achieved = target."
+        "</p>",
+        _table(QUANTILE_HEADER, quantile_rows([("target load (mm³)", target), ("achieved load (mm³)", achieved)]
+                                              + ([("original cases' load (mm³)",
+                                                   [c["load_mm3"] for c in run.bank_index["cases"]])]
+                                                 if run.bank_index else []))),
         _img_tag(figures["loads"], "target vs achieved load"),
+        '<h2 id="cases">Cases</h2>',
+        "<p>One row per synthetic case; click a column's header to sort by it. pasted / inpainted: lesions added "
+        "and removed; failed: pastes drawn and refused.</p>",
+        _sortable_table(["case", "base", "target mm³", "achieved mm³", "achieved / target", "within tolerance",
+                         "pasted", "inpainted", "failed", "stop reason"], case_rows(run)[:MAX_CASE_ROWS]),
+        *([f'<p class="muted">The first {MAX_CASE_ROWS} of {n} cases; manifest.jsonl holds them all.</p>']
+          if n > MAX_CASE_ROWS else []),
         '<h2 id="lesions">Lesion count and size</h2>',
         "<p>Lesions are connected components "
         f"({run.connectivity}-connectivity, ≥ {run.min_volume_mm3:g} mm³, label(s) {list(run.lesion_labels)}). "
-        f"Original: {html.escape(before.source) if before else 'not available'}; synthetic: {after.source}. "
-        f"Lesions per case, original: {_quantiles(before.counts) if before else '–'}; synthetic: "
-        f"{_quantiles(after.counts)} (min/q25/median/q75/max). Lesion volume (mm³), original: "
-        f"{_quantiles(before.volumes) if before else '–'}; synthetic: {_quantiles(after.volumes)}.</p>",
+        f"Original: {html.escape(before.source) if before else 'not available'}; synthetic: {after.source}.</p>",
+        _table(QUANTILE_HEADER, quantile_rows([("lesions per case, original", before.counts if before else None),
+                                               ("lesions per case, synthetic", after.counts),
+                                               ("lesion volume (mm³), original", before.volumes if before else None),
+                                               ("lesion volume (mm³), synthetic", after.volumes)])),
         _img_tag(figures["lesions"], "lesion count and size distributions"),
+        *_label_html(run),
         *_placement_html(run),
         *(_realism_html(audit, figures) if audit else []),
         *(_critic_html(audit) if audit and "strong" in audit else []),
@@ -865,13 +1108,16 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
             "window: 1st–99th percentile of the base image. Rows: base case, synthetic case (both zoomed on the "
             "site), and the synthetic case's full slice with a box marking the zoom (left out when the zoom already "
             "shows the whole slice). Slices are in the closest RAS "
-            "orientation with true voxel proportions (neurological view: patient's right on the right); "
-            f"yellow = lesion label outline; dashed cyan = the lesion before it was inpainted; thin green = other "
-            "labels (organ / region), when the labels have any.</p>")
+            "orientation with true voxel proportions (neurological view: patient's right on the right). "
+            f"<b>The lesion of the operation</b>: magenta = pasted (dashed on the base case: where it goes), cyan = "
+            "inpainted (dashed on the synthetic case: where it was); yellow = the other lesions; thin green = other "
+            "labels (organ / region), when the labels have any; dotted cyan box = the zoom window.</p>")
         for site, pngs in site_pngs:
             images = "".join(f'<div>{_img_tag(png, site_title(site, run, c))}</div>' for c, png in pngs)
+            chans = ", ".join(run.channel_names[c] if c < len(run.channel_names) else str(c) for c, _ in pngs)
             parts.append(f'<figure><div class="channels">{images}</div>'
-                         f"<figcaption>{html.escape(', '.join(png.name for _, png in pngs))}</figcaption></figure>")
+                         f"<figcaption>{site_caption(site, run)} Channels: {html.escape(chans)}.</figcaption>"
+                         "</figure>")
     elif not skipped:
         parts.append("<p>No case has a paste or inpaint operation: nothing to draw.</p>")
     for note in skipped:
@@ -881,8 +1127,11 @@ def _html(run: OutputRun, before, after, figures, site_pngs, skipped, channel, n
         '<h2 id="stop">Stop reasons</h2>',
         _table(["stop reason", "cases", "fraction"],
                [[k, v, f"{v / n:.0%}"] for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]),
-        f'<p class="muted">Made by lesionsynth report in {seconds:.1f} s; run configuration: '
-        f"{html.escape(json.dumps({k: v for k, v in cfg.items() if k != 'augment'}))}</p>",
+        '<h2 id="config">Configuration</h2>',
+        f"<details><summary>The run's configuration (run.json; {len(config_rows(cfg))} settings)</summary>"
+        + _table(["setting", "value"], config_rows(cfg)) + "</details>",
+        f'<p class="muted">Made by lesionsynth report in {seconds:.1f} s.</p>',
+        f"<script>{SORT_JS}</script>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"

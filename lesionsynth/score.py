@@ -1,8 +1,8 @@
 """`lesionsynth score PRED TRUTH --out DIR`: score a model's predicted labels against the truth, per case and
 per stratum.
 
-PRED is a folder of predicted label files as `nnUNetv2_predict` writes them (`CASE_ID` + file ending;
-anything that is not a NIfTI file, such as its json files and probability maps, is ignored). TRUTH is a
+PRED is a folder of predicted label files as `nnUNetv2_predict` writes them (`CASE_ID` + file ending: .nii.gz,
+.nii, .mha or .nrrd; anything else, such as its json files and probability maps, is ignored). TRUTH is a
 lesionsynth test set (`labelsTs/` and `strata.csv` with the columns case_id,factor,level,value), an nnU-Net
 v2 raw dataset (`labelsTs/` if present, else `labelsTr/`; dataset.json gives the file ending and the label
 values), or a plain folder of label files.
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, LesionsynthError
+from .errors import InputError, LesionsynthError, check_choice, check_field
 from .geometry import voxel_volume
+from .io.images import IMAGE_ENDINGS
 from .labels import label_in
 from .metrics import CASE_METRICS, bootstrap_means, case_metrics
+from .score_pictures import recall_by_lesion_size, worst_case_overlays
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 STRATA_FILE = "strata.csv"
 STRATA_COLUMNS = ("case_id", "factor", "level", "value")
 OUTPUT_FILES = ("cases.csv", "strata.csv", "summary.json", "score.html")
@@ -71,15 +72,14 @@ class ScoreConfig:
     n_resamples: int = 2000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.check()  # a bad config fails where it is made, naming its field
+
     def check(self) -> None:
-        if self.connectivity not in (6, 18, 26):
-            raise InputError(f"--connectivity {self.connectivity}: must be 6, 18 or 26")
-        if not 0.0 <= self.iou_threshold <= 1.0:
-            raise InputError(f"--iou-threshold {self.iou_threshold}: must be between 0 and 1")
-        if self.n_resamples < 1:
-            raise InputError(f"--bootstrap {self.n_resamples}: must be at least 1")
-        if any(v == 0 for v in self.lesion_labels):
-            raise InputError("--lesion-label 0: 0 is background")
+        check_choice(self, "connectivity", (6, 18, 26))
+        check_field(self, "iou_threshold", 0.0 <= self.iou_threshold <= 1.0, "must be between 0 and 1")
+        check_field(self, "n_resamples", self.n_resamples >= 1, "must be at least 1")
+        check_field(self, "lesion_labels", all(v != 0 for v in self.lesion_labels), "holds 0, the background")
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TruthSet:
     kind: str                      # "testset", "nnunet" or "folder"
     label_dir: Path
     cases: list[TruthCase]
-    file_ending: str | None        # from dataset.json, else None (any NIfTI ending)
+    file_ending: str | None        # from dataset.json, else None (any image ending)
     declared_labels: dict[str, int] | None   # dataset.json labels, else None (the values seen in the truth)
 
 
@@ -116,17 +116,17 @@ class ScoreResult:
 # --------------------------------------------------------------------------------------------------
 
 def _case_id(name: str, ending: str | None = None) -> str | None:
-    """The case id of a NIfTI file name (its ending stripped), or None for any other file."""
+    """The case id of an image file name (its ending stripped), or None for any other file."""
     if name.startswith("."):
         return None
-    for end in ((ending,) if ending else NIFTI_ENDINGS):
+    for end in ((ending,) if ending else IMAGE_ENDINGS):
         if name.endswith(end) and len(name) > len(end):
             return name[: -len(end)]
     return None
 
 
-def _nifti_files(folder: Path, ending: str | None = None) -> dict[str, Path]:
-    """Case id -> file of the NIfTI files directly in `folder`."""
+def _image_files(folder: Path, ending: str | None = None) -> dict[str, Path]:
+    """Case id -> file of the image files directly in `folder`."""
     files = {}
     for path in sorted(folder.iterdir()):
         case_id = _case_id(path.name, ending)
@@ -144,8 +144,8 @@ def _read_dataset_json(path: Path) -> tuple[str | None, dict[str, int] | None]:
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
     ending = meta.get("file_ending")
-    if ending is not None and ending not in NIFTI_ENDINGS:
-        raise InputError(f"{path}: file_ending {ending!r} is not supported (use .nii.gz or .nii)")
+    if ending is not None and ending not in IMAGE_ENDINGS:
+        raise InputError(f"{path}: file_ending {ending!r} is not supported (use {', '.join(IMAGE_ENDINGS)})")
     raw = meta.get("labels")
     if raw is None:
         return ending, None
@@ -198,9 +198,9 @@ def open_truth(path: str | Path) -> TruthSet:
         kind = "testset"
     else:
         kind = "nnunet" if label_dir != root else "folder"
-    files = _nifti_files(label_dir, ending)
+    files = _image_files(label_dir, ending)
     if not files:
-        raise InputError(f"{label_dir}: no label files ({ending or ' or '.join(NIFTI_ENDINGS)}) found")
+        raise InputError(f"{label_dir}: no label files ({ending or ', '.join(IMAGE_ENDINGS)}) found")
     cases = [TruthCase(case_id, p) for case_id, p in files.items()]
     if kind == "testset":
         strata = _read_strata(root / STRATA_FILE)
@@ -224,11 +224,11 @@ def find_predictions(pred_dir: str | Path, truth: TruthSet) -> tuple[dict[str, P
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: no such folder" if not pred_dir.exists() else
                          f"{pred_dir}: is a file, not a folder of predictions")
-    found = _nifti_files(pred_dir)
-    if truth.file_ending:  # a file with the truth's own ending wins over another NIfTI ending of the same case
-        found.update(_nifti_files(pred_dir, truth.file_ending))
+    found = _image_files(pred_dir)
+    if truth.file_ending:  # a file with the truth's own ending wins over another image ending of the same case
+        found.update(_image_files(pred_dir, truth.file_ending))
     if not found:
-        raise InputError(f"{pred_dir}: no prediction files ({' or '.join(NIFTI_ENDINGS)}) found")
+        raise InputError(f"{pred_dir}: no prediction files ({', '.join(IMAGE_ENDINGS)}) found")
     missing = [c for c in truth.cases if c.case_id not in found]
     if missing:
         ending = truth.file_ending or _ending_of(missing[0].label_path)
@@ -240,7 +240,7 @@ def find_predictions(pred_dir: str | Path, truth: TruthSet) -> tuple[dict[str, P
 
 
 def _ending_of(path: Path) -> str:
-    return next(e for e in NIFTI_ENDINGS if path.name.endswith(e))
+    return next(e for e in IMAGE_ENDINGS if path.name.endswith(e))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,9 +251,9 @@ def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(integer label volume, affine) of a 3-D label file (a trailing axis of length 1 is dropped)."""
     import nibabel as nib
 
-    from .io.nifti import load_nifti
+    from .io.images import load_image
 
-    img = load_nifti(path)
+    img = load_image(path)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -291,6 +291,11 @@ def check_same_grid(pred_path: Path, pred_shape, pred_affine, truth_path: Path, 
                          f"{worst:.4g} mm; tolerance {AFFINE_TOLERANCE_MM:g})")
 
 
+def _lesion_mask(label: np.ndarray, lesion_labels: tuple[int, ...]) -> np.ndarray:
+    """The voxels that count as lesion: those of `lesion_labels`, or every non-zero one."""
+    return label_in(label, lesion_labels) if lesion_labels else label != 0
+
+
 def score_case(case_id: str, truth_path: Path, pred_path: Path, config: ScoreConfig,
                allowed_values: tuple[int, ...] | None) -> dict:
     """Metrics of one case, with the label values seen in truth and prediction (`allowed_values`: the truth's
@@ -301,10 +306,7 @@ def score_case(case_id: str, truth_path: Path, pred_path: Path, config: ScoreCon
     pred_values = label_values(pred)
     if allowed_values is not None:
         _check_values(pred_path, pred_values, set(allowed_values), "dataset.json")
-    if config.lesion_labels:
-        truth_mask, pred_mask = label_in(truth, config.lesion_labels), label_in(pred, config.lesion_labels)
-    else:
-        truth_mask, pred_mask = truth != 0, pred != 0
+    truth_mask, pred_mask = _lesion_mask(truth, config.lesion_labels), _lesion_mask(pred, config.lesion_labels)
     metrics = case_metrics(truth_mask, pred_mask, voxel_volume(truth_affine), config.connectivity,
                            config.iou_threshold)
     return {"case_id": case_id, "metrics": metrics, "truth_values": sorted(label_values(truth)),
@@ -502,7 +504,10 @@ def score_predictions(pred: str | Path, truth: str | Path, out: str | Path, conf
         rows.append({"case_id": case.case_id, "strata": strata, **r["metrics"]})
     overall, strata = summarise(rows, config)
     summary = _summary(Path(pred), truth_set, config, sorted(known_labels), overall, strata, warnings)
-    _write_outputs(out, rows, strata, overall, summary)
+    summary["recall_by_lesion_size"] = recall_by_lesion_size(rows)
+    pictures = worst_case_overlays(rows, {c.case_id: c.label_path for c in truth_set.cases}, predictions,
+                                   lambda label: _lesion_mask(label, config.lesion_labels))
+    _write_outputs(out, rows, strata, overall, summary, pictures)
     return ScoreResult(out, rows, summary, warnings)
 
 
@@ -575,7 +580,8 @@ def strata_csv(overall: dict, strata: list[dict], n_cases: int) -> str:
     return buf.getvalue()
 
 
-def _write_outputs(out: Path, rows: list[dict], strata: list[dict], overall: dict, summary: dict) -> None:
+def _write_outputs(out: Path, rows: list[dict], strata: list[dict], overall: dict, summary: dict,
+                   pictures: list[dict] = ()) -> None:
     from .score_html import score_html
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +591,7 @@ def _write_outputs(out: Path, rows: list[dict], strata: list[dict], overall: dic
         (staging / "cases.csv").write_text(cases_csv(rows), encoding="utf-8")
         (staging / "strata.csv").write_text(strata_csv(overall, strata, len(rows)), encoding="utf-8")
         (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        (staging / "score.html").write_text(score_html(rows, summary), encoding="utf-8")
+        (staging / "score.html").write_text(score_html(rows, summary, pictures), encoding="utf-8")
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
         if out.exists():
             if any(out.iterdir()):

@@ -1,9 +1,12 @@
-"""score.html of `lesionsynth score`: one self-contained page (inline SVG curves, no pictures to embed, a few lines
-of script to sort the case table) with the headline numbers, each main metric against every factor's levels
-with its 95 % interval band, the strata table, the per-case table and how the numbers were made."""
+"""score.html of `lesionsynth score`: one self-contained page (inline SVG curves, the worst cases' overlays as
+embedded PNGs, a few lines of script to sort the case table) with the headline numbers, each main metric against
+every factor's levels (their values on the x-axis) with its 95 % interval band and a warning for strata of few
+cases, lesion recall against truth lesion size, the worst cases, the strata table, the per-case table and how the
+numbers were made."""
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import re
@@ -20,8 +23,14 @@ CASE_COLUMNS = (("dice", "Dice", "ratio"), ("lesion_f1", "lesion F1", "ratio"),
                 ("pred_lesions", "pred. lesions", "count"), ("truth_load_mm3", "truth load mm³", "volume"),
                 ("pred_load_mm3", "pred. load mm³", "volume"), ("volume_diff_mm3", "volume diff. mm³", "volume"),
                 ("rel_volume_diff", "rel. volume diff.", "relative"))
-#: How the factors that bin a truth without strata.csv are named on the page.
-FACTOR_TITLES = {"truth_load": "truth lesion load (mm³)", "median_lesion_size": "median truth lesion volume (mm³)"}
+#: How the factors are named on the page: those that bin a truth without strata.csv, and a test set's (whose
+#: levels are shown by the median value measured on their cases, strata.csv's `value`).
+FACTOR_TITLES = {"truth_load": "truth lesion load (mm³)", "median_lesion_size": "median truth lesion volume (mm³)",
+                 "load": "lesion load (mm³)", "size": "median lesion volume (mm³)",
+                 "contrast": "pasted lesion contrast (× the real lesions')",
+                 "noise": "noise (sd, × the case's own)"}
+#: Strata with fewer cases than this are named in a warning: their means and intervals are not reliable.
+SMALL_STRATUM = 5
 #: One colour per factor (the first factor takes the first).
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -39,9 +48,12 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px sol
 text-align:left}th{background:#f3f3f3;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e6e6e6}
 .scroll{max-height:36em;overflow:auto;border:1px solid #eee}.scroll table{margin:0}
+.warn{background:#fff4e0;border-left:4px solid #f0a030;padding:.3em .7em}
+.pictures{display:flex;flex-wrap:wrap;gap:.8em}.pictures figure{margin:0}
 """
 
-_SORT_JS = """
+#: Sorts every `table.sortable` by the clicked column (cells' data-v: numbers numerically, else as text).
+SORT_JS = """
 document.querySelectorAll('table.sortable').forEach(function (table) {
   table.querySelectorAll('th').forEach(function (th, col) {
     th.addEventListener('click', function () {
@@ -93,6 +105,21 @@ def _shade(value, kind: str) -> str:
     return ""
 
 
+def level_label(level: str, value) -> str:
+    """A level as its x-axis tick: a test set's level index by its measured value (strata.csv `value`), a
+    volume bin or a named level by itself (`short_level`)."""
+    if re.fullmatch(r"\d+", level) and _finite(value):
+        return _short_value(value)
+    return short_level(level)
+
+
+def _short_value(value: float) -> str:
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def short_level(level: str) -> str:
     """A level as a tick label: volume bins 'LOW-HIGH' in k (thousands) and M (millions), others cut at 14."""
     match = re.fullmatch(r"([0-9.]+)-([0-9.]+)", level)
@@ -124,9 +151,10 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def curve_svg(title: str, kind: str, factor: str, levels: list[str], stats: list[dict], overall: dict,
-              colour: str) -> str:
+              colour: str, labels: list[str] | None = None) -> str:
     """One panel: the metric's mean per level of `factor` (points and line) with its 95 % interval band, and the
-    mean over all cases as a dashed line. `stats` holds {mean, ci95, n} per level."""
+    mean over all cases as a dashed line. `stats` holds {mean, ci95, n} per level; `labels`: the x-axis ticks
+    (default: the levels, shortened); a level of fewer than SMALL_STRATUM cases is drawn hollow."""
     width, height = 232, 200
     left, right, top, bottom = 44, 10, 24, 56
     means = [s["mean"] for s in stats]
@@ -183,7 +211,7 @@ def curve_svg(title: str, kind: str, factor: str, levels: list[str], stats: list
             parts.append(f'<polygon points="{" ".join(outline)}" fill="{colour}" fill-opacity="0.16" stroke="none"/>')
             parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y_at(m):.1f}" for x, m, _, _ in seg)}" '
                          f'fill="none" stroke="{colour}" stroke-width="2"/>')
-    labels = [short_level(lv) for lv in levels]
+    labels = labels or [short_level(lv) for lv in levels]
     rotated = len(levels) > 4 or max(len(lv) for lv in labels) > 6
     for i, (level, s) in enumerate(zip(levels, stats)):
         x = x_at(i)
@@ -192,8 +220,9 @@ def curve_svg(title: str, kind: str, factor: str, levels: list[str], stats: list
                          f'stroke="{colour}" stroke-opacity="0.6"/>')
         if _finite(s["mean"]):
             tip = f"{level}: {fmt(s['mean'], kind)} (95 % CI {_ci_text(s, kind)}; n = {s['n']})"
-            parts.append(f'<circle cx="{x:.1f}" cy="{y_at(s["mean"]):.1f}" r="3.5" fill="{colour}">'
-                         f'<title>{html.escape(tip)}</title></circle>')
+            fill = "white" if s["n"] < SMALL_STRATUM else colour  # hollow: too few cases to trust
+            parts.append(f'<circle cx="{x:.1f}" cy="{y_at(s["mean"]):.1f}" r="3.5" fill="{fill}" stroke="{colour}" '
+                         f'stroke-width="1.5"><title>{html.escape(tip)}</title></circle>')
         label = html.escape(labels[i])
         if rotated:
             parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 12}" font-size="10" text-anchor="end" fill="#333" '
@@ -229,15 +258,61 @@ def _factor_panels(summary: dict) -> list[str]:
     for k, (factor, strata) in enumerate(factors.items()):
         colour = PALETTE[k % len(PALETTE)]
         levels = [s["level"] for s in strata]
-        counts = ", ".join(f"{html.escape(s['level'])}: {s['n']}" for s in strata)
+        labels = [level_label(s["level"], s.get("value")) for s in strata]
+        counts = ", ".join(f"{html.escape(s['level'])} ({html.escape(label)}): {s['n']}"
+                           if label != short_level(s["level"]) else f"{html.escape(s['level'])}: {s['n']}"
+                           for s, label in zip(strata, labels))
         name = html.escape(FACTOR_TITLES.get(factor, factor))
         parts.append(f'<h3><span style="color:{colour}">■</span> {name}</h3>'
-                     f'<p class="muted">cases per level: {counts}</p><div class="panels">')
+                     f'<p class="muted">cases per level: {counts}</p>')
+        parts += small_strata_warning(strata)
+        parts.append('<div class="panels">')
         for key, title, kind in CURVES:
             parts.append(curve_svg(title, kind, factor, levels, [s["metrics"][key] for s in strata],
-                                   summary["overall"][key], colour))
+                                   summary["overall"][key], colour, labels))
         parts.append("</div>")
     return parts
+
+
+def small_strata_warning(strata: list[dict]) -> list[str]:
+    """A warning paragraph naming the strata of fewer than SMALL_STRATUM cases (none if there is no such)."""
+    small = [s for s in strata if s["n"] < SMALL_STRATUM]
+    if not small:
+        return []
+    names = ", ".join(f"{s['factor']}={s['level']} ({s['n']} case{'s' if s['n'] != 1 else ''})" for s in small)
+    return [f'<p class="warn"><b>warning:</b> fewer than {SMALL_STRATUM} cases in {html.escape(names)}: their means '
+            "are unreliable and their intervals too narrow to trust (hollow points).</p>"]
+
+
+def size_recall_html(recall: list[dict]) -> list[str]:
+    """Lesion recall against truth lesion size: a curve over the half-decade volume bins, with Wilson intervals."""
+    if not recall:
+        return ["<p>No truth lesion: no recall against lesion size.</p>"]
+    stats = [{"mean": r["recall"], "ci95": r["ci95"], "n": r["n"]} for r in recall]
+    total = sum(r["n"] for r in recall)
+    overall = {"mean": sum(r["detected"] for r in recall) / total}
+    return ["<p>Every truth lesion of every case, binned by its volume (half-decade bins, mm³): the share that a "
+            "predicted component matched, with its 95 % Wilson interval; dashed: all lesions together. Small "
+            "lesions are where models miss most.</p>",
+            '<div class="panels">',
+            curve_svg("Lesion recall", "ratio", "truth lesion volume (mm³)", [r["level"] for r in recall], stats,
+                      overall, PALETTE[0]),
+            "</div>", *small_strata_warning([{"factor": "lesion volume", "level": r["level"], "n": r["n"]}
+                                             for r in recall])]
+
+
+def worst_cases_html(pictures: list[dict]) -> list[str]:
+    """The overlays of the worst cases (lowest Dice), embedded."""
+    if not pictures:
+        return ["<p>No overlays (no case with lesions, or matplotlib is not installed).</p>"]
+    figures = "".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(p["png"]).decode("ascii")}" '
+        f'alt="{html.escape(p["case_id"])}: found, missed and false-positive voxels"><figcaption>'
+        f'{html.escape(p["case_id"])} (Dice {p["dice"]:.3f})</figcaption></figure>' for p in pictures)
+    return ["<p>The cases of lowest Dice, each on the slice with most wrong voxels: green = truth lesion voxels the "
+            "prediction found, orange = missed truth voxels, pink = false-positive voxels (on the case's first "
+            "image channel where the truth folder has one, else on black).</p>",
+            f'<div class="pictures">{figures}</div>']
 
 
 def _strata_table(summary: dict) -> str:
@@ -272,7 +347,7 @@ def _case_table(rows: list[dict]) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def score_html(rows: list[dict], summary: dict) -> str:
+def score_html(rows: list[dict], summary: dict, pictures: list[dict] = ()) -> str:
     """The whole page."""
     settings = summary["settings"]
     boot = settings["bootstrap"]
@@ -301,7 +376,10 @@ def score_html(rows: list[dict], summary: dict) -> str:
         parts += _factor_panels(summary)
     else:
         parts.append("<p>No strata.</p>")
-    parts += ['<h2 id="strata-table">Strata table</h2>', "<p>Mean and 95 % interval per stratum (strata.csv).</p>",
+    parts += ['<h2 id="size-recall">Recall against truth lesion size</h2>',
+              *size_recall_html(summary.get("recall_by_lesion_size", [])),
+              '<h2 id="worst">Worst cases</h2>', *worst_cases_html(list(pictures)),
+              '<h2 id="strata-table">Strata table</h2>', "<p>Mean and 95 % interval per stratum (strata.csv).</p>",
               _strata_table(summary),
               '<h2 id="cases">Cases</h2>',
               "<p>One row per case (cases.csv); click a column's header to sort by it.</p>",
@@ -321,5 +399,5 @@ def score_html(rows: list[dict], summary: dict) -> str:
               f"<li><b>Intervals</b>: percentile bootstrap over cases, {boot['resamples']} resamples, seed "
               f"{boot['seed']} (reproducible; each stratum draws from its own stream).</li>",
               "</ul>",
-              f"<script>{_SORT_JS}</script>", "</body></html>"]
+              f"<script>{SORT_JS}</script>", "</body></html>"]
     return "\n".join(parts) + "\n"

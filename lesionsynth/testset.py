@@ -18,13 +18,14 @@ from scipy import ndimage
 
 from ._version import __version__
 from .bank import Bank, case_load, lesion_mask
-from .errors import InputError, Interrupted
+from .errors import InputError, Interrupted, check_choice, check_field
 from .geometry import voxel_volume
 from .io import load_case
+from .io.images import IMAGE_ENDINGS
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
 from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, check_base_cases, donor_lesions, open_bank,
-                       prepare_output, read_records, remove_stale_temporaries, synthesize_arrays)
+                       prepare_output, read_records, remove_stale_temporaries, synthesize_arrays, with_file_ending)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd
@@ -58,28 +59,26 @@ class TestsetConfig:
     levels: tuple[float, ...] = ()     # nominal value of each level (resolved)
     tolerance: float = 0.1
     compression_level: int = 1
-    file_ending: str = ".nii.gz"
+    file_ending: str | None = None     # .nii.gz, .nii, .mha or .nrrd; None: that of the bank's source cases
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad config fails where it is made, naming its field
+
     def validate(self) -> None:
-        if self.factor not in FACTORS:
-            raise InputError(f"--vary {self.factor!r}: choose one of {', '.join(FACTORS)}")
-        if self.n_levels < 1:
-            raise InputError(f"--levels {self.n_levels}: must be ≥ 1")
-        if self.per_level < 1:
-            raise InputError(f"--per-level {self.per_level}: must be ≥ 1")
+        check_choice(self, "factor", FACTORS)
+        check_field(self, "n_levels", self.n_levels >= 1, "must be ≥ 1")
+        check_field(self, "per_level", self.per_level >= 1, "must be ≥ 1")
         if not self.test_cases:
             raise InputError(NO_TEST_CASES)
         if self.level_range is not None:
             check_level_range(self.factor, self.level_range)
         if self.load_mm3 is not None and self.factor == "load":
             raise InputError("--load-mm3 does not apply to --vary load (its levels are loads; use --range LO HI)")
-        if self.load_mm3 is not None and not self.load_mm3 > 0:
-            raise InputError(f"--load-mm3 {self.load_mm3}: must be > 0")
-        if not 0 <= self.tolerance < 1:
-            raise InputError(f"--tolerance {self.tolerance}: must lie in [0, 1)")
-        if not 0 <= self.compression_level <= 9:
-            raise InputError(f"--compression-level {self.compression_level}: must lie in 0..9")
+        check_field(self, "load_mm3", self.load_mm3 is None or self.load_mm3 > 0, "must be > 0")
+        check_field(self, "tolerance", 0 <= self.tolerance < 1, "must lie in [0, 1)")
+        check_field(self, "compression_level", 0 <= self.compression_level <= 9, "must lie in 0..9")
+        check_choice(self, "file_ending", (None, *IMAGE_ENDINGS))
 
 
 NO_TEST_CASES = ("no test cases given: name them with --test-cases ID,ID,... or --splits splits_final.json "
@@ -355,22 +354,25 @@ def run_record(bank: Bank, bank_dir: Path, cfg: TestsetConfig) -> dict:
 
 
 def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int = 1, resume: bool = False,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, data_root: str | Path | None = None) -> list[dict]:
     """Write the controlled test set `cfg` from the bank into the folder `out`; returns its records.
 
     Everything is checked before anything is written; then run.json, each case atomically, a progress record
     per case, and at the end manifest.jsonl, dataset.json and strata.csv. --resume completes an unfinished
-    run of the same configuration."""
-    from tqdm import tqdm
+    run of the same configuration. `data_root`: the dataset folder to read the bank's cases from, where it is
+    not where the bank says."""
+    from .io.locate import BankFolder
+    from .parallel import run_bar
 
     from .parallel import execution, stop_on_signals, writer_lock
 
     cfg.validate()
-    bank_dir, out = Path(bank_dir), Path(out)
-    bank = Bank(bank_dir)
+    bank_dir, out = BankFolder(Path(bank_dir), data_root), Path(out)
+    bank = Bank(bank_dir, data_root)
     cfg = resolve_levels(replace(cfg, test_cases=cases_in_bank(cfg.test_cases, [c["case_id"] for c in bank.cases])),
                          bank)
-    check_base_cases(bank)
+    cfg = with_file_ending(cfg, bank)
+    check_base_cases(bank, same_files=data_root is not None)
     record = run_record(bank, bank_dir, cfg)
     layout = TestsetLayout(out, tuple(bank.channel_names), dict(bank.index["labels"]), cfg.file_ending, record)
     n = cfg.n_levels * cfg.per_level
@@ -384,8 +386,8 @@ def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int
             todo = [i for i in range(n) if i not in done]
             progress_file = out / PROGRESS_DIR / "testset.jsonl"
             with execution("local", None, jobs, "cpu") as runner, open(progress_file, "a") as log:
-                cases = runner.map(make_testset_case, [(i, str(bank_dir), layout, cfg) for i in todo])
-                for rec in tqdm(cases, total=len(todo), desc="testset", unit="case", disable=not progress):
+                cases = runner.map(make_testset_case, [(i, bank_dir, layout, cfg) for i in todo])
+                for rec in run_bar(cases, total=len(todo), desc="testset", unit="case", disable=not progress):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
         except Interrupted as exc:

@@ -71,13 +71,13 @@ def test_a_recipe_file_given_to_build_bank_is_found_again_by_generate(blobs, tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["build-bank", "{ds}", "--out", "{out}", "--space", "nowhere"], "--space 'nowhere'"),
+    (["build-bank", "{ds}", "--out", "{out}", "--space", "nowhere"], "'--space': 'nowhere' is not one of"),
     (["build-bank", "{ds}", "--out", "{out}", "--template-region", "{missing}"], "--template-region needs --template"),
     (["build-bank", "{ds}", "--out", "{out}", "--template", "{missing}"], "template file not found"),
     (["build-bank", "{ds}", "--out", "{out}", "--space", "world", "--template", "{missing}"],
      "--template needs --space register"),
     (["build-bank", "{ds}", "--out", "{out}", "--exclude-case", "nosuch"], "--exclude-case nosuch"),
-    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "huge"], "--load 'huge'"),
+    (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "huge"], "'--load': 'huge' is not one of"),
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--shard", "3/2"], "--shard"),
     (["generate", "{bank}", "--out", "{out}", "--n", "1", "--load", "low", "--recipe", "nope"], "--recipe"),
     (["generate", "{missing}", "--out", "{out}", "--n", "1", "--load", "low"], "bank.json missing"),

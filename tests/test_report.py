@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lesionsynth import __version__
 from lesionsynth.bank import Bank
 from lesionsynth.errors import InputError
 from lesionsynth.inspect import MAX_LINES, summarize
@@ -41,18 +44,53 @@ def _records(out: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def embedded_pngs(text: str) -> dict[str, bytes]:
+    """The pictures of a report page by their names (data-name)."""
+    return {name: base64.b64decode(data) for name, data in
+            re.findall(r'<img data-name="([^"]+)" src="data:image/png;base64,([^"]+)"', text)}
+
+
 def test_report_is_one_self_contained_html(report, output):
     assert report == output / "report" / "report.html"
     text = report.read_text()
     assert text.startswith("<!DOCTYPE html>")
     assert "data:image/png;base64," in text
-    # nothing is fetched from elsewhere: every src is a data URI, no stylesheet/script links
+    # nothing is fetched from elsewhere: every src is a data URI, no stylesheet links, scripts only inline
     srcs = re.findall(r"""\bsrc\s*=\s*["']([^"']*)""", text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r"<link\b|<script\b|\bhref\s*=\s*[\"']?(https?:|//|file:)|url\(", text, re.I)
-    # one embedded picture per PNG written next to the HTML
-    pngs = sorted((output / "report").glob("*.png"))
-    assert len(srcs) == len(pngs)
+    assert not re.search(r"<link\b|<script\b[^>]*\bsrc\b|\bhref\s*=\s*[\"']?(https?:|//|file:)|url\(", text, re.I)
+    # the pictures are in the page only, each once
+    assert not list((output / "report").glob("*.png"))
+    assert len(srcs) == len(embedded_pngs(text))
+
+
+def test_report_heads_with_the_run_and_lists_every_case(report, output):
+    text = report.read_text()
+    head = text[:text.index('id="summary"')]
+    assert "lesionsynth generate" in head and "--n 6 --load uniform --seed 1" in head
+    assert "finished 20" in head and f"lesionsynth {__version__}" in head
+    table = text[text.index('<table class="sortable">'):]
+    table = table[:table.index("</table>")]
+    for rec in _records(output):
+        row = re.search(rf'<tr><td data-v="{rec["case_id"]}">.*?</tr>', table).group(0)
+        assert f'<td data-v="{rec["base_case"]}">' in row and rec["stop_reason"] in row
+        pasted = sum(op["op"] == "paste" for op in rec["ops"])
+        assert f'data-v="{rec["target_load_mm3"]:.10g}"' in row and f'<td class="n" data-v="{pasted}">' in row
+    assert "<script>" in text and "table.sortable" in text  # the inline sorter
+    assert '<h2 id="config">Configuration</h2>' in text and "augment.rotation_deg" in text
+
+
+def test_report_captions_say_what_each_site_shows(report, output):
+    text = report.read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", text, flags=re.S)
+    assert captions and not any(".png" in c for c in captions)
+    records = {r["case_id"]: r for r in _records(output)}
+    for caption in captions:
+        case_id = caption.split(" ", 1)[0]
+        assert case_id in records and f"base {records[case_id]['base_case']}" in caption
+        assert "<b>paste</b>" in caption or "<b>inpaint</b>" in caption
+        if "<b>paste</b>" in caption:
+            assert "from donor case" in caption and "scale" in caption
 
 
 def test_report_sections_and_numbers(report, output):
@@ -72,8 +110,8 @@ def test_report_sections_and_numbers(report, output):
 def test_report_pngs_are_real_pictures(report, output):
     from matplotlib.image import imread
 
-    folder = output / "report"
-    names = {p.name for p in folder.glob("*.png")}
+    pictures = embedded_pngs(report.read_text())
+    names = set(pictures)
     assert {"loads.png", "lesions.png"} <= names
     sites = sorted(n for n in names if n.startswith("site"))
     n_channels = len(json.loads((output / "dataset.json").read_text())["channel_names"])
@@ -85,14 +123,18 @@ def test_report_pngs_are_real_pictures(report, output):
         assert any("_paste" in n for n in sites)
     if any(op["op"] == "inpaint" for r in records for op in r["ops"]):
         assert any("_inpaint" in n for n in sites)
-    for name in names:
-        raw = (folder / name).read_bytes()
+    for name, raw in pictures.items():
         assert raw[:8] == PNG_SIGNATURE, name
         assert len(raw) > 5000, name
     for name in ("loads.png", sites[0]):
-        pixels = imread(folder / name)
+        pixels = imread(io.BytesIO(pictures[name]), format="png")
         assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
         assert float(pixels[..., :3].std()) > 0.02, f"{name} looks blank"
+    # the operation's lesion is outlined in its kind's colour (a paste magenta)
+    paste = next((n for n in sites if "_paste" in n), None)
+    if paste:
+        rgb = (imread(io.BytesIO(pictures[paste]), format="png")[..., :3] * 255).round()
+        assert (np.abs(rgb - [255, 0x3d, 0xf2]).max(axis=-1) < 2).sum() > 20
 
 
 def test_report_sites_are_seeded_and_bounded(output):

@@ -230,7 +230,7 @@ def test_strata_follow_the_test_set(sample, scored):
 def test_html_page_is_self_contained(sample, scored):
     page = (sample["root"] / "score_dropped" / "score.html").read_text()
     svgs = re.findall(r"<svg.*?</svg>", page, flags=re.S)
-    assert len(svgs) == 2 * 5  # two factors, five metrics each
+    assert len(svgs) == 2 * 5 + 1  # two factors, five metrics each; recall against lesion size
     for svg in svgs:
         ET.fromstring(svg)  # well-formed
     assert "polygon" in page  # interval bands
@@ -521,9 +521,38 @@ def test_bad_strata_file_is_one_line(sample, tmp_path):
 
 
 def test_bad_options_are_one_line(sample, tmp_path):
-    for option, value, message in (("--connectivity", "8", "must be 6, 18 or 26"),
+    for option, value, message in (("--connectivity", "8", "'8' is not one of '6', '18', '26'"),
                                    ("--iou-threshold", "1.5", "must be between 0 and 1"),
                                    ("--bootstrap", "0", "at least 1")):
         out = tmp_path / "out"
         res = cli("score", sample["preds"]["truth"], sample["testset"], "--out", out, option, value)
         assert_one_line_error(res, option, message, out=out)
+
+
+def test_page_shows_level_values_small_strata_size_recall_and_worst_cases(sample, scored):
+    out = sample["root"] / "score_dropped"
+    page = (out / "score.html").read_text()
+    # every stratum here holds 1 case: named in a warning, drawn hollow
+    assert "fewer than 5 cases in contrast=0.5 (1 case)" in page and 'fill="white"' in page
+    # recall against truth lesion size: the dropped lesions (< 50 voxels) are the small ones
+    recall = json.loads((out / "summary.json").read_text())["recall_by_lesion_size"]
+    assert recall[0]["recall"] < 1 and recall[-1]["recall"] == 1
+    assert sum(r["n"] for r in recall) == sum(int(r["truth_lesions"]) for r in scored["dropped"].values())
+    assert 'id="size-recall"' in page and 'aria-label="Lesion recall by truth lesion volume (mm³)"' in page
+    # overlays of the three worst cases, embedded
+    worst = page[page.index('id="worst"'):page.index('id="strata-table"')]
+    assert worst.count("data:image/png;base64,iVBORw0KGgo") == 3
+
+
+def test_test_set_levels_are_shown_by_their_values():
+    from lesionsynth.score_html import curve_svg, level_label, small_strata_warning
+
+    assert level_label("2", 36254.0) == "36.3k" and level_label("0", 0.5) == "0.5"
+    assert level_label("1000-3000", 1500.0) == "1k–3k" and level_label("medium", 20806.0) == "medium"
+    stats = [{"mean": 0.5, "ci95": [0.4, 0.6], "n": 2}, {"mean": 0.7, "ci95": [0.6, 0.8], "n": 9}]
+    svg = curve_svg("Dice", "ratio", "load", ["0", "1"], stats, {"mean": 0.6}, "#000",
+                    [level_label("0", 1200.0), level_label("1", 25000.0)])
+    ticks = re.findall(r'text-anchor="middle" fill="#333">([^<]+)<', svg)
+    assert ticks == ["1.2k", "25k"]
+    warning = small_strata_warning([{"factor": "load", "level": "0", "n": 2}, {"factor": "load", "level": "1", "n": 9}])
+    assert len(warning) == 1 and "load=0 (2 cases)" in warning[0] and "load=1" not in warning[0]

@@ -139,7 +139,7 @@ def test_splits_fold_names_the_test_cases(mni_bank, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--vary", "load"], "no test cases given: name them with --test-cases"),
     (["--vary", "load", "--test-cases", "MS_01038,nobody"], "test case(s) nobody not in the bank"),
-    (["--vary", "blur", "--test-cases", "MS_01038"], "--vary 'blur': choose one of load, size, contrast, noise"),
+    (["--vary", "blur", "--test-cases", "MS_01038"], "'--vary': 'blur' is not one of 'load', 'size', 'contrast', 'noise'"),
     (["--vary", "size", "--test-cases", "MS_01038", "--range", "1", "2"], "--range does not apply to --vary size"),
     (["--vary", "load", "--test-cases", "MS_01038", "--splits", "x.json", "--fold", "0"],
      "give --test-cases or --splits, not both"),

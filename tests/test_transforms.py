@@ -339,7 +339,7 @@ def test_a_missing_framework_is_one_line_naming_the_extra(module, name, extra):
 def test_bad_settings_fail_at_construction(mni_bank):
     from lesionsynth.transforms import LesionMixer
 
-    with pytest.raises(InputError, match="--load 'huge'"):
+    with pytest.raises(InputError, match="load: 'huge' is not one of"):
         LesionMixer(mni_bank, load="huge")
     with pytest.raises(InputError, match="--load-range"):
         LesionMixer(mni_bank, load_range=(10.0, 1.0))
