@@ -1,4 +1,5 @@
-# lesionsynth: `make demo` sets up, fetches the sample data and runs the main job; `make test` runs the tests.
+# lesionsynth: `make demo` sets up, fetches the demo's sample data and runs the main job; `make test` fetches every
+# sample dataset and runs the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -7,7 +8,7 @@ DEMO   ?= $(CURDIR)/.cache/demo
 JOBS   ?= 2
 export LESIONSYNTH_DATA = $(DATA)
 
-.PHONY: venv data demo test check-install bench clean-demo
+.PHONY: venv data demo-data demo test check-install bench clean-demo
 
 # torch is pinned so pip takes the local CPU build (an unpinned torch pulls a multi-GB CUDA build);
 # nnunetv2 is installed to check the output with its own verify_dataset_integrity.
@@ -19,10 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# every sample dataset (the tests' and the held-out evaluation sets)
 data: venv
 	$(PY) scripts/fetch_data.py --cache $(DATA)
 
-demo: data
+# only what the demo (and check-install) read: mni_lesions, from the nilearn wheel and the shared lesion masks
+demo-data: venv
+	$(PY) scripts/fetch_data.py --cache $(DATA) --demo
+
+demo: demo-data
 	rm -rf $(DEMO)
 	$(VENV)/bin/lesionsynth build-bank $(DATA)/mni_lesions --out $(DEMO)/bank --jobs $(JOBS)
 	$(VENV)/bin/lesionsynth generate $(DEMO)/bank --out $(DEMO)/Dataset900_LesionsynthDemo \
@@ -33,12 +39,13 @@ demo: data
 # the test modules run in TEST_WORKERS processes, each module whole in one (its fixtures are built once)
 TEST_WORKERS ?= 2
 
+# -rs: every skipped test is listed with its reason
 test: data
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # the install as a user gets it: sdist + wheel, the wheel alone in a fresh environment, every command
-check-install: data
+check-install: demo-data
 	PYTHON=$(PYTHON) scripts/check_install.sh $(DATA)/mni_lesions
 
-bench: data
+bench: demo-data
 	$(PY) benchmarks/bench_generate.py

@@ -3,9 +3,10 @@
 
 Usage::
 
-    python scripts/fetch_data.py [--cache DIR]
+    python scripts/fetch_data.py [--cache DIR] [--only DATASET ... | --demo]
 
-``DIR`` defaults to ``$LESIONSYNTH_DATA`` or else ``<repo>/.cache/data`` (gitignored).
+``--only`` builds the named datasets (and those they are made from) with only the downloads they
+need; ``--demo`` is ``--only mni_lesions``, all that ``make demo`` reads. ``DIR`` defaults to ``$LESIONSYNTH_DATA`` or else ``<repo>/.cache/data`` (gitignored).
 Nothing this script downloads or writes is committed to git.
 
 What it fetches (into ``DIR/downloads``)
@@ -1228,54 +1229,100 @@ def shared_data_dir() -> Path:
     raise FetchError("shared lesion masks not found (set LESIONSYNTH_SHARED_DATA); looked in: " + ", ".join(tried))
 
 
-def build_all(cache: Path) -> None:
-    """Run every step in order; each skips itself when its outputs exist."""
-    shared = shared_data_dir()
+# What each dataset needs: the downloads ("pyradiomics", "mni152", "shared" masks) and the datasets it is
+# made from. Listed in build order; ``--only`` builds the named datasets and what they are made from.
+DATASETS: dict[str, tuple[set[str], tuple[str, ...]]] = {
+    "brain_t1c": ({"pyradiomics"}, ()),
+    "lung_ct": ({"pyradiomics"}, ()),
+    "lung_multiclass": (set(), ("lung_ct",)),
+    "mni_lesions": ({"mni152", "shared"}, ()),
+    "heldout/msd_mni": (set(), ("mni_lesions",)),
+    "heldout/ms_oblique": ({"mni152", "shared"}, ()),
+    "heldout/lung_lps": (set(), ("lung_multiclass",)),
+    "native_brains": ({"mni152", "shared"}, ()),
+    "heldout/native_brains": ({"mni152", "shared"}, ()),
+}
+DEMO_DATASETS = ("mni_lesions",)  # what `make demo` and `make check-install` read
+
+
+def with_sources(names) -> list[str]:
+    """``names`` and every dataset they are made from, in build order."""
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(DATASETS[name][1])
+    return [name for name in DATASETS if name in wanted]
+
+
+def build_all(cache: Path, only=None) -> None:
+    """Build every dataset (or those in ``only`` and their sources) in order; each step skips itself when
+    its outputs exist, and only the downloads the chosen datasets need are made."""
+    names = with_sources(only or DATASETS)
+    needs = set().union(*(DATASETS[n][0] for n in names))
+    shared = shared_data_dir() if "shared" in needs else None
     downloads, raw = cache / "downloads", cache / "raw"
     downloads.mkdir(parents=True, exist_ok=True)
     (cache / "heldout").mkdir(exist_ok=True)
 
-    extract_pyradiomics_data(download_pyradiomics(downloads), raw / "pyradiomics")
-    extract_mni(download_nilearn(downloads), raw / "mni152")
-    convert_nrrd(raw / "pyradiomics", raw / "pyradiomics_nii")
+    if "pyradiomics" in needs:
+        extract_pyradiomics_data(download_pyradiomics(downloads), raw / "pyradiomics")
+        convert_nrrd(raw / "pyradiomics", raw / "pyradiomics_nii")
+    mni = None
+    if "mni152" in needs:
+        extract_mni(download_nilearn(downloads), raw / "mni152")
+        mni = MNI(raw / "mni152")
 
     nii = raw / "pyradiomics_nii"
-    build_brain_t1c(cache, nii)
-    build_lung_ct(cache, nii)
-    build_lung_multiclass(cache)
-    mni = MNI(raw / "mni152")
-    build_mni_lesions(cache, mni, shared)
-    build_msd_mni(cache)
-    build_ms_oblique(cache, mni, shared)
-    build_lung_lps(cache)
-    build_native_brains(cache, mni, shared)
+    builders = {
+        "brain_t1c": lambda: build_brain_t1c(cache, nii),
+        "lung_ct": lambda: build_lung_ct(cache, nii),
+        "lung_multiclass": lambda: build_lung_multiclass(cache),
+        "mni_lesions": lambda: build_mni_lesions(cache, mni, shared),
+        "heldout/msd_mni": lambda: build_msd_mni(cache),
+        "heldout/ms_oblique": lambda: build_ms_oblique(cache, mni, shared),
+        "heldout/lung_lps": lambda: build_lung_lps(cache),
+    }
+    for name in names:
+        if name in builders:
+            builders[name]()
+    if any(name in names for name, *_ in NATIVE_DATASETS):
+        build_native_brains(cache, mni, shared)  # both native datasets: they share one lesion library
 
-    for name, reader in [("brain_t1c", nnunet_cases), ("lung_ct", nnunet_cases),
-                         ("lung_multiclass", nnunet_cases), ("mni_lesions", nnunet_cases),
-                         ("heldout/msd_mni", msd_cases), ("heldout/ms_oblique", csv_cases),
-                         ("heldout/lung_lps", nnunet_cases),
-                         *((name, nnunet_cases) for name, *_ in NATIVE_DATASETS)]:
-        verify_dataset(name, cache / name, reader)
+    readers = {"heldout/msd_mni": msd_cases, "heldout/ms_oblique": csv_cases}
+    for name in names:
+        verify_dataset(name, cache / name, readers.get(name, nnunet_cases))
     for name, truth_name, *_ in NATIVE_DATASETS:
-        verify_truth(name, cache / name, cache / truth_name)
+        if name in names:
+            verify_truth(name, cache / name, cache / truth_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None,
                         help="output folder (default: $LESIONSYNTH_DATA or <repo>/.cache/data)")
+    parser.add_argument("--only", nargs="+", choices=list(DATASETS), metavar="DATASET", default=None,
+                        help="build only these datasets (and those they are made from), with only the downloads "
+                             f"they need; any of: {', '.join(DATASETS)}")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"only what `make demo` reads: the same as --only {' '.join(DEMO_DATASETS)}")
     args = parser.parse_args(argv)
+    only = [*(args.only or ()), *(DEMO_DATASETS if args.demo else ())] or None
     cache = (args.cache or default_cache()).resolve()
     stamp = cache / STAMP_NAME
     if stamp.exists():
         print(cache)
         return 0
-    step(f"building into {cache}")
+    step(f"building into {cache}" + (f" (only {', '.join(with_sources(only))})" if only else ""))
     try:
-        build_all(cache)
+        build_all(cache, only)
     except FetchError as exc:
         print(f"[fetch_data] ERROR: {exc}", file=sys.stderr)
         return 1
+    if only:  # a partial build: the stamp (everything is there) is written by a full one only
+        step("done")
+        return 0
     stamp.write_text(json.dumps({"pyradiomics": PYRADIOMICS_VERSION,
                                  "nilearn": NILEARN_VERSION}) + "\n")
     step(f"done; stamp {stamp}")

@@ -73,5 +73,5 @@ def test_realism_audit_of_the_run(run):
 
     audit = audit_output(run["out"])
     assert audit["n_pasted"] >= 50 and audit["n_real"] >= 50
-    # 1.00 before context matching, resolution-aware donors and cubic resampling (see README)
+    # 1.00 before context matching, resolution-aware donors and cubic resampling (see docs/method.md)
     assert audit["auc"] < 0.8
