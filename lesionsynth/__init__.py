@@ -16,6 +16,13 @@ Python API (what the commands call; each config checks its fields when it is mad
 lesionsynth.testset, lesionsynth.inspect), which a function of the same name would hide.
 """
 
+import os as _os
+
+if _os.environ.pop("LESIONSYNTH_SPAWNED_WORKER", None):  # a run's spawned worker: see parallel.SPAWNED_WORKER_ENV
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+
 from ._version import __version__
 
 from .errors import ConfigError, InputError, LesionsynthError  # noqa: E402

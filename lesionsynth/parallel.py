@@ -24,6 +24,11 @@ from .errors import InputError, Interrupted, LesionsynthError
 # would be caught there and printed as a warning instead of stopping the run
 tqdm.monitor_interval = 0
 
+#: In the environment while a runner spawns its workers. A spawned worker starts with no signal held back (the
+#: spawn clears the mask it would inherit) and takes about a second to import; `lesionsynth/__init__` then sets
+#: SIGINT to ignored from its first line on, as `_worker_start` does later (Ctrl-C reaches the whole process
+#: group; the parent decides), so a Ctrl-C while it imports prints no KeyboardInterrupt traceback from it.
+SPAWNED_WORKER_ENV = "LESIONSYNTH_SPAWNED_WORKER"
 #: Seconds a stopped worker gets to remove its temporary file and exit before it is killed.
 STOP_GRACE_S = 3.0
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -131,7 +136,12 @@ class Runner:
             launch = getattr(self._pool, "_launch_processes", None)
             start = getattr(self._pool, "_start_executor_manager_thread", None)
             if launch is not None and start is not None:
-                launch()
+                if not self.fork:
+                    os.environ[SPAWNED_WORKER_ENV] = "1"  # read (and removed) by the spawned worker's first import
+                try:
+                    launch()
+                finally:
+                    os.environ.pop(SPAWNED_WORKER_ENV, None)
                 start()
         finally:
             gc.unfreeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import signal
 import threading
 import time
@@ -223,3 +224,28 @@ def test_workers_stopped_while_they_send_results_do_not_hang_the_stop():
         assert not stopper.is_alive(), "the stop hangs"
         assert time.monotonic() - start < 10
         del results
+
+
+def test_a_spawned_worker_ignores_sigint_from_its_first_import():
+    """A spawned worker starts with no signal held back (the spawn clears the mask) and imports for about a
+    second: marked by the runner's environment variable, lesionsynth's first line sets SIGINT to ignored (a
+    Ctrl-C to the process group then prints no KeyboardInterrupt traceback from it) and removes the mark; a
+    process without the mark (the parent, a user's own workers) keeps Python's handler."""
+    import subprocess
+
+    from lesionsynth.parallel import SPAWNED_WORKER_ENV, Runner
+
+    probe = ("import os, signal, lesionsynth; "
+             f"print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, {SPAWNED_WORKER_ENV!r} in os.environ)")
+    marked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**os.environ, SPAWNED_WORKER_ENV: "1"})
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != SPAWNED_WORKER_ENV})
+    assert marked.stdout.split() == ["True", "False"]
+    assert plain.stdout.split() == ["False", "False"]
+    runner = Runner(2, fork=False)
+    try:
+        assert list(runner.map(os.getpid, [()] * 2))
+        assert SPAWNED_WORKER_ENV not in os.environ  # only while the workers start
+    finally:
+        runner.close()

@@ -476,8 +476,7 @@ def test_spawned_workers_stop_with_the_run_also_while_they_start(moment, tmp_pat
     proc = subprocess.Popen([sys.executable, "run.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 60
-    # working: every worker has taken a task (one still importing when the other works is another moment)
-    while not (children(proc.pid) if moment == "starting" else len(list(tmp_path.glob("worker-*"))) >= 2):
+    while not (children(proc.pid) if moment == "starting" else list(tmp_path.glob("worker-*"))):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     workers = children(proc.pid)
