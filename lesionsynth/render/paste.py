@@ -716,11 +716,12 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
 
     The lesion's body (`core`, the voxels its label marks; else soft mask >= 0.5) takes the donor's values,
     with noise added only as far as the destination's noise (× `noise_gain`) exceeds what the donor's own
-    noise keeps after resampling; that noise has the destination's texture (`destination_texture`). Around it the destination keeps its own values, noise and anatomy, and
-    gets only the lesion's partial-volume tail: the body blurred by a gaussian point-spread function, its
-    width and amplitude fitted to the donor's excess over the tissue level there (`fitted_tail`). Writing the
-    donor's voxels around the body (as before) put the donor's noise beside the destination's, a seam inside
-    the tissue that a texture-aware critic found at once, and cut the tail off where that rim ended.
+    noise keeps after resampling; that noise has the destination's texture (`destination_texture`). Around
+    the body the destination keeps its own values, noise and anatomy, and gets only the lesion's
+    partial-volume tail: the body blurred by gaussian point-spread functions, fitted to the donor's excess
+    over the tissue level there (`fitted_tail`). Writing the donor's voxels around the body (as before) put
+    the donor's noise beside the destination's, a seam inside the tissue that a texture-aware critic found at
+    once, and cut the tail off where that rim ended.
     """
     idx, a, _ = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
