@@ -634,9 +634,9 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
     marks the voxels of the lesion and its halo, the others are the gaussian fall-off beyond.
 
     The alpha is 1 on every voxel the soft mask touches and on a halo of `halo_mm` around them, then falls off
-    with a gaussian of `feather_mm`: the lesion keeps its own partial-volume edge, as it was in the donor
-    case, and the transition to the destination lies in normal tissue (intensity-matched, context-matched),
-    not across the lesion's edge, where a second blur would lower its contrast and widen its spread."""
+    with a gaussian of `feather_mm`: the lesion's partial-volume tail (`blend_lesion`) is written in full, and
+    the fall-off lies beyond it in normal tissue, not across the lesion's edge, where a second blur would lower
+    its contrast and widen its spread."""
     spacing = np.asarray(spacing, dtype=np.float64)
     grown = soft > 0
     if settings.halo_mm > 0:
