@@ -228,6 +228,15 @@ def _stops_on_signals(command):
     return run
 
 
+# the options generate and testset share: one definition each
+COMPRESSION_LEVEL_OPTION = typer.Option(1, "--compression-level", metavar="LEVEL",
+                                        help="gzip level of .nii.gz (isal: 0-3), zlib level of .mha/.nrrd (0: none, "
+                                             "1-9).")
+UNCOMPRESSED_OPTION = typer.Option(False, "--uncompressed", help="No compression: .nii instead of .nii.gz, "
+                                   ".mha/.nrrd without zlib.")
+FILE_ENDING_OPTION = typer.Option(None, "--file-ending", help="File type of the written images: .nii.gz, .nii, "
+                                  ".mha or .nrrd [default: that of the dataset the bank was built from].")
+
 DATA_ROOT_HELP = ("The bank's dataset folder, where it is not where the bank says (moved); its files must be the "
                   "cases the bank was built from (sizes and checksums are checked). 'lesionsynth relocate' "
                   "records a new place in the bank.")
@@ -257,14 +266,9 @@ def generate(
     include_originals: bool = typer.Option(True, "--include-originals/--no-include-originals",
                                            help="Also copy the bank's original cases into OUT and into the "
                                                 "training folds of splits_final.json."),
-    compression_level: int = typer.Option(1, "--compression-level", metavar="LEVEL",
-                                          help="gzip level of .nii.gz (isal: 0-3), "
-                                          "zlib level of .mha/.nrrd (0: none, 1-9)."),
-    uncompressed: bool = typer.Option(False, "--uncompressed", help="No compression: .nii instead of .nii.gz, "
-                                      ".mha/.nrrd without zlib."),
-    file_ending: Optional[Literal[FILE_ENDINGS]] = typer.Option(None, "--file-ending", help="File type of the "
-                                                                "written images: .nii.gz, .nii, .mha or .nrrd "
-                                              "[default: that of the dataset the bank was built from]."),
+    compression_level: int = COMPRESSION_LEVEL_OPTION,
+    uncompressed: bool = UNCOMPRESSED_OPTION,
+    file_ending: Optional[Literal[FILE_ENDINGS]] = FILE_ENDING_OPTION,
     output_format: Literal[FORMATS] = typer.Option("nnunet", "--format",
                                                    help="Output layout: nnunet (v2 raw dataset) or bids "
                                       "(BIDS derivative dataset)."),
@@ -359,14 +363,9 @@ def testset(
     recipe: Optional[str] = typer.Option(None, "--recipe", metavar="NAME|FILE", help="Recipe name or TOML file: "
                                          "its augment "
                                          "section sets the lesion augmentation ranges (default: the bank's)."),
-    compression_level: int = typer.Option(1, "--compression-level", metavar="LEVEL",
-                                          help="gzip level of .nii.gz (isal: 0-3), "
-                                          "zlib level of .mha/.nrrd (0: none, 1-9)."),
-    uncompressed: bool = typer.Option(False, "--uncompressed", help="No compression: .nii instead of .nii.gz, "
-                                      ".mha/.nrrd without zlib."),
-    file_ending: Optional[Literal[FILE_ENDINGS]] = typer.Option(None, "--file-ending", help="File type of the "
-                                                                "written images: .nii.gz, .nii, .mha or .nrrd "
-                                              "[default: that of the dataset the bank was built from]."),
+    compression_level: int = COMPRESSION_LEVEL_OPTION,
+    uncompressed: bool = UNCOMPRESSED_OPTION,
+    file_ending: Optional[Literal[FILE_ENDINGS]] = FILE_ENDING_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", metavar="DIR", help=DATA_ROOT_HELP),
 ) -> None:

@@ -143,22 +143,11 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header |
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
-    """An open binary file under a temporary name in `path`'s folder; on success it is flushed, fsynced
-    and renamed over `path`, on any error removed (no partial file is ever left under `path`)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.tmp{os.getpid()}")
-    OPEN_TEMPORARIES.add(tmp)
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        OPEN_TEMPORARIES.discard(tmp)
+    """An open binary file under a temporary name in `path`'s folder (`atomic_path`); on success it is
+    flushed, fsynced and renamed over `path`, on any error removed (no partial file is ever left under `path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
+        fh.flush()
 
 
 @contextlib.contextmanager
