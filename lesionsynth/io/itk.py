@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
+from .nifti import file_access_errors
 
 ITK_ENDINGS = (".mha", ".nrrd")
 FORMAT_NAMES = {".mha": "MetaImage", ".nrrd": "NRRD"}
@@ -102,16 +103,10 @@ def _checked_reader(path: Path):
 
     ending = path.name[path.name.rfind("."):].lower()
     kind = FORMAT_NAMES.get(ending, "image")
-    try:
+    with file_access_errors(path, kind):
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(_HEADER_PEEK)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a {kind} file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     if size == 0:
         raise InputError(f"{path}: file is empty")
     problem = _header_problem(ending, head, size)

@@ -41,14 +41,8 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     header, so a truncated file fails now, not later when nibabel reads the voxels lazily.
     """
     path = Path(path)
-    try:
+    with file_access_errors(path, "NIfTI"):
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a NIfTI file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read file ({_short(exc)})") from None
     if not raw:
         raise InputError(f"{path}: file is empty")
     if raw[:2] == b"\x1f\x8b":
@@ -119,6 +113,20 @@ def _unscaled_view(img: nib.Nifti1Image, dtype) -> np.ndarray | None:
         return None  # truncated: let nibabel raise its error
     flat = np.frombuffer(buffer, dtype=proxy.dtype, count=count, offset=int(proxy.offset))
     return flat.reshape(proxy.shape, order=proxy.order).view(np.dtype(dtype).newbyteorder("="))
+
+
+@contextlib.contextmanager
+def file_access_errors(path: Path, kind: str):
+    """Turn a failure to open or read `path` into one InputError line naming it (not found, a folder instead of
+    a `kind` file, or the system's reason)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a {kind} file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({_short(exc)})") from None
 
 
 def _short(exc: BaseException) -> str:
