@@ -973,6 +973,10 @@ def _realism_html(audit: dict, figures: dict) -> list[str]:
     return parts
 
 
+#: Fewer real cases than this make the real-vs-real check too small to read (the page says so).
+MIN_HONEST_CASES = 10
+
+
 def _critic_html(audit: dict) -> list[str]:
     """The strong audit (`critic.strong_audit`): its AUCs and strongest families, band noise around pasted
     lesions, contrast left in inpainted regions, unlabelled changed voxels."""
@@ -999,12 +1003,18 @@ def _critic_html(audit: dict) -> list[str]:
             ["inpainted regions vs healthy tissue of the same case", *auc_cells(inpainted),
              f"{strong['n_inpainted']} / {strong['n_controls']}", top(inpainted)]]
     paired = strong["band_noise"]["paired_output_over_base"]
-    band_text = "; ".join(
-        f"{band}: " + ", ".join(f"{html.escape(ch)} {s['median']:.2f}" for ch, s in paired[band]["mad"].items()
-                                if s["median"] is not None)
-        for band in paired if any(s["median"] is not None for s in paired[band]["mad"].values())) or "–"
+    bands = [band for band in paired
+             if any(s["median"] is not None for m in ("mad", "lap") for s in paired[band].get(m, {}).values())]
+    channels = list(next(iter(paired.values()))["mad"]) if paired else []
+
+    def median_cell(summary: dict | None) -> str:
+        return "–" if not summary or summary.get("median") is None else f"{summary['median']:.2f}"
+
+    band_rows = [[band, *(median_cell(paired[band].get(m, {}).get(ch)) for m in ("mad", "lap") for ch in channels)]
+                 for band in bands]
     excess = ", ".join(f"{html.escape(ch)} {s['median']:.2f}" for ch, s in inpainted.get("residual_excess", {}).items()
-                       if s["median"] is not None) or "–"
+                       if s["median"] is not None)
+    few = honest.get("auc") is not None and honest.get("n_cases", 0) < MIN_HONEST_CASES
     parts = [
         '<h3 id="critic">Strong audit (critic)</h3>',
         "<p>An independent check the paste code was not tuned against: per lesion "
@@ -1013,10 +1023,19 @@ def _critic_html(audit: dict) -> list[str]:
         "95 % interval by bootstrap over host cases, and the families whose permutation costs the AUC most.</p>",
         _table(["comparison", "AUC", "95 % interval", "n (positive / negative)", "strongest families (AUC drop)"],
                rows),
-        f"<p>Noise around pasted lesions, output / base case on the same voxels (MAD of the local residual, "
-        f"median over pasted lesions; 1 = unchanged): {band_text}. Contrast left behind in inpainted regions "
-        f"(0 = filled to the tissue's level, 1 = untouched), median: {excess}.</p>",
     ]
+    if few:
+        parts.append(f"<p>The real-vs-real check splits only {honest['n_cases']} real cases (fewer than "
+                     f"{MIN_HONEST_CASES}): its AUC is not a fair test of the classifier's honesty here.</p>")
+    if band_rows:
+        parts.append("<p>Noise around pasted lesions, output / base case on the same voxels, by distance from the "
+                     "lesion's surface (MAD of the local residual and Laplacian energy, median over pasted lesions; "
+                     "1 = unchanged):</p>")
+        parts.append(_table(["distance", *(f"{name} {html.escape(ch)}" for name in ("MAD", "Laplacian")
+                                           for ch in channels)], band_rows))
+    if excess:
+        parts.append(f"<p>Contrast left behind in inpainted regions (0 = filled to the tissue's level, "
+                     f"1 = untouched), median: {excess}.</p>")
     if changes:
         totals = changes["totals"]
         parts.append(

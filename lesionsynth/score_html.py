@@ -151,11 +151,11 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def curve_svg(title: str, kind: str, factor: str, levels: list[str], stats: list[dict], overall: dict,
-              colour: str, labels: list[str] | None = None) -> str:
+              colour: str, labels: list[str] | None = None, width: int = 232) -> str:
     """One panel: the metric's mean per level of `factor` (points and line) with its 95 % interval band, and the
     mean over all cases as a dashed line. `stats` holds {mean, ci95, n} per level; `labels`: the x-axis ticks
-    (default: the levels, shortened); a level of fewer than SMALL_STRATUM cases is drawn hollow."""
-    width, height = 232, 200
+    (default: the levels, shortened); a level of fewer than SMALL_STRATUM cases is drawn hollow; `width` in px."""
+    height = 200
     left, right, top, bottom = 44, 10, 24, 56
     means = [s["mean"] for s in stats]
     lows = [s["ci95"][0] for s in stats]
@@ -181,10 +181,14 @@ def curve_svg(title: str, kind: str, factor: str, levels: list[str], stats: list
              f'<text x="{left}" y="15" font-size="12" font-weight="600">{html.escape(title)}</text>',
              f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" font-size="10" text-anchor="middle" '
              f'fill="#555">{html.escape(FACTOR_TITLES.get(factor, factor))}</text>']
-    for t in _nice_ticks(y_lo, y_hi):
+    ticks = _nice_ticks(y_lo, y_hi)
+    # as many decimals as the tick step needs: a range within ±1 % must not read "+0%, -0%, -0%"
+    step = (ticks[1] - ticks[0]) * 100 if len(ticks) > 1 else 1.0
+    decimals = next((d for d in range(4) if abs(round(step, d) - step) < 1e-9 * max(step, 1.0)), 3)
+    for t in ticks:
         y = y_at(t)
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
-        label = f"{t * 100:+.0f}%" if kind == "relative" else f"{t:g}"
+        label = f"{t * 100 + 0.0:+.{decimals}f}%" if kind == "relative" else f"{t:g}"
         parts.append(f'<text x="{left - 4}" y="{y + 3.5:.1f}" font-size="10" text-anchor="end" '
                      f'fill="#555">{label}</text>')
     if kind == "relative" and y_lo < 0 < y_hi:
@@ -274,14 +278,15 @@ def _factor_panels(summary: dict) -> list[str]:
     return parts
 
 
-def small_strata_warning(strata: list[dict]) -> list[str]:
-    """A warning paragraph naming the strata of fewer than SMALL_STRATUM cases (none if there is no such)."""
+def small_strata_warning(strata: list[dict], unit: str = "case") -> list[str]:
+    """A warning paragraph naming the strata of fewer than SMALL_STRATUM `unit`s (cases, or lesions for the
+    recall by size; none if there is no such)."""
     small = [s for s in strata if s["n"] < SMALL_STRATUM]
     if not small:
         return []
-    names = ", ".join(f"{s['factor']}={s['level']} ({s['n']} case{'s' if s['n'] != 1 else ''})" for s in small)
-    return [f'<p class="warn"><b>warning:</b> fewer than {SMALL_STRATUM} cases in {html.escape(names)}: their means '
-            "are unreliable and their intervals too narrow to trust (hollow points).</p>"]
+    names = ", ".join(f"{s['factor']}={s['level']} ({s['n']} {unit}{'s' if s['n'] != 1 else ''})" for s in small)
+    return [f'<p class="warn"><b>warning:</b> fewer than {SMALL_STRATUM} {unit}s in {html.escape(names)}: their '
+            "means are unreliable and their intervals too narrow to trust (hollow points).</p>"]
 
 
 def size_recall_html(recall: list[dict]) -> list[str]:
@@ -296,9 +301,9 @@ def size_recall_html(recall: list[dict]) -> list[str]:
             "lesions are where models miss most.</p>",
             '<div class="panels">',
             curve_svg("Lesion recall", "ratio", "truth lesion volume (mm³)", [r["level"] for r in recall], stats,
-                      overall, PALETTE[0]),
+                      overall, PALETTE[0], width=max(232, 80 + 42 * len(recall))),  # room for every bin's label
             "</div>", *small_strata_warning([{"factor": "lesion volume", "level": r["level"], "n": r["n"]}
-                                             for r in recall])]
+                                             for r in recall], unit="lesion")]
 
 
 def worst_cases_html(pictures: list[dict]) -> list[str]:

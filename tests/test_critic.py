@@ -274,3 +274,8 @@ def test_report_carries_the_strong_audit(output):
     assert audit["strong"]["pasted"]["n_positive"] == audit["strong"]["n_pasted"]
     assert 'id="critic"' in text and "Strong audit" in text and "real vs real" in text
     assert "Unlabelled changed voxels" in text
+    # the band noise is a table, one row per distance, MAD and Laplacian per channel
+    assert "<th>distance</th>" in text and "<th>MAD T1</th>" in text and "<td>4+mm</td>" in text
+    honest = audit["strong"]["real_vs_real"]
+    if honest.get("auc") is not None and honest["n_cases"] < 10:
+        assert "not a fair test of the classifier" in text

@@ -556,3 +556,16 @@ def test_test_set_levels_are_shown_by_their_values():
     assert ticks == ["1.2k", "25k"]
     warning = small_strata_warning([{"factor": "load", "level": "0", "n": 2}, {"factor": "load", "level": "1", "n": 9}])
     assert len(warning) == 1 and "load=0 (2 cases)" in warning[0] and "load=1" not in warning[0]
+    assert "(2 lesions)" in small_strata_warning([{"factor": "size", "level": "1-3", "n": 2}], unit="lesion")[0]
+
+
+def test_relative_axis_ticks_stay_distinct_within_one_percent():
+    """A volume difference within ±1 % read "+0%, -0%, -0%, -1%" on the axis: the labels take the decimals their
+    step needs."""
+    from lesionsynth.score_html import curve_svg
+
+    stats = [{"mean": m, "ci95": [m - 0.001, m + 0.001], "n": 6} for m in (-0.001, -0.009, -0.006)]
+    svg = curve_svg("Volume difference (rel.)", "relative", "load", ["low", "medium", "high"], stats,
+                    {"mean": -0.005}, "#000")
+    labels = re.findall(r'text-anchor="end" fill="#555">([^<]+%)<', svg)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels) and "-0.5%" in labels
