@@ -61,6 +61,36 @@ def test_identity_paste_reproduces_the_lesion():
     assert abs(np.median(new[1][inside]) - 90) < 4
 
 
+def test_first_ring_keeps_a_share_of_the_donors_partial_volume_detail(monkeypatch):
+    """Around the body a paste writes the fitted (smooth) tail, and on the first voxel ring also
+    FIRST_RING_DONOR_SHARE of the donor's own detail beyond it: a voxel pattern in the donor's ring comes
+    through at that share, and nothing changes off the ring."""
+    from lesionsynth.render import paste as paste_module
+
+    case = _case()
+    inside = case.label == 1
+    ring = ndimage.binary_dilation(inside, np.ones((3, 3, 3), bool)) & ~inside
+    pattern = np.where((np.indices(case.label.shape).sum(axis=0) % 2 == 0) & ring, 12.0, 0.0)
+    case.channels[0] += pattern.astype(np.float32)
+    lesion = extract_lesions(case, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target = _case(seed=1, radius=0.1)
+    written = {}
+    for share in (0.0, paste_module.FIRST_RING_DONOR_SHARE):
+        monkeypatch.setattr(paste_module, "FIRST_RING_DONOR_SHARE", share)
+        patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion,
+                            _identity_op(lesion), (1,), _all_region, PasteSettings((False, False)))
+        new = target.channels.copy()
+        patch.apply(new, target.label.copy())
+        written[share] = new[0]
+    share = paste_module.FIRST_RING_DONOR_SHARE
+    assert share > 0
+    gain = written[share] - written[0.0]
+    assert np.abs(gain[~ring]).max() < 1e-3
+    slope = np.polyfit(pattern[ring], gain[ring], 1)[0]
+    assert 0.5 * share < slope < 1.2 * share and np.corrcoef(pattern[ring], gain[ring])[0, 1] > 0.8
+
+
 def test_paste_moves_scales_and_flips_in_world_space():
     case = _case(spacing=(0.8, 0.8, 2.5))
     lesion = extract_lesions(case, BankConfig())[0]
