@@ -91,6 +91,51 @@ def test_first_ring_keeps_a_share_of_the_donors_partial_volume_detail(monkeypatc
     assert 0.5 * share < slope < 1.2 * share and np.corrcoef(pattern[ring], gain[ring])[0, 1] > 0.8
 
 
+def _periventricular_case(seed, csf=True, shape=(40, 40, 40)):
+    """FLAIR-like and T1-like channels: white matter 100/100, a ball lesion 160/60 of radius 6 whose face at
+    x = 25 touches CSF (40/30) from x = 26 on and is half lesion, half CSF (100/45: grey on FLAIR, dark on
+    T1), labelled lesion like the rest."""
+    rng = np.random.default_rng(seed)
+    g = np.indices(shape).astype(float)
+    lesion = np.sqrt(sum((g[i] - 20) ** 2 for i in range(3))) < 6
+    flair, t1 = np.full(shape, 100.0), np.full(shape, 100.0)
+    flair[lesion], t1[lesion] = 160.0, 60.0
+    face = lesion & (g[0] == 25)
+    if csf:
+        slab = (g[0] >= 26) & ~lesion
+        flair[slab], t1[slab] = 40.0, 30.0
+        flair[face], t1[face] = 100.0, 45.0
+        lesion &= g[0] <= 25
+    channels = np.stack([flair, t1]) + rng.normal(0, 2.0, (2,) + shape)
+    return Case("c", channels.astype(np.float32), lesion.astype(np.uint8), np.eye(4), [None, None], None), face
+
+
+@pytest.mark.parametrize("csf", [True, False])
+def test_paste_leaves_out_the_donors_partial_volume_with_another_tissue(csf):
+    """A periventricular donor's face of lesion and CSF mixed (grey on FLAIR, dark on T1) is left out of the
+    body and label of its paste into plain white matter; a donor without it keeps its whole label."""
+    donor, face = _periventricular_case(0, csf)
+    lesion = extract_lesions(donor, BankConfig())[0]
+    image, mask = lesion.pop("_image"), lesion.pop("_mask")
+    target, _ = _periventricular_case(1, csf=False)
+    target.label[:] = 0
+    target.channels[0][:] = 100.0 + np.random.default_rng(2).normal(0, 2.0, target.label.shape)
+    target.channels[1][:] = 100.0 + np.random.default_rng(3).normal(0, 2.0, target.label.shape)
+    patch = paste_patch(target.channels, target.label, target.affine, image, mask, lesion, _identity_op(lesion),
+                        (1,), _all_region, PasteSettings((False, False)))
+    label = np.zeros_like(target.label)
+    label[patch.box] = patch.label
+    rest = (donor.label == 1) & ~face
+    assert (label[rest] == 1).mean() > 0.97
+    if csf:
+        assert (label[face] == 1).mean() < 0.2
+        new = target.channels.copy()
+        patch.apply(new, label.copy())
+        assert np.percentile(new[0][label == 1], 2) > 130  # no grey notch inside the label
+    else:
+        assert (label[face] == 1).mean() > 0.97
+
+
 def test_paste_moves_scales_and_flips_in_world_space():
     case = _case(spacing=(0.8, 0.8, 2.5))
     lesion = extract_lesions(case, BankConfig())[0]

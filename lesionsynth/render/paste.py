@@ -870,6 +870,80 @@ def intensity_cut(cut: np.ndarray, lesion_values, stats: list[dict]) -> np.ndarr
     return out
 
 
+#: A voxel on the edge of a pasted body holds a tissue of the donor's surroundings, not lesion, when its donor
+#: values (`channel_fractions`, 0 = the donor's tissue level, 1 = its lesion level) disagree between channels:
+#: partial volume with the tissue around the lesion moves every channel's fraction alike, partial volume with
+#: another tissue (CSF beside a periventricular lesion: grey on FLAIR, dark on T1) does not. Such a voxel has
+#: a fraction below FOREIGN_FRACTION on some channel and FOREIGN_SPREAD more on another, beyond three noise sd
+#: of that difference; with one channel only, a value beyond the tissue level on the far side from the
+#: lesion (three noise sd). Channels of contrast-to-noise below FOREIGN_MIN_CNR are not read.
+FOREIGN_FRACTION = 0.25
+FOREIGN_SPREAD = 0.5
+FOREIGN_MIN_CNR = 3.0
+#: Voxel layers of the body's edge that test can take off.
+FOREIGN_LAYERS = 2
+
+
+def channel_fractions(values: np.ndarray, stats: list[dict], min_cnr: float = MIN_FRACTION_CNR
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """((K, N) fractions, (K,) noise sd in fraction units): per channel of contrast-to-noise ≥ `min_cnr`, how far
+    the donor's resampled values (C, N) lie from its tissue level (0) towards its lesion level (1, the
+    plateau: the median, or for a small lesion its 95th (5th) percentile less the noise's share); None if no
+    channel qualifies."""
+    rows, noise_share = [], []
+    for c, st in enumerate(stats):
+        shell, lesion, noise = st["shell"]["median"], st["lesion"], float(st.get("noise_sd") or 0.0)
+        if shell is None or lesion.get("median") is None or noise <= 0:
+            continue
+        sign = 1.0 if lesion["median"] >= shell else -1.0
+        extreme = lesion["p95"] if sign > 0 else lesion["p5"]
+        plateau = lesion["median"] + sign * max(sign * (extreme - lesion["median"]) - 1.645 * noise, 0.0)
+        delta = plateau - shell
+        if abs(delta) >= min_cnr * noise:
+            rows.append((values[c].astype(np.float64) - shell) / delta)
+            noise_share.append(noise / abs(delta))
+    return (np.array(rows), np.array(noise_share)) if rows else None
+
+
+def foreign_tissue(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
+    """(N,) whether the donor's values (C, N) at a lesion's edge read as another tissue than lesion and its
+    surroundings (see FOREIGN_FRACTION); None when no channel can tell."""
+    read = channel_fractions(values, stats, FOREIGN_MIN_CNR)
+    if read is None:
+        return None
+    fractions, noise_share = read
+    if len(fractions) == 1:
+        return fractions[0] < -3.0 * noise_share[0]
+    low = fractions.min(axis=0)
+    spread = fractions.max(axis=0) - low
+    return (low < FOREIGN_FRACTION) & (spread > FOREIGN_SPREAD + 3.0 * np.sqrt(2.0) * noise_share.max())
+
+
+def without_foreign_edge(core: np.ndarray, lesion_values, stats: list[dict]) -> np.ndarray:
+    """`core` less the voxels of its edge (up to FOREIGN_LAYERS layers, 6-neighbours of the outside) whose donor
+    values read as another tissue (`foreign_tissue`): a donor lesion beside a ventricle has a face of lesion
+    and CSF mixed inside its label; pasted away from the ventricle that face was a square notch of tissue
+    inside the label. The body and its label now end where the donor's lesion does; the voxels taken off get
+    the partial-volume tail like the rest around the body. The largest 26-connected piece is kept."""
+    out = core.copy()
+    for _ in range(FOREIGN_LAYERS):
+        idx = np.flatnonzero(out & dilate(~out))
+        if not idx.size:
+            break
+        foreign = foreign_tissue(lesion_values(idx), stats)
+        if foreign is None or not foreign.any():
+            break
+        out.reshape(-1)[idx[foreign]] = False
+    if not out.any():
+        return core
+    pieces, n = ndimage.label(out, structure=np.ones((3, 3, 3), dtype=bool))
+    if n > 1:
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        out = pieces == sizes.argmax()
+    return out
+
+
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
     """The soft mask of the largest connected piece of the lesion only.
 
@@ -1011,6 +1085,8 @@ def paste_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, les
     core = body >= 0.5
     if not core.any():
         return None
+    if label_values is None:  # the parts of a multi-class lesion differ by channel by nature
+        core = without_foreign_edge(core, lesion_values, lesion_meta["stats"])
     dest_label = np.ascontiguousarray(label[box])  # the box's own masks are C-ordered: no mixed-order passes
     region = region_fn(dest_label, [s.start for s in box])
     new_label = dest_label.copy()
