@@ -405,7 +405,7 @@ def lesion_source(component: np.ndarray, origin, affine: np.ndarray, candidates:
     return candidates[int(np.argmin(np.linalg.norm(centres - world, axis=1)))]
 
 
-def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict:
+def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0, progress: bool | None = False) -> dict:
     """Run the realism audit on a generate output folder (or an `OutputRun`); a JSON-able dict.
 
     At most `max_lesions` real and `max_lesions` pasted lesions are measured, drawn at random with `seed`
@@ -450,8 +450,13 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
         bank_lesions_of.setdefault(les["source_case"], []).append(les)
 
     real, pasted = [], []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(quota_real) + len(quota_pasted), desc="realism audit", unit="case",
+               disable=None if progress is None else not progress)
     for kind, quota, rows, code in (("real", quota_real, real, 1), ("pasted", quota_pasted, pasted, 2)):
         for i, cid in enumerate(sorted(quota)):
+            bar.update(1)
             rng = np.random.default_rng([int(seed), code, i])
             try:
                 case = load_case(_case_ref(run, cid, kind == "real"), len(names))
@@ -482,6 +487,7 @@ def audit_output(out_dir, max_lesions: int = MAX_LESIONS, seed: int = 0) -> dict
             rows += measured
             del case, lesion_in_case, lesion_all, comps
 
+    bar.close()
     auc = realism_auc(real, pasted, seed=seed, features=feature_names(names))
     matched_keys = ("auc", "auc_ci95", "reason", "n_real", "n_pasted", "single_auc", "strongest")
     matched = {name: realism_auc(real, pasted, seed=seed, features=feature_names(names), **{flag: True})

@@ -89,9 +89,12 @@ def before_stats(run: OutputRun) -> LesionStats | None:
     return LesionStats(counts, volumes, "original cases in the output (bank not found)")
 
 
-def after_stats(run: OutputRun, cache: dict) -> LesionStats:
+def after_stats(run: OutputRun, cache: dict, progress: bool = False) -> LesionStats:
+    """Lesion count and volumes of the synthetic labels (connected components), with a bar if `progress`."""
+    from tqdm import tqdm
+
     counts, volumes = [], []
-    for rec in run.records:
+    for rec in tqdm(run.records, desc="report lesions", unit="case", disable=not progress):
         path = run.label_path(rec["case_id"])
         if not path.is_file():
             continue
@@ -804,15 +807,13 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0, data_r
             if (key[0] == "image" and not any(s.record["case_id"] == key[1] for s in later)) or \
                     (key[0] == "base" and not any(s.record["base_case"] == key[1] for s in later)):
                 del cache[key]
-    _step("report: counting the synthetic lesions", progress)
-    after = after_stats(run, cache)
+    after = after_stats(run, cache, progress)
     cache.clear()
     figures["lesions"] = lesion_figure(before, after)
     from .audit import audit_output
     from .io.nifti import write_bytes_atomic
 
-    _step("report: realism audit (pasted vs real lesions)", progress)
-    audit = audit_output(run, seed=seed)
+    audit = audit_output(run, seed=seed, progress=progress)
     from .critic import strong_audit
 
     _step("report: strong audit (critic)", progress)

@@ -259,3 +259,12 @@ def test_inspect_rejects_other_paths(tmp_path, make):
     with pytest.raises(InputError) as err:
         summarize(path)
     assert "\n" not in str(err.value)
+
+
+def test_report_shows_progress_on_every_long_step(output, capsys):
+    """`report` once printed nothing for minutes: every step over its cases has a bar (pictures, the lesion
+    count, the 6-feature audit, the critic)."""
+    write_report(output, n_examples=1, seed=0, progress=True)
+    err = capsys.readouterr().err
+    for bar in ("report pictures", "report lesions", "realism audit", "critic"):
+        assert f"{bar}:" in err and "100%" in err.split(f"{bar}:", 1)[1], bar
