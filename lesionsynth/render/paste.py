@@ -820,13 +820,12 @@ CUT_BAND = (0.2, 0.8)
 MIN_FRACTION_CNR = 1.0
 
 
-def lesion_fraction(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
-    """Per voxel (N,), how far the donor's resampled values (C, N) lie from its surrounding tissue level (0)
-    towards its lesion level (1), channels weighted by their contrast-to-noise ratio squared; None if no
-    channel has a contrast of MIN_FRACTION_CNR noise sd. The lesion level is the plateau: its median, or,
-    for a small lesion whose median is pulled towards the tissue by its partial-volume edge, its 95th
-    (5th, for a dark lesion) percentile less the noise's share of it."""
-    total = weight = None
+def channel_levels(stats: list[dict], min_cnr: float = MIN_FRACTION_CNR) -> list[tuple[int, float, float, float]]:
+    """(channel, tissue level, lesion level − tissue level, noise sd) of each channel whose contrast-to-noise is
+    at least `min_cnr`. The lesion level is the plateau: its median, or, for a small lesion whose median is
+    pulled towards the tissue by its partial-volume edge, its 95th (5th, for a dark lesion) percentile less the
+    noise's share of it."""
+    out = []
     for c, st in enumerate(stats):
         shell, lesion, noise = st["shell"]["median"], st["lesion"], float(st.get("noise_sd") or 0.0)
         if shell is None or lesion.get("median") is None or noise <= 0:
@@ -835,8 +834,17 @@ def lesion_fraction(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
         extreme = lesion["p95"] if sign > 0 else lesion["p5"]
         plateau = lesion["median"] + sign * max(sign * (extreme - lesion["median"]) - 1.645 * noise, 0.0)
         delta = plateau - shell
-        if abs(delta) < MIN_FRACTION_CNR * noise:
-            continue
+        if abs(delta) >= min_cnr * noise:
+            out.append((c, shell, delta, noise))
+    return out
+
+
+def lesion_fraction(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
+    """Per voxel (N,), how far the donor's resampled values (C, N) lie from its surrounding tissue level (0)
+    towards its lesion level (1, `channel_levels`), channels weighted by their contrast-to-noise ratio squared;
+    None if no channel has a contrast of MIN_FRACTION_CNR noise sd."""
+    total = weight = None
+    for c, shell, delta, noise in channel_levels(stats):
         w = (delta / noise) ** 2
         part = w * (values[c].astype(np.float64) - shell) / delta
         total, weight = (part, w) if total is None else (total + part, weight + w)
@@ -886,23 +894,14 @@ FOREIGN_LAYERS = 2
 
 def channel_fractions(values: np.ndarray, stats: list[dict], min_cnr: float = MIN_FRACTION_CNR
                       ) -> tuple[np.ndarray, np.ndarray] | None:
-    """((K, N) fractions, (K,) noise sd in fraction units): per channel of contrast-to-noise ≥ `min_cnr`, how far
-    the donor's resampled values (C, N) lie from its tissue level (0) towards its lesion level (1, the
-    plateau: the median, or for a small lesion its 95th (5th) percentile less the noise's share); None if no
-    channel qualifies."""
-    rows, noise_share = [], []
-    for c, st in enumerate(stats):
-        shell, lesion, noise = st["shell"]["median"], st["lesion"], float(st.get("noise_sd") or 0.0)
-        if shell is None or lesion.get("median") is None or noise <= 0:
-            continue
-        sign = 1.0 if lesion["median"] >= shell else -1.0
-        extreme = lesion["p95"] if sign > 0 else lesion["p5"]
-        plateau = lesion["median"] + sign * max(sign * (extreme - lesion["median"]) - 1.645 * noise, 0.0)
-        delta = plateau - shell
-        if abs(delta) >= min_cnr * noise:
-            rows.append((values[c].astype(np.float64) - shell) / delta)
-            noise_share.append(noise / abs(delta))
-    return (np.array(rows), np.array(noise_share)) if rows else None
+    """((K, N) fractions, (K,) noise sd in fraction units): per channel of contrast-to-noise ≥ `min_cnr`
+    (`channel_levels`), how far the donor's resampled values (C, N) lie from its tissue level (0) towards its
+    lesion level (1); None if no channel qualifies."""
+    levels = channel_levels(stats, min_cnr)
+    if not levels:
+        return None
+    return (np.array([(values[c].astype(np.float64) - shell) / delta for c, shell, delta, _ in levels]),
+            np.array([noise / abs(delta) for _, _, delta, noise in levels]))
 
 
 def foreign_tissue(values: np.ndarray, stats: list[dict]) -> np.ndarray | None:
