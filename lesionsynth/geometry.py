@@ -47,6 +47,17 @@ def structure_for(connectivity: int) -> np.ndarray:
     return ndimage.generate_binary_structure(3, rank)
 
 
+def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """The largest connected piece of `mask` (`structure`: the neighbourhood, default 6-connectivity); the mask
+    itself when it holds one piece or none."""
+    pieces, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return np.asarray(mask, dtype=bool)
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return pieces == sizes.argmax()
+
+
 def ball(radius_mm: float, spacing) -> np.ndarray:
     """Ellipsoidal structuring element of `radius_mm` on a grid with `spacing`."""
     spacing = np.asarray(spacing, dtype=np.float64)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .geometry import apply_affine, coarse_stride, crop_affine, dilate, spacing_of, voxel_volume
+from .geometry import apply_affine, coarse_stride, crop_affine, dilate, largest_component, spacing_of, voxel_volume
 from .labels import label_in
 
 #: Default physical size of the coarse grid used for regions and placement (mm).
@@ -39,12 +39,7 @@ def body_foreground(channel: np.ndarray, channel_name: str) -> np.ndarray:
         mask = channel > lo + 0.1 * (hi - lo)
     mask = ndimage.binary_closing(mask, iterations=2, border_value=0)
     mask = ndimage.binary_fill_holes(mask)
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == sizes.argmax()
-    return mask
+    return largest_component(mask)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..geometry import ball, dilate, dilate_box, spacing_of, structure_for, true_bounds
+from ..geometry import ball, dilate, dilate_box, largest_component, spacing_of, structure_for, true_bounds
 from ..labels import label_in
 from ..stats import channel_stats, flat_view
 from .transform import PointMapper, paste_geometry, rigid_landing, source_from_target
@@ -629,9 +629,8 @@ def crop_to_support(box, channels: np.ndarray, soft: np.ndarray, support_mm: flo
 MIN_ALPHA = 1e-6
 
 
-def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(flat indices, alpha, inner) of the box voxels the feathered alpha reaches (alpha > MIN_ALPHA); `inner`
-    marks the voxels of the lesion and its halo, the others are the gaussian fall-off beyond.
+def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices, alpha) of the box voxels the feathered alpha reaches (alpha > MIN_ALPHA).
 
     The alpha is 1 on every voxel the soft mask touches and on a halo of `halo_mm` around them, then falls off
     with a gaussian of `feather_mm`: the lesion's partial-volume tail (`blend_lesion`) is written in full, and
@@ -643,7 +642,7 @@ def feather(soft: np.ndarray, spacing, settings: PasteSettings) -> tuple[np.ndar
         grown = dilate(grown, ball(settings.halo_mm, spacing))
     alpha = ndimage.gaussian_filter(grown.astype(np.float32), sigma=settings.feather_mm / spacing, mode="constant")
     idx = np.flatnonzero(alpha > MIN_ALPHA)
-    return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0), grown.reshape(-1)[idx]
+    return idx, np.clip(alpha.ravel()[idx], 0.0, 1.0)
 
 
 #: Share of white noise's sd that cubic B-spline resampling at random sub-voxel offsets keeps (measured: 0.80-0.82;
@@ -732,7 +731,7 @@ def blend_lesion(channels: np.ndarray, box: tuple[slice, ...], lesion_values, so
     the donor's noise beside the destination's, a seam inside the tissue that a texture-aware critic found at
     once, and cut the tail off where that rim ended.
     """
-    idx, a, _ = feather(soft, spacing, settings)
+    idx, a = feather(soft, spacing, settings)
     noise = np.random.default_rng(int(op["noise_seed"])).standard_normal(size=idx.size, dtype=np.float32)
     start = [s.start for s in box]
     if dest_stats is None:
@@ -933,14 +932,7 @@ def without_foreign_edge(core: np.ndarray, lesion_values, stats: list[dict]) -> 
         if foreign is None or not foreign.any():
             break
         out.reshape(-1)[idx[foreign]] = False
-    if not out.any():
-        return core
-    pieces, n = ndimage.label(out, structure=np.ones((3, 3, 3), dtype=bool))
-    if n > 1:
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        out = pieces == sizes.argmax()
-    return out
+    return largest_component(out, structure_for(26)) if out.any() else core
 
 
 def keep_main_body(soft: np.ndarray) -> np.ndarray:
