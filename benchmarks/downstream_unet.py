@@ -5,6 +5,7 @@
                                          [--bank-args='--space register'] [--generate-args='--volume-warp']
                                          [--load-range 2000 9000] [--arms real real+carvemix real+gen]
                                          [--jobs 2] [--work DIR] [--keep] [--json FILE] [--smoke]
+                                         [--save-predictions DIR]
 
 Design. `--dataset` is an nnU-Net v2 raw dataset (`imagesTr/{case}_{XXXX}.nii.gz`, `labelsTr/{case}.nii.gz`,
 `dataset.json` with `channel_names`); its cases may have different grids, orientations and spacings
@@ -530,7 +531,11 @@ def run_arm(arm: str, seed: int, train_infos: list[dict], test_data: list[dict],
         t0 = time.perf_counter()
         per_case = []
         for d in test_data:
-            m = case_metrics(predict(model, d, args.step), d["lab_full"])
+            pred = predict(model, d, args.step)
+            if args.save_predictions:
+                args.save_predictions.mkdir(parents=True, exist_ok=True)
+                np.save(args.save_predictions / f"{arm}_s{seed}_{d['case']}.npy", (pred > 0).astype(np.uint8))
+            m = case_metrics(pred, d["lab_full"])
             m["case"] = d["case"]
             per_case.append(m)
         rec["eval_s"] = time.perf_counter() - t0
@@ -656,6 +661,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (cache, bank, generated) [default: temp]")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (always kept when --work is given)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
+                    help="write each held-out prediction (2 mm preprocessed space, uint8 .npy) as ARM_sSEED_CASE.npy")
     ap.add_argument("--smoke", action="store_true", help="plumbing check: 1 seed, n-gen 2, 4 iters, test-n 2")
     ap.add_argument("--verbose", action="store_true", help="print the training loss 4 times per run")
     args = ap.parse_args(argv)

@@ -81,3 +81,47 @@ def test_inpaint_removes_the_partial_volume_rim_on_a_coarse_grid():
     hole = ndimage.binary_dilation(component)
     ratio = _residual_mad(channels[0], hole) / _residual_mad(healthy.channels[0], hole)
     assert 0.7 < ratio < 1.3
+
+
+def test_host_level_is_the_main_tissue_not_the_median_of_two():
+    """Around a lesion at a ventricle the known voxels belong to two tissues: the fill continues the one most of
+    them belong to (the mode over both channels), not the median, a level between the two."""
+    from lesionsynth.render.inpaint import host_level
+    rng = np.random.default_rng(1)
+    tissue = np.stack([100 + rng.normal(0, 2, 600), 50 + rng.normal(0, 2, 600)])
+    other = np.stack([40 + rng.normal(0, 2, 400), 20 + rng.normal(0, 2, 400)])
+    crop = np.concatenate([tissue, other], axis=1)[:, :, None, None].astype(np.float32)
+    known = np.ones(crop.shape[1:], bool)
+    level = host_level(crop, known, np.array([2.0, 2.0]))
+    assert np.allclose(level, [100, 50], atol=0.5)
+    assert abs(float(np.median(crop[0])) - 100) > 1.0  # the median is pulled towards the other tissue
+
+
+def test_inpaint_next_to_a_dark_tissue_fills_with_the_lesion_s_own_tissue():
+    """A lesion whose refilled rim touches a dark tissue (a ventricle on FLAIR) on one side: the healthy tissue
+    under it is the surrounding tissue, and the fill must not average the dark one in (the plain fast-marching
+    fill left the lesion's side towards it darker than the healthy truth by about half the lesion's contrast)."""
+    from lesionsynth.render.inpaint import fast_marching_fill
+    shape, spacing = (36, 36, 36), (1.0, 1.0, 1.0)
+    case, healthy = _blurred_ball_case(shape, spacing, noise_sd=2.0, seed=7)
+    dark = np.indices(shape)[0] > 17 + 6  # another tissue from 1 mm beyond the lesion's edge (centre 17.5, radius 5.5)
+    for c in (case, healthy):
+        c.channels[:, dark] -= np.array([60.0, 30.0], np.float32)[:, None]
+    component = case.label == 1
+    vox = np.argwhere(component)
+    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
+          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
+          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
+    patch = inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
+    channels = case.channels.copy()
+    patch.apply(channels, case.label.copy())
+    excess = (case.channels[0] - healthy.channels[0])[component].mean()
+    left = (channels[0] - healthy.channels[0])[component].mean()
+    assert abs(left) / excess < 0.1
+    assert (channels[0] - case.channels[0])[dark].std() < 1.0  # the other tissue keeps its values
+    near = component & (np.indices(shape)[0] >= 21)  # the lesion's side towards the dark tissue
+    assert abs((channels[0] - healthy.channels[0])[near].mean()) / excess < 0.1
+    # the same hole filled without the host tissue's weighting is pulled towards the dark tissue
+    hole = ndimage.binary_dilation(component, structure=np.ones((3, 3, 3)))
+    plain, _ = fast_marching_fill(case.channels, hole, spacing)
+    assert (plain[0] - healthy.channels[0])[near].mean() / excess < -0.1

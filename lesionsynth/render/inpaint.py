@@ -3,7 +3,7 @@
 The component is dilated by a partial-volume rim (at least one voxel, grown while its neighbours still carry
 the lesion's intensity); scikit-fmm gives each hole voxel its distance from the known boundary, which sets the
 fill order; voxels are filled band by band, each taking the distance-weighted mean of its already-known
-neighbours; only the smoothed difference between fill and case is written, so the hole keeps the case's own
+neighbours, weighted towards the tissue most of the hole's surroundings belong to; only the smoothed difference between fill and case is written, so the hole keeps the case's own
 noise. Removed lesion voxels take the label of the nearest non-lesion voxel (e.g. the organ they sat in).
 """
 
@@ -53,12 +53,46 @@ def _neighbour_weights(spacing) -> tuple[np.ndarray, np.ndarray]:
     return offsets, (1.0 / dist).astype(np.float32)
 
 
-def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+#: Host-tissue weighting of the fill (`fast_marching_fill`): a neighbour's weight is multiplied by
+#: exp(-d^2 / 2) + HOST_FLOOR, d its distance (all channels, in HOST_SCALE_SD noise sd) from the host tissue's level.
+HOST_SCALE_SD = 2.0
+HOST_FLOOR = 1e-3
+#: Bandwidth (noise sd) of the mean shift that finds the host tissue's level around the hole (`host_level`).
+HOST_BANDWIDTH_SD = 2.0
+
+
+def host_level(crop: np.ndarray, known: np.ndarray, noise: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """The level (C,) of the tissue most of the `known` voxels belong to: the mode of their joint distribution
+    over channels, by mean shift (Gaussian kernel of HOST_BANDWIDTH_SD noise sd) from their median. The median
+    of voxels of two tissues (white matter and a ventricle's border) is a level neither has."""
+    values = crop[:, known].T.astype(np.float64) / noise  # (N, C) in noise sd
+    if not len(values):
+        return np.full(crop.shape[0], np.nan)
+    mode = np.median(values, axis=0)
+    for _ in range(iterations):
+        w = np.exp(-0.5 * ((values - mode) ** 2).sum(axis=1) / HOST_BANDWIDTH_SD ** 2)
+        if w.sum() <= 0:
+            break
+        new = (w[:, None] * values).sum(axis=0) / w.sum()
+        done = np.abs(new - mode).max() < 1e-3
+        mode = new
+        if done:
+            break
+    return mode * noise
+
+
+def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing, host: np.ndarray | None = None,
+                       noise: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fill `hole` in every channel in fast-marching order. Returns (filled channels, distance map).
 
     Band by band (one voxel size of distance each), every hole voxel with known neighbours takes the
     inverse-distance-weighted mean of them (all voxels of a pass from the values before it); a band is
     passed again until no voxel of it gains a known neighbour. Only hole voxels are visited.
+
+    With `host` (level per channel, `host_level`) and `noise` (sd per channel), a neighbour's weight is also
+    multiplied by its likeness to the host tissue (HOST_SCALE_SD): where the hole borders another tissue
+    (a ventricle, the cortex), the fill continues the tissue the lesion sat in rather than averaging both;
+    where only the other tissue is known, it still takes that tissue's level.
     """
     dist = fill_order_distance(hole, spacing)
     offsets, weights = _neighbour_weights(spacing)
@@ -71,6 +105,16 @@ def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple
     values = np.zeros((channels.shape[0],) + padded, dtype=np.float32)
     values[(slice(None),) + inner] = channels
     values = values.reshape(channels.shape[0], -1)
+    if host is not None:
+        scale = (HOST_SCALE_SD * np.maximum(np.asarray(noise, dtype=np.float64), 1e-6)).astype(np.float32)
+        host = np.asarray(host, dtype=np.float32)
+
+        def likeness(at):
+            d2 = sum(((values[c][at] - host[c]) / scale[c]) ** 2 for c in range(values.shape[0]))
+            return np.exp(-0.5 * d2) + np.float32(HOST_FLOOR)
+
+        affinity = np.ones(values.shape[1], dtype=np.float32)
+        affinity[known] = likeness(known)
     where = np.argwhere(hole) + 1
     order = np.argsort(dist[hole], kind="stable")
     todo = np.ravel_multi_index(tuple(where.T), padded)[order]
@@ -92,6 +136,8 @@ def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple
         if pending.size:
             around = pending[:, None] + steps[None, :]
             w = known[around] * weights
+            if host is not None:
+                w = w * affinity[around]
             total_w = w.sum(axis=1)
             ready = total_w > 0
             if ready.any():
@@ -99,6 +145,8 @@ def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing) -> tuple
                 fresh = [np.einsum("nk,nk->n", values[c][around], w) / total_w for c in range(values.shape[0])]
                 for c, v in enumerate(fresh):
                     values[c][pending[ready]] = v
+                if host is not None:
+                    affinity[pending[ready]] = likeness(pending[ready])
                 known[pending[ready]] = True
                 pending = pending[~ready]
                 continue  # the same distance level may need another pass for voxels with no known neighbour yet
@@ -302,9 +350,14 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
     crop = np.asarray(channels[(slice(None),) + box], dtype=np.float32)
     hole, grown = grow_hole(crop, hole, component, lesion_any, spacing)
     ring = tissue_ring(hole, lesion_any, spacing)
-    filled, _ = fast_marching_fill(crop, hole, spacing)
-    rng = np.random.default_rng(int(op["texture_seed"]))
     _, noise = tissue_levels(crop, ring)
+    positive = np.maximum(noise, 1e-6)
+    host = host_level(crop, dilate(hole) & ~hole & ~lesion_any, positive)
+    if np.all(np.isfinite(host)):
+        filled, _ = fast_marching_fill(crop, hole, spacing, host, positive)
+    else:
+        filled, _ = fast_marching_fill(crop, hole, spacing)
+    rng = np.random.default_rng(int(op["texture_seed"]))
     remove_excess(crop, filled, hole, noise, float(op["texture_gain"]), rng)
     residual, contrast = residual_excess(filled, hole, component, lesion_any, crop, spacing)
     visible = residual > max(MAX_RESIDUAL_FRACTION * contrast, MIN_RESIDUAL_SD)
