@@ -25,6 +25,9 @@ What it measures on the written output (the synthetic case has exactly its base 
 * real lesion voxels = the lesion voxels of the DATA cases;
 * for both: the share of those voxels in WM, GM, CSF and outside the brain (background) by the truth
   map of the (base) case; per case and pooled (pooled = all voxels together, so big cases weigh more);
+* the distance (mm) from each lesion component's centroid (26-connected; pasted voxels of a synthetic case,
+  all lesion voxels of a real one) to the nearest ventricle voxel of the truth map (CSF deeper than 15 mm in
+  the brain), medians and the two-sample Kolmogorov-Smirnov statistic pasted vs real;
 * from the manifest: pastes (`paste` operations), failed placements, cases that reached their target
   (`reached`); and the wall-clock time of each stage.
 
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage, stats
 
 REPO = Path(__file__).resolve().parents[1]
 TISSUES = {"background": 0, "csf": 1, "gm": 2, "wm": 3}  # the truth maps' values
@@ -75,6 +79,37 @@ def tissue_shares(label: np.ndarray, base_label: np.ndarray | None, tissue: np.n
         raise ValueError(f"tissue values outside {sorted(TISSUES.values())}")
     counts = {name: int(found[value]) for name, value in TISSUES.items()}
     return {"voxels": int(voxels.sum()), "counts": counts, "shares": shares_of(counts)}
+
+
+#: Ventricles in a truth map: CSF at least this deep (mm) inside the brain (sulcal CSF lies at its surface).
+VENTRICLE_DEPTH_MM = 15.0
+
+
+def ventricle_distance_map(tissue: np.ndarray, spacing) -> np.ndarray | None:
+    """Distance (mm) of every voxel to the nearest ventricle voxel (CSF deeper than VENTRICLE_DEPTH_MM in the
+    brain of a truth map), or None when the map has no such voxel."""
+    depth = ndimage.distance_transform_edt(tissue > 0, sampling=spacing)
+    ventricles = (tissue == TISSUES["csf"]) & (depth > VENTRICLE_DEPTH_MM)
+    if not ventricles.any():
+        return None
+    return ndimage.distance_transform_edt(~ventricles, sampling=spacing)
+
+
+def centroid_distances(voxels: np.ndarray, distance: np.ndarray | None) -> list[float]:
+    """Distance-map value at the centroid of each 26-connected component of ``voxels`` (mm)."""
+    if distance is None or not voxels.any():
+        return []
+    comps, n = ndimage.label(voxels, structure=np.ones((3, 3, 3), bool))
+    centres = ndimage.center_of_mass(voxels, comps, range(1, n + 1))
+    top = np.array(distance.shape) - 1
+    return [float(distance[tuple(np.clip(np.rint(c).astype(int), 0, top))]) for c in centres]
+
+
+def ks_statistic(a, b) -> float | None:
+    """Two-sample Kolmogorov-Smirnov statistic (None when either sample is empty)."""
+    if not len(a) or not len(b):
+        return None
+    return float(stats.ks_2samp(a, b).statistic)
 
 
 def shares_of(counts: dict) -> dict:
@@ -142,6 +177,14 @@ def measure(data: Path, truth: Path, out: Path, lesion_labels) -> dict:
     """Per-case and pooled tissue shares of the pasted and the real lesion voxels."""
     tissue_cache: dict[str, tuple] = {}
     base_cache: dict[str, tuple] = {}
+    distance_cache: dict[str, np.ndarray | None] = {}
+    values = list(lesion_labels)
+
+    def ventricle_distance(case: str) -> np.ndarray | None:
+        if case not in distance_cache:
+            tissue, affine = tissue_of(case)
+            distance_cache[case] = ventricle_distance_map(tissue, np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        return distance_cache[case]
 
     def tissue_of(case: str) -> tuple:
         if case not in tissue_cache:
@@ -162,7 +205,8 @@ def measure(data: Path, truth: Path, out: Path, lesion_labels) -> dict:
         label, tissue = base_of(case), tissue_of(case)
         if not same_grid(label, tissue):
             raise SystemExit(f"native_space: truth of {case} is not on its grid")
-        real.append({"case": case, **tissue_shares(label[0], None, tissue[0], lesion_labels)})
+        real.append({"case": case, **tissue_shares(label[0], None, tissue[0], lesion_labels),
+                     "ventricle_mm": centroid_distances(np.isin(label[0], values), ventricle_distance(case))})
 
     synthetic = []
     for line in (out / "manifest.jsonl").read_text().splitlines():
@@ -172,6 +216,7 @@ def measure(data: Path, truth: Path, out: Path, lesion_labels) -> dict:
         if not same_grid(label, base_of(base)):
             raise SystemExit(f"native_space: {case} is not on its base case {base}'s grid")
         shares = tissue_shares(label[0], base_of(base)[0], tissue_of(base)[0], lesion_labels)
+        pasted = np.isin(label[0], values) & ~np.isin(base_of(base)[0], values)
         ops = entry.get("ops", [])
         synthetic.append({
             "case": case, "base_case": base,
@@ -182,13 +227,21 @@ def measure(data: Path, truth: Path, out: Path, lesion_labels) -> dict:
             "target_load_mm3": entry.get("target_load_mm3"),
             "achieved_load_mm3": entry.get("achieved_load_mm3"),
             **shares,
+            "ventricle_mm": centroid_distances(pasted, ventricle_distance(base)),
         })
     refused: dict[str, int] = {}
     for s in synthetic:
         for why, k in s["refused_placements"].items():
             refused[why] = refused.get(why, 0) + int(k)
+    pasted_mm = [d for s in synthetic for d in s["ventricle_mm"]]
+    real_mm = [d for r in real for d in r["ventricle_mm"]]
     return {
         "pasted": pool(synthetic), "real": pool(real),
+        "ventricle_distance": {
+            "pasted_median_mm": float(np.median(pasted_mm)) if pasted_mm else None,
+            "real_median_mm": float(np.median(real_mm)) if real_mm else None,
+            "pasted_components": len(pasted_mm), "real_components": len(real_mm),
+            "ks": ks_statistic(pasted_mm, real_mm)},
         "pastes": sum(s["pastes"] for s in synthetic),
         "failed_placements": sum(s["failed_placements"] for s in synthetic),
         "refused_placements": refused,
@@ -223,6 +276,11 @@ def print_table(result: dict, times: dict) -> None:
     for r in m["per_real_case"]:
         print(f"{r['case']:14s} {r['voxels']:7d} "
               + " ".join(f"{pct(r['shares'][t]):>6s}" for t in REPORT_ORDER))
+    v = m["ventricle_distance"]
+    if v["ks"] is not None:
+        print(f"\ndistance of lesion centroids to the ventricles: pasted median {v['pasted_median_mm']:.1f} mm "
+              f"({v['pasted_components']} components), real {v['real_median_mm']:.1f} mm "
+              f"({v['real_components']}), KS {v['ks']:.3f}")
     print(f"\npastes {m['pastes']}, failed placements {m['failed_placements']} "
           f"{m['refused_placements']}, reached {m['reached']}/{m['cases']}")
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))

@@ -670,6 +670,27 @@ class Bank:
         return self._donor_table(("shell_spread",), lambda les: (
             les["shell_deviation"][middle] if les.get("shell_deviation") else None))
 
+    def donor_local_match(self, ct_channels, tolerance: float) -> dict:
+        """Lesion id → the share of its shell voxels of the host tissue of that shell (`prior.local_host_match`,
+        the shell as `extract_lesions` takes it, within the lesion's crop), made once per worker: how mixed the
+        tissue a lesion grew in is, which the tissue a paste covers may be too. 1.0 where it cannot be read."""
+        from .prior import local_host_match
+
+        shell_mm = float(self.config.get("shell_mm", 3.0))
+
+        def own(les) -> float:
+            image, mask = self.lesion_arrays(les["id"])
+            mask = mask > 0
+            spacing = np.asarray(les["spacing_mm"], dtype=np.float64)
+            shell = dilate(mask, ball(shell_mm, spacing)) & ~dilate(mask)
+            if np.count_nonzero(shell) < 10:
+                return 1.0
+            values = image[:, shell]
+            share = local_host_match(values, values, ct_channels)
+            return 1.0 if share is None else share
+
+        return self._donor_table(("local_match", tuple(ct_channels), tolerance), own)
+
     def donor_signatures(self, ct_channels) -> dict:
         """Lesion id → the tissue signature of its shell in its source case (`prior.donor_signature`), made once."""
         from .prior import donor_signature

@@ -29,7 +29,7 @@ from .loads import FAMILIES, draw_target_load
 from .output_run import MANIFEST, RUN_FILE
 from .parallel import overlapped, release_freed_memory
 from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
-from .prior import Region, allowed_region, is_ct, placement_density
+from .prior import LOCAL_TOLERANCE, Region, allowed_region, is_ct, placement_density
 from .render import PasteSettings, RenderContext, apply_plan
 from .render.backend import lesion_resampler
 
@@ -587,7 +587,10 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
     if cfg.augment.context_tolerance > 0 and intensity_ref is not None and not region.region_labels:
         context = ContextMatch(intensity_ref, ct_channels, cfg.augment.context_tolerance,
                                bank.donor_signatures(ct_channels), cfg.augment.context_core_fraction,
-                               bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread())
+                               bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread(),
+                               bank.donor_local_match(ct_channels, LOCAL_TOLERANCE) if cfg.augment.local_host
+                               else None,
+                               float(bank.config.get("shell_mm", 3.0)))
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels),
                         region.mask_in, region.contains, cfg.augment.min_region_fraction, lesion_resampler(device),
                         undo)

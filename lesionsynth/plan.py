@@ -13,9 +13,9 @@ import numpy as np
 from scipy import ndimage
 
 from .bank import lesion_load_volume, lesion_mask
-from .geometry import structure_for, true_bounds, voxel_volume
+from .geometry import ball, dilate, dilate_box, spacing_of, structure_for, true_bounds, voxel_volume
 from .labels import count_in, label_in
-from .prior import PlacementDensity, context_distance, matching_fraction, tissue_signature
+from .prior import PlacementDensity, context_distance, local_host_match, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
 from .render.paste import SAMPLE_POINTS
 
@@ -40,6 +40,7 @@ class AugmentConfig:
     max_overlap_fraction: float = 0.2
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
     context_core_fraction: float = 0.9       # share of the covered voxels that must match the donor's shell too
+    local_host: bool = True                  # ... and be of the main tissue right around the paste (local host test)
     max_extra_blur: float = 0.35             # sd (target voxels) a donor may land blurrier than the target (0: off)
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
@@ -108,6 +109,19 @@ def lesion_components(label: np.ndarray, lesion_labels, connectivity: int, load_
 QUICK_CONTEXT_SLACK = 0.1
 #: Slack of the quick test of the covered tissue (rigidly landed sample points) under the final one.
 QUICK_COVERED_SLACK = 0.03
+#: Places a drawn paste tries (pre-checks only) when the tissue under it is refused, before another lesion is
+#: drawn: without them a large lesion, which finds fewer places of one tissue, was drawn again less often than
+#: a small one, and the load was filled with more, smaller lesions (and more rendering).
+PLACE_RETRIES = 4
+TISSUE_REFUSALS = ("context", "covered tissue", "covered tissue (local)")
+#: Slack of the quick local host test under the final one (its surroundings are the whole box around the lesion).
+QUICK_HOST_SLACK = 0.05
+
+
+#: The host share a donor asks of the tissue it covers is at least this (times the core fraction), however mixed
+#: its own shell is: a shell also holds the lesion's partial-volume tail, other lesions and a ventricle's edge,
+#: none of which the lesion grew in.
+HOST_SHARE_FLOOR = 0.85
 
 
 @dataclass
@@ -122,6 +136,8 @@ class ContextMatch:
     core_fraction: float = 0.0        # share of the covered voxels that must match too (0: not tested) ...
     own_match: dict | None = None     # ... times the share of each donor's own shell that matches its signature
     own_spread: dict | None = None    # each donor's median shell deviation from its own signature
+    own_host: dict | None = None      # each donor's share of shell voxels of its shell's host tissue (local test)
+    shell_mm: float = 3.0             # width of the destination's surroundings the local test reads
 
     def tolerance_for(self, lesion_id: str) -> float:
         """The distance accepted for this donor: the tolerance, or more for a donor whose own surroundings
@@ -144,6 +160,41 @@ class ContextMatch:
         """Share of the destination voxels a paste covers ((C, N) values before it) that match the donor's shell."""
         return matching_fraction(values, self.intensity_ref, self.donors.get(lesion_id), self.ct_channels,
                                  self.tolerance)
+
+    def host_match(self, channels: np.ndarray, lesion_any, box, core: np.ndarray, spacing) -> float | None:
+        """Share of the voxels a paste covers (`core` of `box`, the case's values before it) that are of the host
+        tissue of the destination around them (`prior.local_host_match`; the surroundings: within `shell_mm` of
+        the core but not touching it, no lesion (`lesion_any(box)`: bool over a box)); None when there are too
+        few such voxels."""
+        reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
+        wide = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(box, reach, channels.shape[1:]))
+        inner = tuple(slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide))
+        covered = np.zeros(tuple(w.stop - w.start for w in wide), dtype=bool)
+        covered[inner] = core
+        around = (dilate(covered, ball(self.shell_mm, spacing)) | dilate_box(covered, 2)) & ~dilate(covered) \
+            & ~lesion_any(wide)
+        if np.count_nonzero(around) < 10:
+            return None
+        values = channels[(slice(None),) + wide]
+        return local_host_match(values[:, covered], values[:, around], self.ct_channels)
+
+    def quick_host_match(self, channels: np.ndarray, label: np.ndarray, lesion_labels, idx: np.ndarray,
+                         values: np.ndarray, spacing) -> float | None:
+        """`host_match` for the pre-check: the share of the landed sample points' `values` ((C, N) at voxels
+        `idx`) of the host tissue of the box around them (`shell_mm` beyond, every other voxel, no lesion)."""
+        reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
+        lo = np.maximum(idx.min(axis=0) - reach, 0)
+        hi = np.minimum(idx.max(axis=0) + reach + 1, label.shape)
+        wide = tuple(slice(int(a), int(b), 2) for a, b in zip(lo, hi))
+        free = ~lesion_mask(label[wide], lesion_labels)
+        if np.count_nonzero(free) < 10:
+            return None
+        return local_host_match(values, channels[(slice(None),) + wide][:, free], self.ct_channels)
+
+    def host_needed(self, lesion_id: str) -> float:
+        """The host share a paste's covered voxels must reach: the donor's own (`own_host`) times `core_fraction`."""
+        own = 1.0 if self.own_host is None else self.own_host.get(lesion_id, 1.0)
+        return self.core_fraction * max(own, HOST_SHARE_FLOOR)
 
     def active(self, lesion_id: str) -> bool:
         return self.tolerance > 0 and self.donors.get(lesion_id) is not None
@@ -192,6 +243,10 @@ def quick_fit(bank, op: dict, affine: np.ndarray, label: np.ndarray, region, les
         needed = context.covered_needed(op["lesion_id"]) - QUICK_COVERED_SLACK
         if context.core_fraction > 0 and context.covered_match(values, op["lesion_id"]) < needed:
             return "covered tissue"
+        if context.core_fraction > 0 and context.own_host is not None:
+            share = context.quick_host_match(channels, label, lesion_labels, idx, values, spacing_of(affine))
+            if share is not None and share < context.host_needed(op["lesion_id"]) - QUICK_HOST_SLACK:
+                return "covered tissue (local)"
     return None
 
 
@@ -384,10 +439,17 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                             natural_pastes, pasted, volumes)
             accepted = False
             why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels, context=context)
+            for _retry in range(PLACE_RETRIES):  # a lesion refused for its tissue tries other places first
+                if why not in TISSUE_REFUSALS:
+                    break
+                plan.refuse(why, precheck=True)
+                op["centre_mm"] = _r(density.draw(rng), 3)
+                why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels,
+                                context=context)
             if why is not None:
                 plan.refuse(why, precheck=True)
                 continue
-            why, score, covered_match = "region", None, None
+            why, score, covered_match, host_match = "region", None, None, None
             for _refine in range(3):
                 patch = None  # a refused try's arrays go before the next try renders
                 patch = render_op(channels, label, affine, op, bank, ctx)
@@ -415,6 +477,13 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                         if covered_match < context.covered_needed(op["lesion_id"]):
                             why = "covered tissue"
                             break
+                        if context.own_host is not None:
+                            host_match = context.host_match(
+                                channels, lambda wide: lesion_mask(label[wide], lesion_labels), patch.box, core,
+                                spacing_of(affine))
+                            if host_match is not None and host_match < context.host_needed(op["lesion_id"]):
+                                why = "covered tissue (local)"
+                                break
                 if load + added * vv > hi:
                     # shrink to fit the remaining room, then try again at the same place
                     new_scale = op["scale"] * float(np.cbrt(max(target_mm3 - load, 0.0) / (added * vv)))
@@ -435,6 +504,8 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
                 op["context_score"] = round(float(score), 4)
             if covered_match is not None:
                 op["covered_match"] = round(float(covered_match), 4)
+            if host_match is not None:
+                op["host_match"] = round(float(host_match), 4)
             plan.ops.append(op)
             pasted += 1
 

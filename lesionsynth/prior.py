@@ -197,6 +197,70 @@ def matching_fraction(values: np.ndarray, intensity_ref, donor: np.ndarray | Non
     return float(np.mean(signature_distances(scaled, donor, ct_channels) <= tolerance))
 
 
+#: The local host test (`local_host_match`): a covered voxel is of the host tissue when every channel lies within
+#: this (|log ratio| on MR channels, |difference| / CT_CONTEXT_HU on CT) of the host level around it; the host
+#: level is found by mean shift with half of it as bandwidth.
+LOCAL_TOLERANCE = 0.1
+
+
+def signature_units(values: np.ndarray, ct_channels) -> np.ndarray:
+    """(C, N) values in the units of `signature_distances`: log on MR channels (nan for a value ≤ 0), HU /
+    CT_CONTEXT_HU on CT channels."""
+    out = np.empty(np.shape(values), dtype=np.float64)
+    for c, (v, ct) in enumerate(zip(np.asarray(values, dtype=np.float64), ct_channels)):
+        if ct:
+            out[c] = v / CT_CONTEXT_HU
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[c] = np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan)
+    return out
+
+
+#: Points a mode is found from at most (an even spread of them): enough for a level to a small fraction of the
+#: bandwidth, and the mean shift runs once per drawn paste.
+MODE_POINTS = 512
+
+
+def mode_of(units: np.ndarray, bandwidth: float, iterations: int = 20) -> np.ndarray | None:
+    """The mode (C,) of points (C, N) by mean shift (Gaussian kernel of `bandwidth`, all channels jointly) from
+    their median: the level of the tissue most of them belong to (the median of two tissues is neither)."""
+    units = units[:, np.all(np.isfinite(units), axis=0)]
+    if units.shape[1] == 0:
+        return None
+    if units.shape[1] > MODE_POINTS:
+        units = units[:, np.linspace(0, units.shape[1] - 1, MODE_POINTS).astype(np.int64)]
+    mode = np.median(units, axis=1)
+    scale = -0.5 / bandwidth ** 2
+    for _ in range(iterations):
+        diff = units - mode[:, None]
+        w = np.exp(scale * np.einsum("cn,cn->n", diff, diff))
+        total = w.sum()
+        if total <= 0:
+            break
+        step = diff @ w / total
+        mode = mode + step
+        if np.abs(step).max() < 1e-3 * bandwidth:
+            break
+    return mode
+
+
+def local_host_match(covered: np.ndarray, surroundings: np.ndarray, ct_channels,
+                     tolerance: float = LOCAL_TOLERANCE) -> float | None:
+    """Share of the `covered` voxels ((C, N) values) that lie within `tolerance` (every channel, signature units)
+    of the host tissue of their `surroundings` ((C, M) values of the same case near them, `mode_of`). Local,
+    so a scanner's bias field (10-20 % across a head) does not let one tissue pass for another as a case-wide
+    reference does. None when the surroundings give no level; 1 for no covered voxel."""
+    if covered.shape[1] == 0:
+        return 1.0
+    mode = mode_of(signature_units(surroundings, ct_channels), tolerance / 2.0)
+    if mode is None:
+        return None
+    units = signature_units(covered, ct_channels)
+    with np.errstate(invalid="ignore"):
+        inside = np.all(np.abs(units - mode[:, None]) <= tolerance, axis=0)
+    return float(np.mean(inside))
+
+
 def donor_signature(lesion_meta: dict, source_case: dict | None, ct_channels) -> np.ndarray | None:
     """The tissue signature of a bank lesion's own surroundings (its shell in its source case)."""
     ref = (source_case or {}).get("intensity_ref")

@@ -888,14 +888,18 @@ def _placement_html(run: OutputRun) -> list[str]:
     pastes = [op for rec in run.records for op in rec["ops"] if op["op"] == "paste"]
     scores = [op["context_score"] for op in pastes if "context_score" in op]
     covered = [op["covered_match"] for op in pastes if "covered_match" in op]
+    host = [op["host_match"] for op in pastes if "host_match" in op]
     tol = run.config.get("augment", {}).get("context_tolerance")
     if scores:
         parts.append(f"<p>Context match (tolerance {tol}): a paste is kept only where the destination's tissue "
                      "around it resembles the donor lesion's own surroundings in its source case (per channel, in "
-                     "units of each case's intensity level) and the tissue it covers does too. Kept pastes:</p>")
+                     "units of each case's intensity level) and the tissue it covers does too, also against the "
+                     "main tissue right around it (the local host test, free of a bias field). Kept pastes:</p>")
         parts.append(_table(QUANTILE_HEADER, quantile_rows([("distance to the donor's surroundings", scores),
                                                             ("share of covered voxels that match",
-                                                             covered or None)])))
+                                                             covered or None),
+                                                            ("share of covered voxels of the local host tissue",
+                                                             host or None)])))
     sharp = sum(1 for rec in run.records if rec.get("sharp_donors") is False)
     if sharp:
         parts.append(f"<p>{sharp} cases had no donor sharp enough for their grid; all donors were used.</p>")

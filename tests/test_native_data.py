@@ -80,6 +80,25 @@ def test_truth_on_case_grids_and_real_lesions_in_wm(native):
     assert pooled["shares"]["wm"] >= 0.95, pooled
 
 
+def test_ventricle_distance_hand_example():
+    """Deep CSF is a ventricle, CSF at the brain's surface is not; a component's distance is its centroid's."""
+    harness = load_benchmark("native_space")
+    tissue = np.zeros((60, 60, 60), np.uint8)
+    tissue[5:55, 5:55, 5:55] = 3  # a brain cube of WM, 50 mm (1 mm voxels)
+    tissue[28:32, 28:32, 28:32] = 1  # a ventricle in its middle (depth 23 mm)
+    tissue[5:7, 5:10, 5:10] = 1  # sulcal CSF at its surface: not a ventricle
+    distance = harness.ventricle_distance_map(tissue, (1.0, 1.0, 1.0))
+    assert distance[30, 30, 30] == 0 and distance[6, 6, 6] > 20
+    lesions = np.zeros(tissue.shape, bool)
+    lesions[40:43, 29:32, 29:32] = True  # centroid (41, 30, 30): 10 mm beyond the ventricle's face (x = 31)
+    lesions[29:32, 29:32, 14:17] = True  # centroid (30, 30, 15): 13 mm below it (z = 28)
+    assert sorted(harness.centroid_distances(lesions, distance)) == pytest.approx([10.0, 13.0])
+    assert harness.ventricle_distance_map(np.full((8, 8, 8), 3, np.uint8), (1.0, 1.0, 1.0)) is None
+    assert harness.ks_statistic([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert harness.ks_statistic([1.0, 2.0], [5.0, 6.0]) == 1.0
+    assert harness.ks_statistic([], [1.0]) is None
+
+
 def test_tissue_shares_hand_example():
     harness = load_benchmark("native_space")
     tissue = np.zeros((4, 4, 1), np.uint8)

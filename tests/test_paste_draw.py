@@ -51,3 +51,27 @@ def test_a_natural_paste_larger_than_the_deficit_starts_at_most_at_the_size_that
     assert np.all(scales[small] <= fill + 1e-4)
     assert np.mean(np.isclose(scales[small], fill, atol=1e-4)) > 0.5  # natural draws above it are capped
     assert np.all(scales[small] >= cfg.natural_scale[0])
+
+
+def test_local_host_match_tells_a_darker_tissue_under_a_bias_field():
+    """The covered voxels are judged against the host tissue of their own surroundings (the mode, not the
+    median of two tissues), so a tissue 20 % darker on one channel fails even where a bias field makes it as
+    bright as the host tissue elsewhere in the head."""
+    from lesionsynth.prior import local_host_match, mode_of, signature_units
+
+    rng = np.random.default_rng(3)
+    bias = 1.15  # this part of the head reads 15 % brighter
+    host = np.stack([200 + rng.normal(0, 4, 700), 150 + rng.normal(0, 3, 700)]) * bias
+    other = np.stack([230 + rng.normal(0, 4, 300), 120 + rng.normal(0, 3, 300)]) * bias  # grey matter-like
+    around = np.concatenate([host, other], axis=1)
+    mode = np.exp(mode_of(signature_units(around, (False, False)), 0.05))
+    assert np.allclose(mode, [200 * bias, 150 * bias], rtol=0.01)
+    assert local_host_match(host[:, :100], around, (False, False)) > 0.97
+    assert local_host_match(other[:, :100], around, (False, False)) < 0.05
+    mixed = np.concatenate([host[:, :60], other[:, :40]], axis=1)
+    assert abs(local_host_match(mixed, around, (False, False)) - 0.6) < 0.05
+    assert local_host_match(np.zeros((2, 0)), around, (False, False)) == 1.0
+    assert local_host_match(host[:, :10], np.zeros((2, 0)), (False, False)) is None
+    # CT channels compare Hounsfield differences (700 HU to the unit), not ratios
+    ct = np.array([[40.0] * 50 + [45.0] * 50 + [150.0] * 20])
+    assert local_host_match(ct[:, :100], ct, (True,)) == 1.0 and local_host_match(ct[:, 100:], ct, (True,)) == 0.0

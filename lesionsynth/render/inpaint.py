@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from ..geometry import ball, dilate, dilate_box, spacing_of, structure_for
 from ..labels import label_in
+from ..prior import mode_of
 from ..stats import channel_stats
 from .paste import Patch
 
@@ -61,24 +62,12 @@ HOST_FLOOR = 1e-3
 HOST_BANDWIDTH_SD = 2.0
 
 
-def host_level(crop: np.ndarray, known: np.ndarray, noise: np.ndarray, iterations: int = 20) -> np.ndarray:
+def host_level(crop: np.ndarray, known: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """The level (C,) of the tissue most of the `known` voxels belong to: the mode of their joint distribution
-    over channels, by mean shift (Gaussian kernel of HOST_BANDWIDTH_SD noise sd) from their median. The median
-    of voxels of two tissues (white matter and a ventricle's border) is a level neither has."""
-    values = crop[:, known].T.astype(np.float64) / noise  # (N, C) in noise sd
-    if not len(values):
-        return np.full(crop.shape[0], np.nan)
-    mode = np.median(values, axis=0)
-    for _ in range(iterations):
-        w = np.exp(-0.5 * ((values - mode) ** 2).sum(axis=1) / HOST_BANDWIDTH_SD ** 2)
-        if w.sum() <= 0:
-            break
-        new = (w[:, None] * values).sum(axis=0) / w.sum()
-        done = np.abs(new - mode).max() < 1e-3
-        mode = new
-        if done:
-            break
-    return mode * noise
+    over channels (`prior.mode_of`, in noise sd, bandwidth HOST_BANDWIDTH_SD). The median of voxels of two
+    tissues (white matter and a ventricle's border) is a level neither has; nan where none is known."""
+    mode = mode_of(crop[:, known].astype(np.float64) / noise[:, None], HOST_BANDWIDTH_SD)
+    return np.full(crop.shape[0], np.nan) if mode is None else mode * noise
 
 
 def fast_marching_fill(channels: np.ndarray, hole: np.ndarray, spacing, host: np.ndarray | None = None,
