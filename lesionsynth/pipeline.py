@@ -590,7 +590,7 @@ def synthesize_arrays(channels: np.ndarray, label: np.ndarray, affine: np.ndarra
                                bank.donor_shell_match(cfg.augment.context_tolerance), bank.donor_shell_spread(),
                                bank.donor_local_match(ct_channels, LOCAL_TOLERANCE) if cfg.augment.local_host
                                else None,
-                               float(bank.config.get("shell_mm", 3.0)))
+                               float(bank.config.get("shell_mm", 3.0)), cfg.augment.host_share_floor)
     ctx = RenderContext(lesion_labels, int(bank.config["connectivity"]), PasteSettings(ct_channels),
                         region.mask_in, region.contains, cfg.augment.min_region_fraction, lesion_resampler(device),
                         undo)

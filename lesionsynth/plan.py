@@ -18,6 +18,7 @@ from .labels import count_in, label_in
 from .prior import PlacementDensity, context_distance, local_host_match, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
 from .render.paste import SAMPLE_POINTS
+from .stats import channel_stats
 
 #: replace: remove every lesion of the base case, then populate to the target from the donors alone
 MODES = ("both", "populate", "inpaint", "replace")
@@ -41,6 +42,8 @@ class AugmentConfig:
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
     context_core_fraction: float = 0.9       # share of the covered voxels that must match the donor's shell too
     local_host: bool = True                  # ... and be of the main tissue right around the paste (local host test)
+    host_share_floor: float = 0.0            # the local test asks at least this share (× core fraction), however
+    #                                          mixed the donor's own shell is (lesions of one tissue, e.g. MS: 0.85)
     max_extra_blur: float = 0.35             # sd (target voxels) a donor may land blurrier than the target (0: off)
     rim_mm: float = 2.0                      # partial-volume rim removed with an inpainted lesion
     texture_gain: tuple[float, float] = (0.8, 1.0)
@@ -118,12 +121,6 @@ TISSUE_REFUSALS = ("context", "covered tissue", "covered tissue (local)")
 QUICK_HOST_SLACK = 0.05
 
 
-#: The host share a donor asks of the tissue it covers is at least this (times the core fraction), however mixed
-#: its own shell is: a shell also holds the lesion's partial-volume tail, other lesions and a ventricle's edge,
-#: none of which the lesion grew in.
-HOST_SHARE_FLOOR = 0.85
-
-
 @dataclass
 class ContextMatch:
     """The context match of one destination case: a paste is kept only where the destination's tissue around
@@ -138,6 +135,7 @@ class ContextMatch:
     own_spread: dict | None = None    # each donor's median shell deviation from its own signature
     own_host: dict | None = None      # each donor's share of shell voxels of its shell's host tissue (local test)
     shell_mm: float = 3.0             # width of the destination's surroundings the local test reads
+    host_floor: float = 0.0           # the host share asked at least (× core_fraction), whatever the donor's own
 
     def tolerance_for(self, lesion_id: str) -> float:
         """The distance accepted for this donor: the tolerance, or more for a donor whose own surroundings
@@ -176,25 +174,30 @@ class ContextMatch:
         if np.count_nonzero(around) < 10:
             return None
         values = channels[(slice(None),) + wide]
-        return local_host_match(values[:, covered], values[:, around], self.ct_channels)
+        noise = [sd for _, sd in channel_stats(values, around)]
+        return local_host_match(values[:, covered], values[:, around], self.ct_channels, noise_sd=noise)
 
     def quick_host_match(self, channels: np.ndarray, label: np.ndarray, lesion_labels, idx: np.ndarray,
                          values: np.ndarray, spacing) -> float | None:
         """`host_match` for the pre-check: the share of the landed sample points' `values` ((C, N) at voxels
-        `idx`) of the host tissue of the box around them (`shell_mm` beyond, every other voxel, no lesion)."""
+        `idx`) of the host tissue of the box around them (`shell_mm` beyond, no lesion)."""
         reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
         lo = np.maximum(idx.min(axis=0) - reach, 0)
         hi = np.minimum(idx.max(axis=0) + reach + 1, label.shape)
-        wide = tuple(slice(int(a), int(b), 2) for a, b in zip(lo, hi))
+        wide = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         free = ~lesion_mask(label[wide], lesion_labels)
         if np.count_nonzero(free) < 10:
             return None
-        return local_host_match(values, channels[(slice(None),) + wide][:, free], self.ct_channels)
+        box = channels[(slice(None),) + wide]
+        noise = [sd for _, sd in channel_stats(box, free)]
+        return local_host_match(values, box[:, free], self.ct_channels, noise_sd=noise)
 
     def host_needed(self, lesion_id: str) -> float:
-        """The host share a paste's covered voxels must reach: the donor's own (`own_host`) times `core_fraction`."""
+        """The host share a paste's covered voxels must reach: the donor's own (`own_host`; at least `host_floor`:
+        a shell also holds the lesion's partial-volume tail, other lesions and a ventricle's edge, none of which
+        a lesion of one tissue grew in) times `core_fraction`."""
         own = 1.0 if self.own_host is None else self.own_host.get(lesion_id, 1.0)
-        return self.core_fraction * max(own, HOST_SHARE_FLOOR)
+        return self.core_fraction * max(own, self.host_floor)
 
     def active(self, lesion_id: str) -> bool:
         return self.tolerance > 0 and self.donors.get(lesion_id) is not None

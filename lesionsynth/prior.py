@@ -201,6 +201,8 @@ def matching_fraction(values: np.ndarray, intensity_ref, donor: np.ndarray | Non
 #: this (|log ratio| on MR channels, |difference| / CT_CONTEXT_HU on CT) of the host level around it; the host
 #: level is found by mean shift with half of it as bandwidth.
 LOCAL_TOLERANCE = 0.1
+#: ... or this many noise sd on a channel, if wider (a noisy scan; the noise as `stats.channel_stats` reads it).
+LOCAL_NOISE_SD = 3.0
 
 
 def signature_units(values: np.ndarray, ct_channels) -> np.ndarray:
@@ -245,19 +247,23 @@ def mode_of(units: np.ndarray, bandwidth: float, iterations: int = 20) -> np.nda
 
 
 def local_host_match(covered: np.ndarray, surroundings: np.ndarray, ct_channels,
-                     tolerance: float = LOCAL_TOLERANCE) -> float | None:
+                     tolerance: float = LOCAL_TOLERANCE, noise_sd=None) -> float | None:
     """Share of the `covered` voxels ((C, N) values) that lie within `tolerance` (every channel, signature units)
-    of the host tissue of their `surroundings` ((C, M) values of the same case near them, `mode_of`). Local,
-    so a scanner's bias field (10-20 % across a head) does not let one tissue pass for another as a case-wide
-    reference does. None when the surroundings give no level; 1 for no covered voxel."""
+    of the host tissue of their `surroundings` ((C, M) values of the same case near them, `mode_of`), or within
+    LOCAL_NOISE_SD times the noise (`noise_sd`, (C,) in the channels' own units, if given) where that is wider.
+    Local, so a scanner's bias field (10-20 % across a head) does not let one tissue pass for another as a
+    case-wide reference does. None when the surroundings give no level; 1 for no covered voxel."""
     if covered.shape[1] == 0:
         return 1.0
     mode = mode_of(signature_units(surroundings, ct_channels), tolerance / 2.0)
     if mode is None:
         return None
-    units = signature_units(covered, ct_channels)
+    allowed = np.full(mode.shape, float(tolerance))
+    if noise_sd is not None:
+        units = np.array([1.0 / CT_CONTEXT_HU if ct else float(np.exp(-m)) for m, ct in zip(mode, ct_channels)])
+        allowed = np.maximum(allowed, LOCAL_NOISE_SD * np.nan_to_num(np.asarray(noise_sd, dtype=np.float64)) * units)
     with np.errstate(invalid="ignore"):
-        inside = np.all(np.abs(units - mode[:, None]) <= tolerance, axis=0)
+        inside = np.all(np.abs(signature_units(covered, ct_channels) - mode[:, None]) <= allowed[:, None], axis=0)
     return float(np.mean(inside))
 
 
