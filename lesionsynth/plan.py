@@ -41,7 +41,8 @@ class AugmentConfig:
     max_overlap_fraction: float = 0.2
     context_tolerance: float = 0.2           # largest tissue-signature distance from the donor's shell (0: off)
     context_core_fraction: float = 0.9       # share of the covered voxels that must match the donor's shell too
-    local_host: bool = True                  # ... and be of the main tissue right around the paste (local host test)
+    local_host: bool = False                 # ... and be of the main tissue right around the paste (local host
+    #                                          test; for lesions of one tissue, e.g. MS in white matter)
     host_share_floor: float = 0.0            # the local test asks at least this share (× core fraction), however
     #                                          mixed the donor's own shell is (lesions of one tissue, e.g. MS: 0.85)
     max_extra_blur: float = 0.35             # sd (target voxels) a donor may land blurrier than the target (0: off)
@@ -267,10 +268,11 @@ class CasePlan:
     sharp_donors: bool = True  # False: no donor was sharp enough for the target grid, all were used
     prechecks_refused: int = 0
 
-    def refuse(self, reason: str, precheck: bool = False) -> None:
-        """Count a refused draw: a pre-check refusal (nothing rendered) against its own, larger budget."""
+    def refuse(self, reason: str, precheck: bool = False, budget: bool = True) -> None:
+        """Count a refused draw: a pre-check refusal (nothing rendered) against its own, larger budget (not a
+        place retried for the same draw, `budget` False: a draw's retries are bounded by PLACE_RETRIES)."""
         if precheck:
-            self.prechecks_refused += 1
+            self.prechecks_refused += int(budget)
             reason = f"{reason} (pre-check)"
         else:
             self.failed_tries += 1
@@ -445,7 +447,7 @@ def plan_and_render_case(channels: np.ndarray, label: np.ndarray, affine: np.nda
             for _retry in range(PLACE_RETRIES):  # a lesion refused for its tissue tries other places first
                 if why not in TISSUE_REFUSALS:
                     break
-                plan.refuse(why, precheck=True)
+                plan.refuse(why, precheck=True, budget=False)
                 op["centre_mm"] = _r(density.draw(rng), 3)
                 why = quick_fit(bank, op, affine, label, region, lesion_labels, cfg, channels=channels,
                                 context=context)
