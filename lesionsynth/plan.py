@@ -114,8 +114,8 @@ QUICK_CONTEXT_SLACK = 0.1
 #: Slack of the quick test of the covered tissue (rigidly landed sample points) under the final one.
 QUICK_COVERED_SLACK = 0.03
 #: Places a drawn paste tries (pre-checks only) when the tissue under it is refused, before another lesion is
-#: drawn: without them a large lesion, which finds fewer places of one tissue, was drawn again less often than
-#: a small one, and the load was filled with more, smaller lesions (and more rendering).
+#: drawn: which lesions are pasted then depends less on where their first place happened to fall (a large
+#: lesion finds fewer places of one tissue than a small one).
 PLACE_RETRIES = 4
 TISSUE_REFUSALS = ("context", "covered tissue", "covered tissue (local)")
 #: Slack of the quick local host test under the final one (its surroundings are the whole box around the lesion).
@@ -163,8 +163,8 @@ class ContextMatch:
     def host_match(self, channels: np.ndarray, lesion_any, box, core: np.ndarray, spacing) -> float | None:
         """Share of the voxels a paste covers (`core` of `box`, the case's values before it) that are of the host
         tissue of the destination around them (`prior.local_host_match`; the surroundings: within `shell_mm` of
-        the core but not touching it, no lesion (`lesion_any(box)`: bool over a box)); None when there are too
-        few such voxels."""
+        the core, and at least two voxels, but not touching it, no lesion (`lesion_any(box)`: bool over a box));
+        None when there are too few such voxels."""
         reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
         wide = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(box, reach, channels.shape[1:]))
         inner = tuple(slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide))

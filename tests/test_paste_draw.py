@@ -75,3 +75,16 @@ def test_local_host_match_tells_a_darker_tissue_under_a_bias_field():
     # CT channels compare Hounsfield differences (700 HU to the unit), not ratios
     ct = np.array([[40.0] * 50 + [45.0] * 50 + [150.0] * 20])
     assert local_host_match(ct[:, :100], ct, (True,)) == 1.0 and local_host_match(ct[:, 100:], ct, (True,)) == 0.0
+
+
+def test_local_host_match_widens_to_the_noise_of_a_noisy_scan():
+    """On a scan whose noise is 8 % of the tissue level, 0.1 in |log ratio| is little more than a noise sd: the
+    test widens to 3 noise sd there, and still tells a tissue 40 % darker."""
+    from lesionsynth.prior import local_host_match
+
+    rng = np.random.default_rng(5)
+    host = 100 + rng.normal(0, 8, (1, 2000))
+    darker = 60 + rng.normal(0, 8, (1, 200))
+    assert local_host_match(host[:, :500], host, (False,)) < 0.85
+    assert local_host_match(host[:, :500], host, (False,), noise_sd=[8.0]) > 0.99
+    assert local_host_match(darker, host, (False,), noise_sd=[8.0]) < 0.2
