@@ -687,7 +687,7 @@ class Bank:
                 return 1.0
             values = image[:, shell]
             noise = [float(st.get("noise_sd") or 0.0) for st in les["stats"]]
-            share = local_host_match(values, values, ct_channels, noise_sd=noise)
+            share = local_host_match(values, values, ct_channels, tolerance, noise_sd=noise)
             return 1.0 if share is None else share
 
         return self._donor_table(("local_match", tuple(ct_channels), tolerance), own)

@@ -120,6 +120,13 @@ def dilate(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def within_mm(mask: np.ndarray, radius_mm: float, spacing, min_voxels: int = 2) -> np.ndarray:
+    """`mask` dilated by a ball of `radius_mm` and by at least `min_voxels` voxels each way (a box): the
+    surroundings that are read around a lesion must hold voxels on any grid (on a 3 mm grid 3 mm reach one
+    voxel only)."""
+    return dilate(mask, ball(radius_mm, spacing)) | dilate_box(mask, min_voxels)
+
+
 def coarse_stride(spacing, target_mm: float = 2.0) -> tuple[int, int, int]:
     """Per-axis stride that brings voxels to about `target_mm` (never below 1)."""
     return tuple(max(1, int(round(target_mm / s))) for s in np.asarray(spacing, dtype=np.float64))

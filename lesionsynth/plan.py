@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from .bank import lesion_load_volume, lesion_mask
-from .geometry import ball, dilate, dilate_box, spacing_of, structure_for, true_bounds, voxel_volume
+from .geometry import dilate, spacing_of, structure_for, true_bounds, voxel_volume, within_mm
 from .labels import count_in, label_in
 from .prior import PlacementDensity, context_distance, local_host_match, matching_fraction, tissue_signature
 from .render import RenderContext, render_op
@@ -165,33 +165,36 @@ class ContextMatch:
         tissue of the destination around them (`prior.local_host_match`; the surroundings: within `shell_mm` of
         the core, and at least two voxels, but not touching it, no lesion (`lesion_any(box)`: bool over a box));
         None when there are too few such voxels."""
-        reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
+        reach = self._reach(spacing)
         wide = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(box, reach, channels.shape[1:]))
         inner = tuple(slice(s.start - w.start, s.stop - w.start) for s, w in zip(box, wide))
         covered = np.zeros(tuple(w.stop - w.start for w in wide), dtype=bool)
         covered[inner] = core
-        around = (dilate(covered, ball(self.shell_mm, spacing)) | dilate_box(covered, 2)) & ~dilate(covered) \
-            & ~lesion_any(wide)
-        if np.count_nonzero(around) < 10:
-            return None
+        around = within_mm(covered, self.shell_mm, spacing) & ~dilate(covered) & ~lesion_any(wide)
         values = channels[(slice(None),) + wide]
-        noise = [sd for _, sd in channel_stats(values, around)]
-        return local_host_match(values[:, covered], values[:, around], self.ct_channels, noise_sd=noise)
+        return self._host_share(values[:, covered], values, around)
 
     def quick_host_match(self, channels: np.ndarray, label: np.ndarray, lesion_labels, idx: np.ndarray,
                          values: np.ndarray, spacing) -> float | None:
         """`host_match` for the pre-check: the share of the landed sample points' `values` ((C, N) at voxels
         `idx`) of the host tissue of the box around them (`shell_mm` beyond, no lesion)."""
-        reach = np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
+        reach = self._reach(spacing)
         lo = np.maximum(idx.min(axis=0) - reach, 0)
         hi = np.minimum(idx.max(axis=0) + reach + 1, label.shape)
         wide = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        free = ~lesion_mask(label[wide], lesion_labels)
-        if np.count_nonzero(free) < 10:
+        return self._host_share(values, channels[(slice(None),) + wide], ~lesion_mask(label[wide], lesion_labels))
+
+    def _reach(self, spacing) -> np.ndarray:
+        """Voxels per axis beyond a paste's box that its surroundings (`shell_mm`) can reach."""
+        return np.ceil(self.shell_mm / np.asarray(spacing)).astype(int) + 1
+
+    def _host_share(self, covered: np.ndarray, box_values: np.ndarray, around: np.ndarray) -> float | None:
+        """`prior.local_host_match` of the `covered` values ((C, N)) against the `around` voxels of `box_values`
+        ((C, X, Y, Z)), with the noise read there; None for fewer than 10 such voxels."""
+        if np.count_nonzero(around) < 10:
             return None
-        box = channels[(slice(None),) + wide]
-        noise = [sd for _, sd in channel_stats(box, free)]
-        return local_host_match(values, box[:, free], self.ct_channels, noise_sd=noise)
+        noise = [sd for _, sd in channel_stats(box_values, around)]
+        return local_host_match(covered, box_values[:, around], self.ct_channels, noise_sd=noise)
 
     def host_needed(self, lesion_id: str) -> float:
         """The host share a paste's covered voxels must reach: the donor's own (`own_host`; at least `host_floor`:

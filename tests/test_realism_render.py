@@ -33,6 +33,14 @@ def _blurred_ball_case(shape, spacing, noise_sd, seed, radius=5.0, contrast=60.0
     return case(image), case(healthy)
 
 
+def _inpaint_op(component: np.ndarray) -> dict:
+    """The operation that removes the lesion component `component` (a mask), with a 1 mm rim."""
+    vox = np.argwhere(component)
+    return {"op": "inpaint", "seed_voxel": vox[0].tolist(),
+            "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
+            "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
+
+
 def _residual_mad(image: np.ndarray, where: np.ndarray) -> float:
     r = (image - ndimage.uniform_filter(image, 3))[where]
     return float(np.median(np.abs(r - np.median(r))))
@@ -65,11 +73,7 @@ def test_inpaint_removes_the_partial_volume_rim_on_a_coarse_grid():
     excess over the healthy truth is small (the label-only fill left about a third)."""
     case, healthy = _blurred_ball_case((36, 36, 36), (1.2, 1.2, 1.2), noise_sd=2.0, seed=4)
     component = case.label == 1
-    vox = np.argwhere(component)
-    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
-          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
-          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
-    patch = inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
+    patch = inpaint_patch(case.channels, case.label, case.affine, _inpaint_op(component), (1,), 26)
     assert patch is not None and patch.info["hole_voxels"] > component.sum()
     channels = case.channels.copy()
     patch.apply(channels, case.label.copy())
@@ -108,11 +112,7 @@ def test_inpaint_next_to_a_dark_tissue_fills_with_the_lesion_s_own_tissue():
     for c in (case, healthy):
         c.channels[:, dark] -= np.array([60.0, 30.0], np.float32)[:, None]
     component = case.label == 1
-    vox = np.argwhere(component)
-    op = {"op": "inpaint", "seed_voxel": vox[0].tolist(),
-          "bbox": [[int(vox[:, i].min()), int(vox[:, i].max()) + 1] for i in range(3)],
-          "rim_mm": 1.0, "texture_gain": 1.0, "texture_seed": 5}
-    patch = inpaint_patch(case.channels, case.label, case.affine, op, (1,), 26)
+    patch = inpaint_patch(case.channels, case.label, case.affine, _inpaint_op(component), (1,), 26)
     channels = case.channels.copy()
     patch.apply(channels, case.label.copy())
     excess = (case.channels[0] - healthy.channels[0])[component].mean()

@@ -3,8 +3,9 @@
 The component is dilated by a partial-volume rim (at least one voxel, grown while its neighbours still carry
 the lesion's intensity); scikit-fmm gives each hole voxel its distance from the known boundary, which sets the
 fill order; voxels are filled band by band, each taking the distance-weighted mean of its already-known
-neighbours, weighted towards the tissue most of the hole's surroundings belong to; only the smoothed difference between fill and case is written, so the hole keeps the case's own
-noise. Removed lesion voxels take the label of the nearest non-lesion voxel (e.g. the organ they sat in).
+neighbours, weighted towards the tissue most of the hole's surroundings belong to; only the smoothed difference
+between fill and case is written, so the hole keeps the case's own noise. Removed lesion voxels take the label
+of the nearest non-lesion voxel (e.g. the organ they sat in).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import skfmm
 from scipy import ndimage
 
-from ..geometry import ball, dilate, dilate_box, spacing_of, structure_for
+from ..geometry import ball, dilate, spacing_of, structure_for, within_mm
 from ..labels import label_in
 from ..prior import mode_of
 from ..stats import channel_stats
@@ -190,8 +191,7 @@ def excess_sd(crop: np.ndarray, where: np.ndarray, level, noise, contrast) -> np
 def tissue_ring(hole: np.ndarray, lesion_any: np.ndarray, spacing, skip: np.ndarray | None = None) -> np.ndarray:
     """Normal tissue around `hole` that its levels are read on: within RING_MM and at least two voxels of it
     (on a 3 mm grid RING_MM reaches one voxel only), outside `skip` (default: the hole) and every lesion."""
-    near = dilate(hole, ball(RING_MM, spacing)) | dilate_box(hole, 2)
-    return near & ~(hole if skip is None else skip) & ~lesion_any
+    return within_mm(hole, RING_MM, spacing) & ~(hole if skip is None else skip) & ~lesion_any
 
 
 def grow_hole(crop: np.ndarray, hole: np.ndarray, component: np.ndarray, lesion_any: np.ndarray, spacing
