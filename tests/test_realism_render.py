@@ -125,3 +125,15 @@ def test_inpaint_next_to_a_dark_tissue_fills_with_the_lesion_s_own_tissue():
     hole = ndimage.binary_dilation(component, structure=np.ones((3, 3, 3)))
     plain, _ = fast_marching_fill(case.channels, hole, spacing)
     assert (plain[0] - healthy.channels[0])[near].mean() / excess < -0.1
+
+
+def test_edge_tolerance_is_bounded_by_the_lesion_s_contrast_where_the_noise_estimate_is_wide():
+    """The removal's smoothing keeps steps beyond one noise sd; where the local noise estimate also holds anatomy
+    (a coarse grid: 10 against a 66 contrast), steps beyond a twentieth of the lesion's contrast are kept too,
+    but the tolerance never falls below half a noise sd; without a contrast (or one within the noise), the noise
+    alone sets it."""
+    from lesionsynth.render.inpaint import edge_tolerance
+    noise = np.array([10.0, 3.0, 2.0])
+    assert np.allclose(edge_tolerance(noise), noise)
+    assert np.allclose(edge_tolerance(noise, np.array([66.0, -80.0, np.nan])), [5.0, 3.0, 2.0])
+    assert np.allclose(edge_tolerance(noise, np.array([130.0, 40.0, 1.5])), [6.5, 2.0, 2.0])

@@ -245,6 +245,11 @@ def residual_excess(channels: np.ndarray, hole: np.ndarray, component: np.ndarra
 #: Neighbours whose fill difference differs by more than about this many noise sd are not averaged together:
 #: a lesion's sharp edge stays sharp in the excess that is taken off.
 EDGE_TOLERANCE_SD = 1.0
+#: ... nor by more than this share of the lesion's contrast on the channel, but at least EDGE_FLOOR_SD noise sd. On a
+#: coarse grid the local noise estimate also holds anatomy (3-5x the scanner's noise on 3 mm voxels), and a tolerance
+#: of one such sd averaged the lesion's partial-volume steps away: its shape stayed behind as texture.
+EDGE_CONTRAST_FRACTION = 0.05
+EDGE_FLOOR_SD = 0.5
 #: Rounds of that smoothing (each along all three axes): the wider it reaches, the less of the case's own noise
 #: it takes off (and replaces by white noise); a scanner's noise is correlated over neighbouring voxels.
 SMOOTH_PASSES = 3
@@ -292,12 +297,26 @@ def edge_preserving_smooth(change: np.ndarray, neighbours: np.ndarray, tolerance
     return out, np.sqrt(np.clip(2.0 * centre - energy, 0.0, None))
 
 
+def edge_tolerance(noise: np.ndarray, contrast: np.ndarray | None = None) -> np.ndarray:
+    """Per channel (C,), the difference between neighbours beyond which `remove_excess` does not average them:
+    EDGE_TOLERANCE_SD noise sd, at most EDGE_CONTRAST_FRACTION of the lesion's `contrast` (its level above the
+    host tissue, the channels' units; none, nan or below MIN_CONTRAST_SD noise sd: no such bound), at least
+    EDGE_FLOOR_SD noise sd."""
+    noise = np.maximum(np.asarray(noise, dtype=np.float64), 1e-6)
+    tolerance = EDGE_TOLERANCE_SD * noise
+    if contrast is not None:
+        contrast = np.abs(np.nan_to_num(np.asarray(contrast, dtype=np.float64), nan=0.0))
+        bound = np.where(contrast >= MIN_CONTRAST_SD * noise, EDGE_CONTRAST_FRACTION * contrast, np.inf)
+        tolerance = np.maximum(np.minimum(tolerance, bound), EDGE_FLOOR_SD * noise)
+    return tolerance
+
+
 def remove_excess(crop: np.ndarray, filled: np.ndarray, hole: np.ndarray, noise, gain: float,
-                  rng: np.random.Generator) -> None:
+                  rng: np.random.Generator, tolerance: np.ndarray | None = None) -> None:
     """Turn `filled` (the fast-marching fill of `hole`, (C, X, Y, Z)) into the case's own voxels less the lesion's
     smoothed excess, in place: in the hole, crop + smoothed (fill - crop) (`edge_preserving_smooth`, over hole
-    voxels only), plus white noise of `gain` x `noise` (per channel) for the variance the smoothing takes off
-    the case's own noise.
+    voxels only, `tolerance` per channel: `edge_tolerance`, by default of the noise alone), plus white noise of
+    `gain` x `noise` (per channel) for the variance the smoothing takes off the case's own noise.
 
     The removal thus changes only the low-frequency content: the hole keeps the scanner's own noise, with its
     level and spatial correlation, and where the grown rim held little of the lesion the voxels hardly move.
@@ -308,10 +327,11 @@ def remove_excess(crop: np.ndarray, filled: np.ndarray, hole: np.ndarray, noise,
         return
     neighbours = np.concatenate([written_neighbours(idx, hole.shape)] * SMOOTH_PASSES)
     z = rng.standard_normal(size=idx.size, dtype=np.float32)
+    if tolerance is None:
+        tolerance = edge_tolerance(noise)
     for c in range(crop.shape[0]):
         own = crop[c].reshape(-1)[idx]
-        change, lost = edge_preserving_smooth(filled[c].reshape(-1)[idx] - own, neighbours,
-                                              EDGE_TOLERANCE_SD * max(float(noise[c]), 1e-6))
+        change, lost = edge_preserving_smooth(filled[c].reshape(-1)[idx] - own, neighbours, float(tolerance[c]))
         filled[c].reshape(-1)[idx] = own + change + np.float32(gain * float(noise[c])) * lost * z
 
 
@@ -344,10 +364,12 @@ def inpaint_patch(channels: np.ndarray, label: np.ndarray, affine: np.ndarray, o
     host = host_level(crop, dilate(hole) & ~hole & ~lesion_any, positive)
     if np.all(np.isfinite(host)):
         filled, _ = fast_marching_fill(crop, hole, spacing, host, positive)
+        tolerance = edge_tolerance(positive, np.median(crop[:, component], axis=1) - host)
     else:
         filled, _ = fast_marching_fill(crop, hole, spacing)
+        tolerance = edge_tolerance(positive)
     rng = np.random.default_rng(int(op["texture_seed"]))
-    remove_excess(crop, filled, hole, noise, float(op["texture_gain"]), rng)
+    remove_excess(crop, filled, hole, noise, float(op["texture_gain"]), rng, tolerance)
     residual, contrast = residual_excess(filled, hole, component, lesion_any, crop, spacing)
     visible = residual > max(MAX_RESIDUAL_FRACTION * contrast, MIN_RESIDUAL_SD)
     if visible and not op.get("must_remove"):
