@@ -120,9 +120,6 @@ PLACE_RETRIES = 4
 TISSUE_REFUSALS = ("context", "covered tissue", "covered tissue (local)")
 #: Slack of the quick local host test under the final one (its surroundings are the whole box around the lesion).
 QUICK_HOST_SLACK = 0.05
-#: The local host test reads its level and noise from at most this many of a paste's surrounding voxels (an even
-#: spread): the mode needs far fewer (prior.MODE_POINTS), and the test runs on every drawn paste.
-HOST_POINTS = 1024
 
 
 @dataclass
@@ -194,16 +191,10 @@ class ContextMatch:
     def _host_share(self, covered: np.ndarray, box_values: np.ndarray, around: np.ndarray) -> float | None:
         """`prior.local_host_match` of the `covered` values ((C, N)) against the `around` voxels of `box_values`
         ((C, X, Y, Z)), with the noise read there; None for fewer than 10 such voxels."""
-        idx = np.flatnonzero(around)
-        if idx.size < 10:
+        if np.count_nonzero(around) < 10:
             return None
-        if idx.size > HOST_POINTS:
-            idx = idx[np.linspace(0, idx.size - 1, HOST_POINTS).astype(np.int64)]
-            around = np.zeros(around.shape, dtype=bool)
-            around.flat[idx] = True
         noise = [sd for _, sd in channel_stats(box_values, around)]
-        surroundings = box_values[(slice(None),) + np.unravel_index(idx, around.shape)]
-        return local_host_match(covered, surroundings, self.ct_channels, noise_sd=noise)
+        return local_host_match(covered, box_values[:, around], self.ct_channels, noise_sd=noise)
 
     def host_needed(self, lesion_id: str) -> float:
         """The host share a paste's covered voxels must reach: the donor's own (`own_host`; at least `host_floor`:
