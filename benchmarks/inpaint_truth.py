@@ -35,6 +35,8 @@ Against the base case's healthy truth H, with B the base image and O the output,
 * the same for a reference fill: R replaced by the median of B over a 2-4 mm shell (distance from the
   lesion, mm) of non-lesion voxels around it ("shell-median fill");
 * texture ratio: MAD of (voxel - its 3x3x3 mean) of O over R / the same of H over R (1 = the same noise);
+* per case, the mean residual excess over its removals; per grid, the largest such case mean and the share of
+  cases within 10 % (a case's removals all stay or all go in one written volume);
 * unlabelled changed voxels, per case: |O - B| > 3 noise sd (the truth's noise sd of the channel) where the
   output label is not lesion, outside every removal's one-voxel dilation (either channel); and of those, the
   ones where the change moved away from the truth (|O - H| > |B - H|: not a partial-volume tail taken away).
@@ -352,6 +354,10 @@ def grid_summary(removals: list[dict], cases: list[dict]) -> dict:
                     "texture_ratio_shell", "contrast_sd"):
             vals = finite(x[key] for x in ch)
             d[f"median_{key}"] = float(np.median(vals)) if vals.size else None
+        # per case: the mean over its removals (the worst case, and the share of cases within GOOD_RESIDUAL)
+        case_means = finite(c.get("mean_residual_excess", {}).get(name) for c in cases if c["removals"])
+        d["max_case_mean_residual_excess"] = float(case_means.max()) if case_means.size else None
+        d["share_cases_mean_le_10pct"] = float((case_means <= GOOD_RESIDUAL).mean()) if case_means.size else None
         # voxel-weighted: total excess left / total excess before (lesion voxels)
         w = np.array([r["voxels"] for r in removals], float)
         rv = np.array([x["residual_excess"] for x in ch], float)
@@ -456,10 +462,11 @@ def print_tables(per_grid: dict) -> None:
         print(f"\n{name}: residual excess (0 = removed, 1 = untouched), ours vs shell-median fill")
         print(f"{'grid':>6s} {'cases':>5s} {'rem':>4s} {'res med':>7s} {'max':>6s} {'<=10%':>6s} {'rim':>6s} {'pooled':>6s} "
               f"{'PSNR':>6s} {'shell':>6s} {'PSNRr':>6s} {'shell':>6s} {'SSIM':>6s} {'shell':>6s} "
-              f"{'MAE':>6s} {'shell':>6s} {'tex':>5s} {'chg vox':>8s} {'worse':>6s}")
+              f"{'MAE':>6s} {'shell':>6s} {'tex':>5s} {'chg vox':>8s} {'worse':>6s} {'case max':>8s} {'<=10%':>6s}")
         for grid, g in per_grid.items():
             d = g[name]
             share = None if d["share_residual_le_10pct"] is None else 100 * d["share_residual_le_10pct"]
+            cases_share = None if d["share_cases_mean_le_10pct"] is None else 100 * d["share_cases_mean_le_10pct"]
             print(f"{grid:>6s} {g['cases_with_removals']:2d}/{g['cases']:<2d} {g['removals']:4d} {fmt(d['median_residual_excess'], '.3f', 7)} "
                   f"{fmt(d['max_residual_excess'], '.3f')} {fmt(share, '.0f')}% "
                   f"{fmt(d['median_residual_excess_rim'], '.3f')} {fmt(d['pooled_residual_excess'], '.3f')} "
@@ -468,11 +475,13 @@ def print_tables(per_grid: dict) -> None:
                   f"{fmt(d['median_ssim'], '.3f')} {fmt(d['median_ssim_shell'], '.3f')} "
                   f"{fmt(d['median_mae'], '.3f')} {fmt(d['median_mae_shell'], '.3f')} "
                   f"{fmt(d['median_texture_ratio'], '.2f', 5)} {g['unlabelled_changed_voxels']:8d} "
-                  f"{g['unlabelled_changed_away_from_truth']:6d}")
+                  f"{g['unlabelled_changed_away_from_truth']:6d} {fmt(d['max_case_mean_residual_excess'], '.3f', 8)} "
+                  f"{fmt(cases_share, '.0f')}%")
     print("\n(cases: with a removal / all; medians over removals; res/rim: over the lesion / the lesion + 1 voxel; pooled: voxel-weighted; "
           "PSNR/SSIM: bounding box + 2 voxels, PSNRr: lesion + 1 voxel; MAE: fraction of the data range, "
           "lesion + 1 voxel; tex: texture ratio; chg vox: unlabelled changed voxels of all the grid's cases, worse: those of them "
-          "that moved away from the truth)")
+          "that moved away from the truth; case max / <=10%: the mean residual excess over a case's removals, its largest "
+          "over the grid's cases and the share of cases within 10 %)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     worst: dict[str, list] = {}
     for entry in entries:
         summary, recs, arrays = measure_case(entry, dataset, truth, out, cases_info, lesion_labels)
+        summary["mean_residual_excess"] = {
+            name: (float(np.mean(v)) if (v := finite(r["channels"][name]["residual_excess"] for r in recs)).size
+                   else None) for name in CHANNELS}
         case_rows.append(summary)
         removals.extend(recs)
         key = f"{summary['grid_mm']:g}"
