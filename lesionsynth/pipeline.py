@@ -692,6 +692,17 @@ def with_file_ending(cfg, bank: Bank):
                                                   nifti_only=getattr(cfg, "format", "nnunet") == "bids"))
 
 
+def bank_fingerprint(bank_dir: str | Path) -> str:
+    """sha256 of what a bank holds (bank.json without where its dataset lies: the dataset's root and the cases'
+    file paths): the same for a copy of the bank anywhere, and after `lesionsynth relocate`."""
+    import hashlib
+
+    index = json.loads((Path(bank_dir) / "bank.json").read_text())
+    index.pop("dataset", None)
+    index["cases"] = [{k: v for k, v in case.items() if k not in ("images", "label")} for case in index["cases"]]
+    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+
+
 def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
     conf = asdict(cfg)
     conf["load_range"] = list(cfg.load_range) if cfg.load_range else None
@@ -700,10 +711,45 @@ def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
     return {
         "lesionsynth_version": __version__,
         "bank": str(Path(bank_dir).resolve()),
+        "bank_sha256": bank_fingerprint(bank_dir),
         "bank_lesions": len(bank.lesions),
         "bank_cases": len(bank.cases),
         "config": json.loads(json.dumps(conf)),
     }
+
+
+#: Keys of run.json that name where the bank was, not what it is: a resumed run may read the same bank from
+#: another place (a cluster job that copies the bank to node-local scratch).
+BANK_PLACE_KEYS = ("bank",)
+
+
+def same_run(previous: dict, record: dict) -> bool:
+    """Whether run.json `previous` records the run `record` describes: the same configuration and bank, wherever
+    the bank is read from now (a run.json without the bank's fingerprint: the same bank folder)."""
+    ignored = BANK_PLACE_KEYS if "bank_sha256" in previous else ("bank_sha256",)
+    return ({k: v for k, v in previous.items() if k not in ignored} ==
+            {k: v for k, v in record.items() if k not in ignored})
+
+
+def run_bank(out: Path, run: dict, bank_dir: str | Path | None = None) -> Path:
+    """The bank folder of the run in `out` (run.json `run`): `bank_dir` if given (it must be the run's bank), else
+    where run.json says; InputError if it is not there or not the run's bank."""
+    recorded = run.get("bank")
+    folder = Path(bank_dir) if bank_dir is not None else (Path(recorded) if recorded else None)
+    if folder is None or not (folder / "bank.json").is_file():
+        where = f"{folder}" if folder is not None else "no bank"
+        raise InputError(f"{out}: the run's bank is not at {where} (moved?); name it with --bank")
+    if bank_dir is not None:
+        expected = run.get("bank_sha256")
+        if expected is not None:
+            same = bank_fingerprint(folder) == expected
+        else:  # a run.json from before the fingerprint: the bank's size at least
+            index = json.loads((folder / "bank.json").read_text())
+            same = (len(index["lesions"]), len(index["cases"])) == (run.get("bank_lesions"), run.get("bank_cases"))
+        if not same:
+            raise InputError(f"{folder}: not the bank this run was made from (it holds other lesions, cases or "
+                             f"settings than {out / RUN_FILE} records)")
+    return folder
 
 
 PROGRESS_DIR = ".progress"
@@ -881,8 +927,9 @@ def _originals_complete(layout: OutputLayout, bank: Bank, cfg: GenerateConfig) -
     return all(_case_done(layout, c["case_id"], original=True) for c in bank.cases)
 
 
-def finalize_run(out: str | Path) -> GenerateResult:
-    """Write the final files of a sharded run once every shard is done (`lesionsynth finalize OUT`)."""
+def finalize_run(out: str | Path, bank_dir: str | Path | None = None) -> GenerateResult:
+    """Write the final files of a sharded run once every shard is done (`lesionsynth finalize OUT`); `bank_dir`:
+    the run's bank where it is not where run.json says."""
     out = Path(out)
     run_path = out / RUN_FILE
     if not run_path.is_file():
@@ -893,7 +940,11 @@ def finalize_run(out: str | Path) -> GenerateResult:
                                        for k, v in conf["augment"].items()})
     conf["load_range"] = tuple(conf["load_range"]) if conf["load_range"] else None
     cfg = GenerateConfig(**conf)
-    bank = Bank(run["bank"])
+    folder = run_bank(out, run, bank_dir)
+    if bank_dir is not None and Path(run.get("bank") or "") != folder.resolve():  # where the bank is now
+        run = {**run, "bank": str(folder.resolve())}
+        write_json(run_path, run)
+    bank = Bank(folder)
     layout = run_layout(out, cfg, bank, run)
     done = read_records(out)
     missing = [i for i in range(cfg.n) if i not in done]
@@ -944,7 +995,7 @@ def prepare_output(out: Path, record: dict, resume: bool) -> None:
         if not previous.is_file():
             raise InputError(f"{out}: folder is not empty and is not a lesionsynth run; choose a new folder")
         try:
-            same = json.loads(previous.read_text()) == record
+            same = same_run(json.loads(previous.read_text()), record)
         except json.JSONDecodeError:
             same = False
         if not same:

@@ -24,8 +24,9 @@ from .io import load_case
 from .io.images import IMAGE_ENDINGS
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, check_base_cases, donor_lesions, open_bank,
-                       prepare_output, read_records, remove_stale_temporaries, synthesize_arrays, with_file_ending)
+from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, bank_fingerprint, check_base_cases, donor_lesions,
+                       open_bank, prepare_output, read_records, remove_stale_temporaries, synthesize_arrays,
+                       with_file_ending)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd
@@ -349,7 +350,7 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
 def run_record(bank: Bank, bank_dir: Path, cfg: TestsetConfig) -> dict:
     """run.json of a test set: version, bank, and the resolved configuration."""
     return {"lesionsynth_version": __version__, "command": "testset", "bank": str(Path(bank_dir).resolve()),
-            "bank_lesions": len(bank.lesions), "bank_cases": len(bank.cases),
+            "bank_sha256": bank_fingerprint(bank_dir), "bank_lesions": len(bank.lesions), "bank_cases": len(bank.cases),
             "config": json.loads(json.dumps(asdict(cfg)))}
 
 

@@ -132,3 +132,47 @@ def test_a_bank_with_absolute_paths_is_still_read_and_can_be_relocated(built, tm
     assert relocate(project / "bank", tmp_path / "moved_ds") == (4, 0)  # no checksums to compare: grids checked
     generate(project / "bank", tmp_path / "after", CFG, progress=False)
     assert case_bytes(tmp_path / "after") == before
+
+
+def test_a_sharded_run_goes_on_and_finalizes_with_its_bank_copied_elsewhere(built, tmp_path):
+    """A cluster job may copy the bank to node-local scratch: a later shard reads the same bank from another
+    folder (relocated to the dataset there) and the run goes on; `finalize --bank` finds it once the recorded
+    folder is gone, and the output is the same as one run's. Another bank is refused in one line."""
+    project, before = built
+    out = tmp_path / "sharded"
+    first = generate_cli(project / "bank", out, "--shard", "0/2")
+    assert first.returncode == 0, first.stderr
+    scratch = tmp_path / "node" / "bank"
+    shutil.copytree(project / "bank", scratch)
+    relocated = subprocess.run([*CLI, "relocate", str(scratch), str(project / "ds")], capture_output=True, text=True)
+    assert relocated.returncode == 0, relocated.stderr
+    second = generate_cli(scratch, out, "--shard", "1/2")
+    assert second.returncode == 0, second.stderr
+    assert json.loads((out / "run.json").read_text())["bank"] == str(scratch.resolve())
+    (out / "dataset.json").unlink()  # finalize again, from a bank that is no longer where run.json says
+    shutil.move(scratch, tmp_path / "kept")
+    missing = subprocess.run([*CLI, "finalize", str(out)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "--bank" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    build_bank(project / "ds", tmp_path / "other", BankConfig(min_volume_mm3=20.0), jobs=1, progress=False)
+    other = subprocess.run([*CLI, "finalize", str(out), "--bank", str(tmp_path / "other")], capture_output=True,
+                           text=True)
+    assert other.returncode != 0 and "not the bank this run was made from" in other.stderr, other.stderr
+    done = subprocess.run([*CLI, "finalize", str(out), "--bank", str(tmp_path / "kept")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert case_bytes(out) == before
+    assert json.loads((out / "run.json").read_text())["bank"] == str((tmp_path / "kept").resolve())
+
+
+def test_a_run_is_the_same_run_wherever_its_bank_is_read_from():
+    """Resume and shards compare run.json: the bank's folder may differ when its fingerprint is the same; a
+    run.json from before the fingerprint still needs the same folder."""
+    from lesionsynth.pipeline import same_run
+
+    record = {"bank": "/scratch/a/bank", "bank_sha256": "f1", "bank_lesions": 3, "config": {"n": 3}}
+    assert same_run({**record, "bank": "/home/bank"}, record)
+    assert not same_run({**record, "bank_sha256": "f2"}, record)
+    assert not same_run({**record, "config": {"n": 4}}, record)
+    legacy = {k: v for k, v in record.items() if k != "bank_sha256"}
+    assert same_run(legacy, record)
+    assert not same_run({**legacy, "bank": "/home/bank"}, record)
