@@ -480,8 +480,8 @@ def print_tables(per_grid: dict) -> None:
     print("\n(cases: with a removal / all; medians over removals; res/rim: over the lesion / the lesion + 1 voxel; pooled: voxel-weighted; "
           "PSNR/SSIM: bounding box + 2 voxels, PSNRr: lesion + 1 voxel; MAE: fraction of the data range, "
           "lesion + 1 voxel; tex: texture ratio; chg vox: unlabelled changed voxels of all the grid's cases, worse: those of them "
-          "that moved away from the truth; case max / <=10%: the mean residual excess over a case's removals, its largest "
-          "over the grid's cases and the share of cases within 10 %)")
+          "that moved away from the truth; case max / <=10%: the mean residual excess over a case's removals, "
+          "its largest over the grid's cases and the share of cases within 10 %)")
 
 
 def main(argv: list[str] | None = None) -> int:

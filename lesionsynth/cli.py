@@ -425,7 +425,7 @@ def _summary(result, n: int) -> None:
 @app.command()
 def finalize(out: Path = typer.Argument(..., help="Output folder of a sharded generate run."),
              bank: Optional[Path] = typer.Option(None, "--bank", help="The run's bank, where it is not where "
-                                                 "run.json says (it must be the same bank: its bank.json is checked).")
+                                                 "run.json says (it must hold the same lesions and settings).")
              ) -> None:
     """Write manifest.jsonl, dataset.json and splits_final.json once every shard of a run is done."""
     from .pipeline import finalize_run
