@@ -246,7 +246,7 @@ def residual_excess(channels: np.ndarray, hole: np.ndarray, component: np.ndarra
 #: a lesion's sharp edge stays sharp in the excess that is taken off.
 EDGE_TOLERANCE_SD = 1.0
 #: ... nor by more than this share of the lesion's contrast on the channel, but at least EDGE_FLOOR_SD noise sd. On a
-#: coarse grid the local noise estimate also holds anatomy (3-5x the scanner's noise on 3 mm voxels), and a tolerance
+#: coarse grid the local noise estimate also holds anatomy (2-3x the scanner's noise on 3 mm voxels), and a tolerance
 #: of one such sd averaged the lesion's partial-volume steps away: its shape stayed behind as texture.
 EDGE_CONTRAST_FRACTION = 0.05
 EDGE_FLOOR_SD = 0.5
