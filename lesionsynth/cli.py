@@ -237,6 +237,9 @@ UNCOMPRESSED_OPTION = typer.Option(False, "--uncompressed", help="No compression
 FILE_ENDING_OPTION = typer.Option(None, "--file-ending", help="File type of the written images: .nii.gz, .nii, "
                                   ".mha or .nrrd [default: that of the dataset the bank was built from].")
 
+LOAD_LABEL_OPTION = typer.Option(None, "--load-label", metavar="LABEL",
+                                 help="Count lesion loads (targets, real distribution, achieved) on this lesion "
+                                 "label only, e.g. the enhancing part of a tumour [default: every lesion label].")
 DATA_ROOT_HELP = ("The bank's dataset folder, where it is not where the bank says (moved); its files must be the "
                   "cases the bank was built from (sizes and checksums are checked). 'lesionsynth relocate' "
                   "records a new place in the bank.")
@@ -288,10 +291,7 @@ def generate(
     shard: str = typer.Option("0/1", "--shard", metavar="I/N",
                               help="I/N: make only cases with index ≡ I (mod N); shards may "
                               "share OUT, and the last one to finish writes dataset.json and the splits."),
-    load_label: Optional[int] = typer.Option(None, "--load-label", metavar="LABEL",
-                                             help="Count lesion loads (targets, real "
-                                             "distribution, achieved) on this lesion label only, e.g. the "
-                                             "enhancing part of a tumour [default: every lesion label]."),
+    load_label: Optional[int] = LOAD_LABEL_OPTION,
     data_root: Optional[Path] = typer.Option(None, "--data-root", metavar="DIR", help=DATA_ROOT_HELP),
 ) -> None:
     """Generate N synthetic cases whose lesion load follows the chosen distribution."""
@@ -367,6 +367,7 @@ def testset(
     uncompressed: bool = UNCOMPRESSED_OPTION,
     file_ending: Optional[Literal[FILE_ENDINGS]] = FILE_ENDING_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Complete an unfinished run of the same configuration."),
+    load_label: Optional[int] = LOAD_LABEL_OPTION,
     data_root: Optional[Path] = typer.Option(None, "--data-root", metavar="DIR", help=DATA_ROOT_HELP),
 ) -> None:
     """Render the test cases at K graded levels of one factor, all else fixed, for nnU-Net inference and
@@ -386,7 +387,7 @@ def testset(
     cfg = TestsetConfig(factor=vary, n_levels=levels, per_level=per_level, test_cases=chosen, seed=seed,
                         level_range=(float(level_range[0]), float(level_range[1])) if level_range else None,
                         load_mm3=load_mm3, tolerance=tolerance, compression_level=level,
-                        file_ending=ending, augment=augment)
+                        file_ending=ending, augment=augment, load_label=load_label)
     records = run_testset(bank, out, cfg, jobs=_jobs(jobs), resume=resume, data_root=data_root)
     reached = sum(r["reached"] for r in records)
     typer.echo(f"test set: {out} ({len(records)} cases, {levels} levels of {vary} from {len(chosen)} test "

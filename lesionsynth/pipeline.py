@@ -38,8 +38,25 @@ TEMPLATE_REGION_LEVEL = 0.5
 FORMATS = tuple(LAYOUTS)
 
 
+class LoadLabelChoice:
+    """The `load_label` setting of a configuration (generate, testset): which lesion label loads are counted on."""
+
+    load_label: int | None
+
+    @property
+    def load_labels(self) -> tuple[int, ...] | None:
+        """The labels loads are counted on, or None for every lesion label of the bank."""
+        return None if self.load_label is None else (int(self.load_label),)
+
+    def check_load_label(self, bank: "Bank") -> None:
+        """An InputError unless `load_label` is one of the bank's lesion labels."""
+        if self.load_label is not None and int(self.load_label) not in bank.lesion_labels:
+            raise InputError(f"--load-label {self.load_label}: not a lesion label of the bank {bank.folder} "
+                             f"(its lesion labels: {', '.join(str(v) for v in bank.lesion_labels)})")
+
+
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(LoadLabelChoice):
     """Everything that decides the output bytes of a run (recorded in run.json)."""
 
     n: int
@@ -57,17 +74,6 @@ class GenerateConfig:
     format: str = "nnunet"     # output layout (io/layout.py): "nnunet" (v2 raw) or "bids" (BIDS derivative)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     load_label: int | None = None  # count loads on this lesion label only (None: every lesion label)
-
-    @property
-    def load_labels(self) -> tuple[int, ...] | None:
-        """The labels loads are counted on, or None for every lesion label of the bank."""
-        return None if self.load_label is None else (int(self.load_label),)
-
-    def check_load_label(self, bank: "Bank") -> None:
-        """An InputError unless `load_label` is one of the bank's lesion labels."""
-        if self.load_label is not None and int(self.load_label) not in bank.lesion_labels:
-            raise InputError(f"--load-label {self.load_label}: not a lesion label of the bank {bank.folder} "
-                             f"(its lesion labels: {', '.join(str(v) for v in bank.lesion_labels)})")
 
     def __post_init__(self) -> None:
         self.validate()  # a bad config fails where it is made, naming its field

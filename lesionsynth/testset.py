@@ -24,9 +24,9 @@ from .io import load_case
 from .io.images import IMAGE_ENDINGS
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, bank_fingerprint, check_base_cases, donor_lesions,
-                       open_bank, prepare_output, read_records, remove_stale_temporaries, synthesize_arrays,
-                       with_file_ending)
+from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, LoadLabelChoice, bank_fingerprint, check_base_cases,
+                       donor_lesions, open_bank, prepare_output, read_records, remove_stale_temporaries,
+                       synthesize_arrays, with_file_ending)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd
@@ -44,7 +44,7 @@ NOISE_STREAM = 7
 
 
 @dataclass(frozen=True)
-class TestsetConfig:
+class TestsetConfig(LoadLabelChoice):
     """Everything that decides a test set's bytes (recorded in run.json once `resolve_levels` filled in
     `levels` and `load_mm3`)."""
 
@@ -62,6 +62,7 @@ class TestsetConfig:
     compression_level: int = 1
     file_ending: str | None = None     # .nii.gz, .nii, .mha or .nrrd; None: that of the bank's source cases
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    load_label: int | None = None      # loads (levels, fixed load, measured) on this lesion label only
 
     def __post_init__(self) -> None:
         self.validate()  # a bad config fails where it is made, naming its field
@@ -196,12 +197,12 @@ def fixed_load(cfg: TestsetConfig, test_loads, donors: list[dict]) -> float | No
 
 def resolve_levels(cfg: TestsetConfig, bank: Bank) -> TestsetConfig:
     """`cfg` with its level values and fixed load worked out from the bank and the test cases."""
-    donors = donor_lesions(bank, cfg.test_cases)
+    donors = donor_lesions(bank, cfg.test_cases, cfg.load_labels)
     if not donors:
         raise InputError(f"the test cases ({', '.join(cfg.test_cases)}) hold no lesions to paste")
-    test_loads = [c["load_mm3"] for c in bank.cases if c["case_id"] in cfg.test_cases]
-    return replace(cfg, levels=level_values(cfg, bank.real_loads(), donors),
-                   load_mm3=fixed_load(cfg, test_loads, donors))
+    real_loads = bank.real_loads(cfg.load_labels)
+    test_loads = [load for c, load in zip(bank.cases, real_loads) if c["case_id"] in cfg.test_cases]
+    return replace(cfg, levels=level_values(cfg, real_loads, donors), load_mm3=fixed_load(cfg, test_loads, donors))
 
 
 def level_config(cfg: TestsetConfig, level: int) -> GenerateConfig:
@@ -214,12 +215,12 @@ def level_config(cfg: TestsetConfig, level: int) -> GenerateConfig:
     return GenerateConfig(n=cfg.n_levels * cfg.per_level, load="uniform", mode=FACTOR_MODES[cfg.factor],
                           seed=cfg.seed, tolerance=cfg.tolerance, load_range=(target, target), folds=1,
                           include_originals=False, compression_level=cfg.compression_level,
-                          file_ending=cfg.file_ending, augment=augment)
+                          file_ending=cfg.file_ending, augment=augment, load_label=cfg.load_label)
 
 
 def level_donors(cfg: TestsetConfig, bank: Bank, level: int) -> list[dict]:
     """The donors of one level: the test cases' lesions (size: those of the level's size bin)."""
-    donors = donor_lesions(bank, cfg.test_cases)
+    donors = donor_lesions(bank, cfg.test_cases, cfg.load_labels)
     return size_bins(donors, cfg.n_levels)[level] if cfg.factor == "size" else donors
 
 
@@ -327,7 +328,7 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
     written = [np.asarray(stored_values(ch, image_dtype(h)), dtype=np.float32)
                for ch, h in zip(channels, case.channel_headers)]
     if cfg.factor == "load":
-        value = case_load(label, case.affine, lesion_labels)[0]
+        value = case_load(label, case.affine, cfg.load_labels or lesion_labels)[0]
     elif cfg.factor == "size":
         value = median_lesion_volume(label, case.affine, lesion_labels, int(bank.config["connectivity"]))
     elif cfg.factor == "contrast":
@@ -349,9 +350,12 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
 
 def run_record(bank: Bank, bank_dir: Path, cfg: TestsetConfig) -> dict:
     """run.json of a test set: version, bank, and the resolved configuration."""
+    conf = asdict(cfg)
+    if cfg.load_label is None:  # run.json as it was before --load-label existed
+        del conf["load_label"]
     return {"lesionsynth_version": __version__, "command": "testset", "bank": str(Path(bank_dir).resolve()),
             "bank_sha256": bank_fingerprint(bank_dir), "bank_lesions": len(bank.lesions), "bank_cases": len(bank.cases),
-            "config": json.loads(json.dumps(asdict(cfg)))}
+            "config": json.loads(json.dumps(conf))}
 
 
 def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int = 1, resume: bool = False,
@@ -370,6 +374,7 @@ def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int
     cfg.validate()
     bank_dir, out = BankFolder(Path(bank_dir), data_root), Path(out)
     bank = Bank(bank_dir, data_root)
+    cfg.check_load_label(bank)
     cfg = resolve_levels(replace(cfg, test_cases=cases_in_bank(cfg.test_cases, [c["case_id"] for c in bank.cases])),
                          bank)
     cfg = with_file_ending(cfg, bank)

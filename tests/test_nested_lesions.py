@@ -255,6 +255,30 @@ def test_load_label_counts_one_label(nested, tmp_path):
         generate(nested["bank"], tmp_path / "bad", GenerateConfig(n=1, load="uniform", load_label=4), progress=False)
 
 
+def test_testset_load_label_grades_one_label(nested, tmp_path):
+    """A test set graded by the load of one label (the enhancing part): its levels span that label's real loads,
+    each case's measured value is that label's load as written, and run.json records the label; another label
+    is refused in one line."""
+    bank = Bank(nested["bank"])
+    ids = [c["case_id"] for c in bank.cases if c["load_by_label"]["3"] > 0][:2]
+    done = cli("testset", nested["bank"], "--out", tmp_path / "eval", "--vary", "load", "--levels", "2",
+               "--per-level", "1", "--test-cases", ",".join(ids), "--load-label", "3", "--seed", "2")
+    assert done.returncode == 0, done.stderr
+    real = bank.real_loads((3,))
+    run = json.loads((tmp_path / "eval" / "run.json").read_text())
+    assert run["config"]["load_label"] == 3
+    levels = run["config"]["levels"]
+    assert np.isclose(levels[0], real[real > 0].min(), rtol=1e-3) and np.isclose(levels[-1], real.max(), rtol=1e-3)
+    records = [json.loads(line) for line in (tmp_path / "eval" / "manifest.jsonl").read_text().splitlines()]
+    for rec in records:
+        img = nib.load(str(tmp_path / "eval" / "labelsTs" / f"{rec['case_id']}.nii.gz"))
+        enhancing = np.count_nonzero(np.asarray(img.dataobj) == 3) * float(np.prod(img.header.get_zooms()[:3]))
+        assert np.isclose(rec["measured_value"], enhancing, rtol=1e-4)
+    refused = cli("testset", nested["bank"], "--out", tmp_path / "bad", "--vary", "load", "--levels", "2",
+                  "--per-level", "1", "--test-cases", ",".join(ids), "--load-label", "7")
+    assert refused.returncode != 0 and "--load-label 7" in refused.stderr and not (tmp_path / "bad").exists()
+
+
 def test_inspect_shows_per_label_figures(nested):
     dataset = cli("inspect", nested["ds"]).stdout
     assert "label(s) [1, 2, 3] (from label names)" in dataset
