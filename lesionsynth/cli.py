@@ -240,6 +240,8 @@ FILE_ENDING_OPTION = typer.Option(None, "--file-ending", help="File type of the 
 LOAD_LABEL_OPTION = typer.Option(None, "--load-label", metavar="LABEL",
                                  help="Count lesion loads (targets, real distribution, achieved) on this lesion "
                                  "label only, e.g. the enhancing part of a tumour [default: every lesion label].")
+RUN_BANK_OPTION = typer.Option(None, "--bank", help="An output's bank, where it is not where its run.json says "
+                               "(it must hold the same lesions and settings).")
 DATA_ROOT_HELP = ("The bank's dataset folder, where it is not where the bank says (moved); its files must be the "
                   "cases the bank was built from (sizes and checksums are checked). 'lesionsynth relocate' "
                   "records a new place in the bank.")
@@ -425,9 +427,7 @@ def _summary(result, n: int) -> None:
 
 @app.command()
 def finalize(out: Path = typer.Argument(..., help="Output folder of a sharded generate run."),
-             bank: Optional[Path] = typer.Option(None, "--bank", help="The run's bank, where it is not where "
-                                                 "run.json says (it must hold the same lesions and settings).")
-             ) -> None:
+             bank: Optional[Path] = RUN_BANK_OPTION) -> None:
     """Write manifest.jsonl, dataset.json and splits_final.json once every shard of a run is done."""
     from .pipeline import finalize_run
 
@@ -442,21 +442,24 @@ def report(
     seed: int = typer.Option(0, "--seed", help="Seed of the draw of the cases shown."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="The bank's dataset folder, where it is "
                                              "not where the bank says (the pictures show its base cases)."),
+    bank: Optional[Path] = RUN_BANK_OPTION,
 ) -> None:
     """Write OUT/report/report.html: load plots, lesion counts and sizes, before/after pictures of sites."""
     from .report import write_report
 
-    typer.echo(f"report: {write_report(out, n_examples=examples, seed=seed, data_root=data_root, progress=True)}")
+    path = write_report(out, n_examples=examples, seed=seed, data_root=data_root, progress=True, bank=bank)
+    typer.echo(f"report: {path}")
 
 
 @app.command("inspect")
 def inspect_cmd(path: Path = typer.Argument(..., help="A dataset, a bank or an output folder."),
                 data_root: Optional[Path] = typer.Option(None, "--data-root", help="The bank's dataset folder, "
-                                                         "where it is not where the bank says.")) -> None:
+                                                         "where it is not where the bank says."),
+                bank: Optional[Path] = RUN_BANK_OPTION) -> None:
     """One-screen summary of a dataset, a bank or an output."""
     from .inspect import summarize
 
-    typer.echo(summarize(path, data_root))
+    typer.echo(summarize(path, data_root, bank))
 
 
 @app.command()

@@ -25,16 +25,16 @@ LESION_WORDS = ("lesion", "tumor", "tumour", "metast", "wmh", "nodule", "cancer"
 WHOLE_WORDS = ("ms", "ncr", "ed", "et", "net")
 
 
-def summarize(path: str | Path, data_root: str | Path | None = None) -> str:
+def summarize(path: str | Path, data_root: str | Path | None = None, bank: str | Path | None = None) -> str:
     """One-screen (≤ 40 lines) summary of a dataset folder or list, a bank folder or an output folder; a bank's
-    cases (an output's bank's) looked for under `data_root` if given."""
+    cases (an output's bank's) looked for under `data_root` if given; an output's bank at `bank` if given."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "bank.json").is_file():
         lines = _bank(path, data_root)
     elif path.is_dir() and (path / "run.json").is_file() and (path / "manifest.jsonl").is_file():
-        lines = _output(path, data_root)
+        lines = _output(path, data_root, bank)
     elif (path.is_dir() and ((path / "dataset.json").is_file() or len(list(path.glob("*.csv"))) == 1)) or \
             (path.is_file() and path.suffix.lower() in (".csv", ".json")):
         lines = _dataset(path)
@@ -288,10 +288,10 @@ def _space_lines(index: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ output
 
-def _output(path: Path, data_root: str | Path | None = None) -> list[str]:
+def _output(path: Path, data_root: str | Path | None = None, bank: str | Path | None = None) -> list[str]:
     from .output_run import read_output
 
-    run = read_output(path, data_root)
+    run = read_output(path, data_root, bank)
     cfg = run.config
     recs = run.records
     n = len(recs)

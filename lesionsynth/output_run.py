@@ -3,6 +3,7 @@ the realism audit and `inspect` read outputs through this)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,40 @@ def read_manifest(path: Path) -> list[dict]:
     return [records[k] for k in sorted(records)]
 
 
-def read_output(out: str | Path, data_root: str | Path | None = None) -> OutputRun:
+def bank_fingerprint(bank_dir: str | Path) -> str:
+    """sha256 of what a bank holds (bank.json without where its dataset lies: the dataset's root and the cases'
+    file paths): the same for a copy of the bank anywhere, and after `lesionsynth relocate`."""
+    index = json.loads((Path(bank_dir) / "bank.json").read_text())
+    index.pop("dataset", None)
+    index["cases"] = [{k: v for k, v in case.items() if k not in ("images", "label")} for case in index["cases"]]
+    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+
+
+def run_bank(out: Path, run: dict, bank_dir: str | Path | None = None) -> Path:
+    """The bank folder of the run in `out` (run.json `run`): `bank_dir` if given (it must be the run's bank), else
+    where run.json says; InputError if it is not there or not the run's bank."""
+    recorded = run.get("bank")
+    folder = Path(bank_dir) if bank_dir is not None else (Path(recorded) if recorded else None)
+    if folder is None or not (folder / "bank.json").is_file():
+        where = f"{folder}" if folder is not None else "no bank"
+        raise InputError(f"{out}: the run's bank is not at {where} (moved?); name it with --bank")
+    if bank_dir is not None:
+        expected = run.get("bank_sha256")
+        if expected is not None:
+            same = bank_fingerprint(folder) == expected
+        else:  # a run.json from before the fingerprint: the bank's size at least
+            index = json.loads((folder / "bank.json").read_text())
+            same = (len(index["lesions"]), len(index["cases"])) == (run.get("bank_lesions"), run.get("bank_cases"))
+        if not same:
+            raise InputError(f"{folder}: not the bank this run was made from (it holds other lesions, cases or "
+                             f"settings than {out / RUN_FILE} records)")
+    return folder
+
+
+def read_output(out: str | Path, data_root: str | Path | None = None, bank: str | Path | None = None) -> OutputRun:
     """Open a generate output folder; InputError if it is not one. The bank's cases are found as the bank says
-    (`io.locate.located`), or under `data_root` if given."""
+    (`io.locate.located`), or under `data_root` if given; `bank`: the run's bank where it is not where run.json
+    says (`run_bank` checks it is the run's)."""
     from .io.locate import located
 
     out = Path(out)
@@ -107,7 +139,7 @@ def read_output(out: str | Path, data_root: str | Path | None = None) -> OutputR
     except json.JSONDecodeError as exc:
         raise InputError(f"{out}: malformed {RUN_FILE} or dataset.json ({exc})") from None
     records = read_manifest(out / MANIFEST)
-    bank_dir = Path(run["bank"]) if run.get("bank") else None
+    bank_dir = run_bank(out, run, bank) if bank is not None else (Path(run["bank"]) if run.get("bank") else None)
     bank_index = None
     if bank_dir is not None and (bank_dir / "bank.json").is_file():
         try:

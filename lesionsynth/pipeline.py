@@ -26,7 +26,7 @@ from .io.locate import BankFolder, check_same_files
 from .io.output import copy_original, write_case, write_json
 from .labels import count_in
 from .loads import FAMILIES, draw_target_load
-from .output_run import MANIFEST, RUN_FILE
+from .output_run import MANIFEST, RUN_FILE, bank_fingerprint, run_bank
 from .parallel import overlapped, release_freed_memory
 from .plan import MODES, AugmentConfig, ContextMatch, case_rng, draw_volume_warp, plan_and_render_case
 from .prior import LOCAL_TOLERANCE, Region, allowed_region, is_ct, placement_density
@@ -698,17 +698,6 @@ def with_file_ending(cfg, bank: Bank):
                                                   nifti_only=getattr(cfg, "format", "nnunet") == "bids"))
 
 
-def bank_fingerprint(bank_dir: str | Path) -> str:
-    """sha256 of what a bank holds (bank.json without where its dataset lies: the dataset's root and the cases'
-    file paths): the same for a copy of the bank anywhere, and after `lesionsynth relocate`."""
-    import hashlib
-
-    index = json.loads((Path(bank_dir) / "bank.json").read_text())
-    index.pop("dataset", None)
-    index["cases"] = [{k: v for k, v in case.items() if k not in ("images", "label")} for case in index["cases"]]
-    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
-
-
 def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
     conf = asdict(cfg)
     conf["load_range"] = list(cfg.load_range) if cfg.load_range else None
@@ -735,27 +724,6 @@ def same_run(previous: dict, record: dict) -> bool:
     ignored = BANK_PLACE_KEYS if "bank_sha256" in previous else ("bank_sha256",)
     return ({k: v for k, v in previous.items() if k not in ignored} ==
             {k: v for k, v in record.items() if k not in ignored})
-
-
-def run_bank(out: Path, run: dict, bank_dir: str | Path | None = None) -> Path:
-    """The bank folder of the run in `out` (run.json `run`): `bank_dir` if given (it must be the run's bank), else
-    where run.json says; InputError if it is not there or not the run's bank."""
-    recorded = run.get("bank")
-    folder = Path(bank_dir) if bank_dir is not None else (Path(recorded) if recorded else None)
-    if folder is None or not (folder / "bank.json").is_file():
-        where = f"{folder}" if folder is not None else "no bank"
-        raise InputError(f"{out}: the run's bank is not at {where} (moved?); name it with --bank")
-    if bank_dir is not None:
-        expected = run.get("bank_sha256")
-        if expected is not None:
-            same = bank_fingerprint(folder) == expected
-        else:  # a run.json from before the fingerprint: the bank's size at least
-            index = json.loads((folder / "bank.json").read_text())
-            same = (len(index["lesions"]), len(index["cases"])) == (run.get("bank_lesions"), run.get("bank_cases"))
-        if not same:
-            raise InputError(f"{folder}: not the bank this run was made from (it holds other lesions, cases or "
-                             f"settings than {out / RUN_FILE} records)")
-    return folder
 
 
 PROGRESS_DIR = ".progress"

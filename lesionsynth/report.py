@@ -764,10 +764,11 @@ def _quantiles(values) -> str:
 
 
 def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0, data_root: str | Path | None = None,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, bank: str | Path | None = None) -> Path:
     """Write `out_dir/report/report.html` (self-contained, its pictures embedded) and `realism.json`; return the
     HTML path. `data_root`: the bank's dataset, where it is not where the bank says (else the pictures use the
-    originals in the output). `progress`: bars and step lines on stderr."""
+    originals in the output); `bank`: the run's bank, where it is not where run.json says. `progress`: bars and
+    step lines on stderr."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -775,7 +776,7 @@ def write_report(out_dir: str | Path, n_examples: int = 6, seed: int = 0, data_r
         import matplotlib  # noqa: F401
     except ImportError:
         raise LesionsynthError("lesionsynth report needs matplotlib: pip install matplotlib") from None
-    run = read_output(out_dir, data_root)
+    run = read_output(out_dir, data_root, bank)
     if not run.records:
         raise InputError(f"{run.out}: manifest.jsonl holds no synthetic case; nothing to report")
     folder = run.out / REPORT_DIR

@@ -24,9 +24,10 @@ from .io import load_case
 from .io.images import IMAGE_ENDINGS
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, LoadLabelChoice, bank_fingerprint, check_base_cases,
-                       donor_lesions, open_bank, prepare_output, read_records, remove_stale_temporaries,
-                       synthesize_arrays, with_file_ending)
+from .output_run import bank_fingerprint
+from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, LoadLabelChoice, check_base_cases, donor_lesions,
+                       open_bank, prepare_output, read_records, remove_stale_temporaries, synthesize_arrays,
+                       with_file_ending)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd

@@ -176,3 +176,22 @@ def test_a_run_is_the_same_run_wherever_its_bank_is_read_from():
     legacy = {k: v for k, v in record.items() if k != "bank_sha256"}
     assert same_run(legacy, record)
     assert not same_run({**legacy, "bank": "/home/bank"}, record)
+
+
+def test_report_and_inspect_find_a_moved_bank_with_bank(built, tmp_path):
+    """An output whose bank has moved: inspect says the bank is not found, and with --bank it reads the bank
+    again (another bank is refused in one line); the report takes --bank too."""
+    project, _ = built
+    out = tmp_path / "before"
+    shutil.move(project / "bank", tmp_path / "bank_elsewhere")
+    plain = subprocess.run([*CLI, "inspect", str(out)], capture_output=True, text=True)
+    assert plain.returncode == 0 and "(! not found)" in plain.stdout
+    found = subprocess.run([*CLI, "inspect", str(out), "--bank", str(tmp_path / "bank_elsewhere")],
+                           capture_output=True, text=True)
+    assert found.returncode == 0 and "(! not found)" not in found.stdout, found.stderr
+    assert str(tmp_path / "bank_elsewhere") in found.stdout
+    build_bank(project / "ds", tmp_path / "other", BankConfig(min_volume_mm3=20.0), jobs=1, progress=False)
+    other = subprocess.run([*CLI, "report", str(out), "--bank", str(tmp_path / "other")], capture_output=True,
+                           text=True)
+    assert other.returncode != 0 and "not the bank this run was made from" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
