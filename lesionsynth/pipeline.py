@@ -48,6 +48,14 @@ class LoadLabelChoice:
         """The labels loads are counted on, or None for every lesion label of the bank."""
         return None if self.load_label is None else (int(self.load_label),)
 
+    def config_record(self) -> dict:
+        """The configuration as run.json records it: without `load_label` when it is not set (as run.json was
+        before --load-label existed, so that earlier runs still resume)."""
+        conf = asdict(self)
+        if self.load_label is None:
+            del conf["load_label"]
+        return conf
+
     def check_load_label(self, bank: "Bank") -> None:
         """An InputError unless `load_label` is one of the bank's lesion labels."""
         if self.load_label is not None and int(self.load_label) not in bank.lesion_labels:
@@ -698,19 +706,16 @@ def with_file_ending(cfg, bank: Bank):
                                                   nifti_only=getattr(cfg, "format", "nnunet") == "bids"))
 
 
+def bank_entries(bank: Bank, bank_dir: Path) -> dict:
+    """run.json's entries on the bank a run reads: its folder, what it holds (`bank_fingerprint`) and its size."""
+    return {"bank": str(Path(bank_dir).resolve()), "bank_sha256": bank_fingerprint(bank_dir),
+            "bank_lesions": len(bank.lesions), "bank_cases": len(bank.cases)}
+
+
 def run_record(bank: Bank, bank_dir: Path, cfg: GenerateConfig) -> dict:
-    conf = asdict(cfg)
+    conf = cfg.config_record()
     conf["load_range"] = list(cfg.load_range) if cfg.load_range else None
-    if cfg.load_label is None:  # run.json as it was before --load-label existed
-        del conf["load_label"]
-    return {
-        "lesionsynth_version": __version__,
-        "bank": str(Path(bank_dir).resolve()),
-        "bank_sha256": bank_fingerprint(bank_dir),
-        "bank_lesions": len(bank.lesions),
-        "bank_cases": len(bank.cases),
-        "config": json.loads(json.dumps(conf)),
-    }
+    return {"lesionsynth_version": __version__, **bank_entries(bank, bank_dir), "config": json.loads(json.dumps(conf))}
 
 
 #: Keys of run.json that name where the bank was, not what it is: a resumed run may read the same bank from

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,9 @@ from .io import load_case
 from .io.images import IMAGE_ENDINGS
 from .io.layout import TestsetLayout
 from .io.output import image_dtype, stored_values, write_case
-from .output_run import bank_fingerprint
-from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, LoadLabelChoice, check_base_cases, donor_lesions,
-                       open_bank, prepare_output, read_records, remove_stale_temporaries, synthesize_arrays,
-                       with_file_ending)
+from .pipeline import (MANIFEST, PROGRESS_DIR, GenerateConfig, LoadLabelChoice, bank_entries, check_base_cases,
+                       donor_lesions, open_bank, prepare_output, read_records, remove_stale_temporaries,
+                       synthesize_arrays, with_file_ending)
 from .plan import AugmentConfig, case_rng, lesion_components
 from .prior import allowed_region
 from .stats import noise_sd
@@ -351,12 +350,8 @@ def make_testset_case(index: int, bank_dir: str, layout: TestsetLayout, cfg: Tes
 
 def run_record(bank: Bank, bank_dir: Path, cfg: TestsetConfig) -> dict:
     """run.json of a test set: version, bank, and the resolved configuration."""
-    conf = asdict(cfg)
-    if cfg.load_label is None:  # run.json as it was before --load-label existed
-        del conf["load_label"]
-    return {"lesionsynth_version": __version__, "command": "testset", "bank": str(Path(bank_dir).resolve()),
-            "bank_sha256": bank_fingerprint(bank_dir), "bank_lesions": len(bank.lesions), "bank_cases": len(bank.cases),
-            "config": json.loads(json.dumps(conf))}
+    return {"lesionsynth_version": __version__, "command": "testset", **bank_entries(bank, bank_dir),
+            "config": json.loads(json.dumps(cfg.config_record()))}
 
 
 def testset(bank_dir: str | Path, out: str | Path, cfg: TestsetConfig, jobs: int = 1, resume: bool = False,
