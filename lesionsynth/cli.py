@@ -230,8 +230,8 @@ def _stops_on_signals(command):
 
 # the options generate and testset share: one definition each
 COMPRESSION_LEVEL_OPTION = typer.Option(1, "--compression-level", metavar="LEVEL",
-                                        help="gzip level of .nii.gz (isal: 0-3), zlib level of .mha/.nrrd (0: none, "
-                                             "1-9).")
+                                        help="Compression level of .nii.gz, .mha and .nrrd (isal: 0-3; without isal "
+                                             "the stdlib's 0-9); 0 writes .mha/.nrrd uncompressed.")
 UNCOMPRESSED_OPTION = typer.Option(False, "--uncompressed", help="No compression: .nii instead of .nii.gz, "
                                    ".mha/.nrrd without zlib.")
 FILE_ENDING_OPTION = typer.Option(None, "--file-ending", help="File type of the written images: .nii.gz, .nii, "
