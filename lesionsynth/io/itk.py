@@ -190,7 +190,7 @@ def write_itk(path: Path, data: np.ndarray, affine: np.ndarray, dtype, compressi
     stdlib's zlib 1-9 otherwise). Equal input gives equal bytes: neither format stores a time or a file name.
 
     The header is the one ITK's own writers put (`itk_header`), and SimpleITK (as nnU-Net) reads the file
-    back; the voxels are compressed here rather than by SimpleITK because its zlib takes about 7x as long as
+    back; the voxels are compressed here rather than by SimpleITK because its zlib takes about 4x as long as
     isal on an MNI-sized case, which made a .mha/.nrrd run write-bound. A voxel type ITK names differently
     goes through SimpleITK's writer."""
     volume = np.asarray(data, dtype=dtype)
