@@ -398,7 +398,8 @@ def _plane(vol: np.ndarray, fixed: int, index: int) -> np.ndarray:
 def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, picture_name: str) -> Picture | None:
     """Before / after slices (three orthogonal planes, zoomed) and the after slices in full, through one site; the
     lesion of the operation is outlined in its kind's colour (`OP_COLOURS`), solid where it is, dashed where it
-    will be (paste, before) or was (inpaint, after); other lesions in yellow."""
+    will be (paste, before) or was (inpaint, after), and a multi-class lesion's inner parts (`inner_parts`) thinner
+    in the same colour; other lesions in yellow."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
@@ -441,6 +442,12 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, picture_n
     centre_vox = np.clip(centre_vox, 0, np.asarray(lab_after.shape) - 1)
     op_colour = OP_COLOURS[op["op"]]
     op_mask = operation_mask(masks["after"], masks.get("before"), op["op"], centre_vox, half / zooms)
+    # a multi-class lesion's inner parts, drawn in the picture where the lesion is (after a paste, before a removal)
+    inner: dict[str, list[np.ndarray]] = {}
+    where = "after" if op["op"] == "paste" else "before"
+    values = after_lab if where == "after" else (before[1] if before is not None else None)
+    if len(lesion_labels) > 1 and values is not None:
+        inner[where] = inner_parts(_canonical(values, affine)[0], op_mask, zooms)
 
     # the full-slice row is left out when the zoom window already shows (nearly) the whole slice
     shape_c = np.asarray(lab_after.shape)
@@ -483,6 +490,11 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, picture_n
                 if m is not None and m[crop].any() and min(h1 - h0, v1 - v0) > 1:
                     ax.contour(m[crop].T, levels=[0.5], colors=colour, linewidths=lw, linestyles=style,
                                origin="lower", extent=ext)
+            for part in inner.get(src, []):
+                m = _plane(part, fixed, k)
+                if m[crop].any() and min(h1 - h0, v1 - v0) > 1:
+                    ax.contour(m[crop].T, levels=[0.5], colors=op_colour, linewidths=1.0 if kind != "context" else 0.6,
+                               linestyles="-", origin="lower", extent=ext)
             if kind == "context":
                 ax.add_patch(Rectangle((-half, -half), 2 * half, 2 * half, fill=False, edgecolor=BEFORE_COLOUR,
                                        linewidth=1, linestyle=":", clip_on=True))
@@ -506,8 +518,10 @@ def site_figure(site: Site, run: OutputRun, channel: int, cache: dict, picture_n
                 ax.set_title(f"{pname} (slice {k})", fontsize=10)
     what = "pasted lesion (dashed: before it was pasted)" if op["op"] == "paste" else \
         "inpainted lesion (dashed: after it was removed)"
-    handles = [Line2D([], [], color=op_colour, linewidth=2.0, label=what),
-               Line2D([], [], color=LESION_COLOUR, linewidth=1.0, label="other lesions")]
+    handles = [Line2D([], [], color=op_colour, linewidth=2.0, label=what)]
+    if any(inner.values()):
+        handles.append(Line2D([], [], color=op_colour, linewidth=1.0, label="its inner parts (nested labels)"))
+    handles.append(Line2D([], [], color=LESION_COLOUR, linewidth=1.0, label="other lesions"))
     if organs:
         handles.append(Line2D([], [], color=ORGAN_COLOUR, linewidth=1, label="other labels (organ / region)"))
     if context:
@@ -539,6 +553,27 @@ def operation_mask(after: np.ndarray, before: np.ndarray | None, kind: str, cent
     points = np.argwhere(parts > 0)
     nearest = points[np.argmin(((points + lo - centre_vox) ** 2).sum(axis=1))]
     out[box] = parts == parts[tuple(nearest)]
+    return out
+
+
+def inner_parts(values: np.ndarray, lesion: np.ndarray, spacing) -> list[np.ndarray]:
+    """The inner parts of one multi-class lesion (`lesion`, bool, its voxels in the label volume `values`), each
+    with the parts inside it, outermost first (`labels.nesting_order`, `labels.nested_masks`): BraTS' tumour
+    core and its enhancing rim inside the oedema. Empty for a lesion of one label."""
+    from .geometry import true_bounds
+    from .labels import nested_masks, nesting_order
+
+    box = true_bounds(lesion)
+    if box is None:
+        return []
+    grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, lesion.shape))
+    crop = np.where(lesion[grown], values[grown], 0)  # background around it, for the depths
+    order = nesting_order(crop, spacing)
+    out = []
+    for part in nested_masks(crop, order):
+        full = np.zeros(lesion.shape, dtype=bool)
+        full[grown] = part
+        out.append(full)
     return out
 
 

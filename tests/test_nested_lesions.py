@@ -298,3 +298,35 @@ def test_run_json_of_a_single_label_run_has_no_load_label(blob_bank, tmp_path):
     assert "load_label" not in run["config"]
     record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
     assert "achieved_by_label" not in record
+
+
+def test_report_pictures_outline_the_inner_parts_of_a_pasted_tumour(nested, monkeypatch):
+    """A site picture of a pasted multi-class lesion draws its inner parts (each nested in the one before) inside
+    its outline; a lesion of one label has none."""
+    from lesionsynth import report
+
+    values = np.zeros((12, 12, 12), dtype=np.uint8)
+    values[2:10, 2:10, 2:10] = 2   # oedema
+    values[3:9, 3:9, 3:9] = 3      # enhancing rim
+    values[5:7, 5:7, 5:7] = 1      # necrotic core
+    values[0, 0, 0] = 2            # another lesion's voxel: not this one's
+    lesion = values > 0
+    lesion[0, 0, 0] = False
+    parts = report.inner_parts(values, lesion, (1.0, 1.0, 1.0))
+    assert [int(p.sum()) for p in parts] == [6 ** 3, 2 ** 3]
+    assert not (parts[1] & ~parts[0]).any() and not parts[0][0, 0, 0]
+    assert report.inner_parts(lesion.astype(np.uint8), lesion, (1.0, 1.0, 1.0)) == []
+
+    original, drawn = report.inner_parts, []
+
+    def recorded(*args):
+        drawn.append(original(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(report, "inner_parts", recorded)
+    run = read_output(nested["out"])
+    record = next(r for r in run.records if any(op["op"] == "paste" for op in r["ops"]))
+    index = next(i for i, op in enumerate(record["ops"]) if op["op"] == "paste")
+    picture = report.site_figure(report.Site(record, index), run, 0, {}, "site.png")
+    assert picture is not None and picture.data.startswith(b"\x89PNG")
+    assert len(drawn) == 1 and drawn[0] and all(part.any() for part in drawn[0])
