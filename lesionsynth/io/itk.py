@@ -8,17 +8,15 @@ direction) and NIfTI in RAS: the two differ by a sign on the first two world axe
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
-from .nifti import file_access_errors
+from .nifti import _f_order_blocks, _gzip_writer, _zlib_compressor, file_access_errors
 
 ITK_ENDINGS = (".mha", ".nrrd")
 FORMAT_NAMES = {".mha": "MetaImage", ".nrrd": "NRRD"}
@@ -187,10 +185,12 @@ _ITK_TYPES = {np.dtype(np.uint8): ("MET_UCHAR", "unsigned char"), np.dtype(np.in
 def write_itk(path: Path, data: np.ndarray, affine: np.ndarray, dtype, compression_level: int) -> None:
     """Write a 3-D volume (X, Y, Z) as .mha or .nrrd to `path` (the caller makes it atomic), compressed at
     `compression_level` (0: uncompressed) with isal where it is installed (levels 1-3, as for .nii.gz; the
-    stdlib's zlib 1-9 otherwise). Equal input gives equal bytes: neither format stores a time or a file name.
+    stdlib's 1-9 otherwise; `nifti`'s compressors). Equal input gives equal bytes: neither format stores a time
+    or a file name. The voxels go to the file or the compressor in blocks, as for NIfTI (no copy of the whole
+    image).
 
     The header is the one ITK's own writers put (`itk_header`), and SimpleITK (as nnU-Net) reads the file
-    back; the voxels are compressed here rather than by SimpleITK because its zlib takes about 4x as long as
+    back; the voxels are compressed here rather than by SimpleITK because its zlib takes about 5x as long as
     isal on an MNI-sized case, which made a .mha/.nrrd run write-bound. A voxel type ITK names differently
     goes through SimpleITK's writer."""
     volume = np.asarray(data, dtype=dtype)
@@ -198,40 +198,36 @@ def write_itk(path: Path, data: np.ndarray, affine: np.ndarray, dtype, compressi
     if volume.ndim != 3 or volume.dtype.newbyteorder("=") not in _ITK_TYPES:
         _write_with_simpleitk(path, volume, affine, ending, compression_level)
         return
-    voxels = volume.astype(volume.dtype.newbyteorder("<"), copy=False).tobytes(order="F")  # x fastest
+    volume = volume.astype(volume.dtype.newbyteorder("<"), copy=False)
     level = int(compression_level)
-    if level > 0:
-        voxels = _gzip(voxels, level) if ending == ".nrrd" else _zlib(voxels, level)
-    header = itk_header(ending, volume.shape, volume.dtype, affine, len(voxels) if level > 0 else None)
     with open(path, "wb") as fh:
-        fh.write(header.encode("ascii"))
-        fh.write(voxels)
-
-
-def _zlib(raw: bytes, level: int) -> bytes:
-    from .nifti import _fast_zlib
-
-    if _fast_zlib is not None:
-        return _fast_zlib.compress(raw, min(level, 3))
-    return zlib.compress(raw, min(level, 9))
-
-
-def _gzip(raw: bytes, level: int) -> bytes:
-    from .nifti import _fast_gzip
-
-    if _fast_gzip is not None:
-        return _fast_gzip.compress(raw, min(level, 3), mtime=0)
-    return gzip.compress(raw, min(level, 9), mtime=0)
+        if level <= 0:
+            fh.write(itk_header(ending, volume.shape, volume.dtype, affine, False).encode("ascii"))
+            for block in _f_order_blocks(volume):  # x fastest, as ITK stores voxels
+                fh.write(block)
+        elif ending == ".nrrd":  # a gzip stream after the header
+            fh.write(itk_header(ending, volume.shape, volume.dtype, affine, True).encode("ascii"))
+            stream = _gzip_writer(fh, level)
+            for block in _f_order_blocks(volume):
+                stream.write(block)
+            stream.close()  # the gzip trailer; leaves `fh` open
+        else:  # MetaImage states the compressed size in its header: compress first
+            compressor = _zlib_compressor(level)
+            pieces = [compressor.compress(block) for block in _f_order_blocks(volume)] + [compressor.flush()]
+            size = sum(len(piece) for piece in pieces)
+            fh.write(itk_header(ending, volume.shape, volume.dtype, affine, True, size).encode("ascii"))
+            for piece in pieces:
+                fh.write(piece)
 
 
 def _number(x: float) -> str:
     return f"{float(x):.17g}"
 
 
-def itk_header(ending: str, shape, dtype, affine, compressed_size: int | None) -> str:
+def itk_header(ending: str, shape, dtype, affine, compressed: bool, compressed_size: int = 0) -> str:
     """The header ITK's MetaImage (.mha, data in the same file) or NRRD writer puts before a 3-D volume of
-    `shape` (X, Y, Z) and `dtype` on the voxel -> RAS grid `affine`; `compressed_size`: the bytes of the
-    zlib (MetaImage) or gzip (NRRD) data that follow, None for raw data."""
+    `shape` (X, Y, Z) and `dtype` on the voxel -> RAS grid `affine`, for raw voxels or `compressed` ones (zlib
+    for MetaImage, whose header states their `compressed_size` in bytes; gzip for NRRD)."""
     spacing, origin, direction = itk_geometry(affine)
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     met_type, nrrd_type = _ITK_TYPES[np.dtype(dtype).newbyteorder("=")]
@@ -242,15 +238,15 @@ def itk_header(ending: str, shape, dtype, affine, compressed_size: int | None) -
                 f"type: {nrrd_type}\ndimension: 3\nspace: left-posterior-superior\n"
                 f"sizes: {' '.join(str(int(n)) for n in shape)}\nspace directions: {columns}\n"
                 "kinds: domain domain domain\n" + ("endian: little\n" if np.dtype(dtype).itemsize > 1 else "") +
-                f"encoding: {'raw' if compressed_size is None else 'gzip'}\n"
+                f"encoding: {'gzip' if compressed else 'raw'}\n"
                 f"space origin: ({','.join(_number(v) for v in origin)})\n\n")
     # ITK's orientation code: per voxel axis, the LPS axis it runs closest to and its sign ("RAI": identity)
     letters = (("R", "L"), ("A", "P"), ("I", "S"))
     nearest = np.argmax(np.abs(d), axis=0)
     orientation = "".join(letters[i][int(d[i, j] < 0)] for j, i in enumerate(nearest))
-    compressed = ("CompressedData = False\n" if compressed_size is None else
-                  f"CompressedData = True\nCompressedDataSize = {int(compressed_size)}\n")
-    return ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n" + compressed +
+    compression = (f"CompressedData = True\nCompressedDataSize = {int(compressed_size)}\n" if compressed else
+                   "CompressedData = False\n")
+    return ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n" + compression +
             f"TransformMatrix = {' '.join(_number(v) for v in d.T.ravel())}\n"
             f"Offset = {' '.join(_number(v) for v in origin)}\nCenterOfRotation = 0 0 0\n"
             f"AnatomicalOrientation = {orientation}\n"

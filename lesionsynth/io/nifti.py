@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import io
 import os
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -213,6 +214,13 @@ def _gzip_writer(raw, level: int):
         return _fast_gzip.GzipFile(filename="", mode="wb", compresslevel=min(max(level, 0), 3), fileobj=raw,
                                    mtime=0)
     return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0)
+
+
+def _zlib_compressor(level: int):
+    """A zlib compressor (`compressobj`) at `level`: isal's (0-3) where it is installed, else the stdlib's."""
+    if _fast_zlib is not None:
+        return _fast_zlib.compressobj(min(max(level, 0), 3))
+    return zlib.compressobj(min(max(level, 0), 9))
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
