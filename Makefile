@@ -1,5 +1,5 @@
-# lesionsynth: `make demo` sets up, fetches the demo's sample data and runs the main job; `make test` fetches every
-# sample dataset and runs the tests.
+# lesionsynth: `make demo` sets up, fetches the demo's sample data and runs the main job; `make test` fetches the
+# tests' sample datasets and runs the tests; `make data` fetches every sample dataset (the benchmarks' too).
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -8,7 +8,7 @@ DEMO   ?= $(CURDIR)/.cache/demo
 JOBS   ?= 2
 export LESIONSYNTH_DATA = $(DATA)
 
-.PHONY: venv data demo-data demo test check-install bench clean-demo
+.PHONY: venv data test-data demo-data demo test check-install bench clean-demo
 
 # torch is pinned so pip takes the local CPU build (an unpinned torch pulls a multi-GB CUDA build);
 # nnunetv2 is installed to check the output with its own verify_dataset_integrity.
@@ -20,9 +20,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# every sample dataset (the tests' and the held-out evaluation sets)
+# every sample dataset (the tests' and the held-out evaluation sets that the benchmarks read)
 data: venv
 	$(PY) scripts/fetch_data.py --cache $(DATA)
+
+# only what the tests read (not the held-out sets: the tests never see them)
+test-data: venv
+	$(PY) scripts/fetch_data.py --cache $(DATA) --tests
 
 # only what the demo (and check-install) read: mni_lesions, from the nilearn wheel and the shared lesion masks
 demo-data: venv
@@ -40,7 +44,7 @@ demo: demo-data
 TEST_WORKERS ?= 2
 
 # -rs: every skipped test is listed with its reason
-test: data
+test: test-data
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile
 
 # the install as a user gets it: sdist + wheel, the wheel alone in a fresh environment, every command

@@ -3,10 +3,11 @@
 
 Usage::
 
-    python scripts/fetch_data.py [--cache DIR] [--only DATASET ... | --demo]
+    python scripts/fetch_data.py [--cache DIR] [--only DATASET ... | --demo | --tests]
 
 ``--only`` builds the named datasets (and those they are made from) with only the downloads they
-need; ``--demo`` is ``--only mni_lesions``, all that ``make demo`` reads. ``DIR`` defaults to ``$LESIONSYNTH_DATA`` or else ``<repo>/.cache/data`` (gitignored).
+need; ``--demo`` is ``--only mni_lesions``, all that ``make demo`` reads; ``--tests`` is what the tests read
+(every dataset but the held-out ones; ``make test``). ``DIR`` defaults to ``$LESIONSYNTH_DATA`` or else ``<repo>/.cache/data`` (gitignored).
 Nothing this script downloads or writes is committed to git.
 
 What it fetches (into ``DIR/downloads``)
@@ -1047,10 +1048,13 @@ def native_case(anat: NativeAnatomy, library: LesionLibrary, seed: int, code: st
     return channels, label, tissue, affine, info
 
 
-def build_native_brains(cache: Path, mni: MNI, shared: Path) -> None:
-    """Native-space FLAIR + T1 brains with real MS lesion shapes; tissue truth kept apart."""
+def build_native_brains(cache: Path, mni: MNI, shared: Path, names=None) -> None:
+    """Native-space FLAIR + T1 brains with real MS lesion shapes; tissue truth kept apart. `names`: which of
+    NATIVE_DATASETS to build (None: both)."""
     anat = library = None
     for name, truth_name, prefix, n, first_seed, load_range in NATIVE_DATASETS:
+        if names is not None and name not in names:
+            continue
         final, truth_final = cache / name, cache / truth_name
         if final.exists() and truth_final.exists():
             step(f"build {name}: exists, skipped")
@@ -1243,6 +1247,8 @@ DATASETS: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "heldout/native_brains": ({"mni152", "shared"}, ()),
 }
 DEMO_DATASETS = ("mni_lesions",)  # what `make demo` and `make check-install` read
+# what the tests read (`make test`); the held-out sets are for the benchmarks only, which the tests never see
+TEST_DATASETS = ("brain_t1c", "lung_ct", "lung_multiclass", "mni_lesions", "native_brains")
 
 
 def with_sources(names) -> list[str]:
@@ -1288,7 +1294,7 @@ def build_all(cache: Path, only=None) -> None:
         if name in builders:
             builders[name]()
     if any(name in names for name, *_ in NATIVE_DATASETS):
-        build_native_brains(cache, mni, shared)  # both native datasets: they share one lesion library
+        build_native_brains(cache, mni, shared, names)  # the native datasets share one lesion library
 
     readers = {"heldout/msd_mni": msd_cases, "heldout/ms_oblique": csv_cases}
     for name in names:
@@ -1307,8 +1313,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"they need; any of: {', '.join(DATASETS)}")
     parser.add_argument("--demo", action="store_true",
                         help=f"only what `make demo` reads: the same as --only {' '.join(DEMO_DATASETS)}")
+    parser.add_argument("--tests", action="store_true",
+                        help=f"only what the tests read: the same as --only {' '.join(TEST_DATASETS)}")
     args = parser.parse_args(argv)
-    only = [*(args.only or ()), *(DEMO_DATASETS if args.demo else ())] or None
+    only = [*(args.only or ()), *(DEMO_DATASETS if args.demo else ()), *(TEST_DATASETS if args.tests else ())] or None
     cache = (args.cache or default_cache()).resolve()
     stamp = cache / STAMP_NAME
     if stamp.exists():

@@ -100,8 +100,16 @@ def test_demo_fetches_only_what_it_reads():
     assert fetch.with_sources(fetch.DATASETS) == list(fetch.DATASETS)
 
 
-def test_make_test_fetches_everything_and_lists_skips():
+def test_make_test_fetches_what_the_tests_read_and_lists_skips():
+    fetch = load_script("fetch_data")
     prereqs, recipe = make_target("test")
-    assert "data" in prereqs and " -rs" in recipe
+    assert "test-data" in prereqs and " -rs" in recipe
+    _, test_data_recipe = make_target("test-data")
+    assert "--tests" in test_data_recipe
     _, data_recipe = make_target("data")
-    assert "--only" not in data_recipe and "--demo" not in data_recipe
+    assert "--only" not in data_recipe and "--demo" not in data_recipe and "--tests" not in data_recipe
+    fetched = set(fetch.with_sources(fetch.TEST_DATASETS))
+    assert not any(name.startswith("heldout/") for name in fetched)  # the tests never see the held-out sets
+    sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("*.py") if p.name != "test_docs.py")
+    read = {name for name in fetch.DATASETS if re.search(rf"[\"'/]{re.escape(name)}[\"'/]", sources)}
+    assert read and read <= fetched, f"datasets the tests read but make test does not fetch: {read - fetched}"
