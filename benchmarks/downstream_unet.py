@@ -78,7 +78,10 @@ detection with connected components (26-connectivity): a predicted component is 
 overlaps a truth component; precision = TP predicted components / predicted components (undefined when
 nothing is predicted), recall = truth components overlapped by the prediction / truth components.
 Per arm and seed: median Dice over the held-out cases, mean lesion-wise precision and recall (over the
-cases where they are defined). Per arm: the median over seeds; per metric, the number of seeds where each
+cases where they are defined), and the false-positive components (predicted components touching no truth
+lesion: how many, how many of 1-2 voxels; per case their sizes in `false_positive_sizes`). With few truth
+lesions per case one such component moves the mean precision by up to 1 / (cases x predicted lesions of
+that case): the count says what a precision gap is made of. Per arm: the median over seeds; per metric, the number of seeds where each
 augmented arm beats real, and where real+gen beats real+carvemix (JSON `comparisons`, `wins` = real+gen
 against real as before). A run whose predictions are all zero on every held-out case is reported as
 "collapsed" (Dice 0), a run whose loss became NaN as "diverged"; a failing bank/generate step marks arm
@@ -497,11 +500,14 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     dice = 2 * inter / total if total else 1.0
     pl, n_pred = ndimage.label(pred, STRUCT26)
     tl, n_true = ndimage.label(truth, STRUCT26)
-    tp_pred = len(np.setdiff1d(np.unique(pl[truth]), [0]))
+    hits = np.setdiff1d(np.unique(pl[truth]), [0])
     det_true = len(np.setdiff1d(np.unique(tl[pred]), [0]))
-    return {"dice": dice, "precision": tp_pred / n_pred if n_pred else None,
+    sizes = np.bincount(pl.ravel(), minlength=n_pred + 1)
+    missed = np.setdiff1d(np.arange(1, n_pred + 1), hits)
+    return {"dice": dice, "precision": len(hits) / n_pred if n_pred else None,
             "recall": det_true / n_true if n_true else None, "pred_components": int(n_pred),
-            "truth_components": int(n_true), "pred_voxels": int(pred.sum()), "truth_voxels": int(truth.sum())}
+            "truth_components": int(n_true), "pred_voxels": int(pred.sum()), "truth_voxels": int(truth.sum()),
+            "false_positive_sizes": sorted(int(v) for v in sizes[missed])}  # voxels (2 mm) of each
 
 
 def _mean(values):
@@ -544,6 +550,9 @@ def run_arm(arm: str, seed: int, train_infos: list[dict], test_data: list[dict],
         rec["mean_precision"] = _mean([c["precision"] for c in per_case])
         rec["mean_recall"] = _mean([c["recall"] for c in per_case])
         rec["empty_predictions"] = sum(c["pred_voxels"] == 0 for c in per_case)
+        false_positives = [v for c in per_case for v in c["false_positive_sizes"]]
+        rec["false_positives"] = len(false_positives)
+        rec["false_positives_1_2_voxels"] = sum(v <= 2 for v in false_positives)
         if diverged:
             rec["status"] = "diverged"
         elif per_case and rec["empty_predictions"] == len(per_case):
@@ -780,7 +789,8 @@ def main(argv=None) -> int:
             del extra
             runs.append(rec)
             print(f"    {rec['status']}: median Dice {fmt(rec.get('median_dice'))}, precision "
-                  f"{fmt(rec.get('mean_precision'))}, recall {fmt(rec.get('mean_recall'))}; train "
+                  f"{fmt(rec.get('mean_precision'))}, recall {fmt(rec.get('mean_recall'))}, false positives "
+                  f"{rec.get('false_positives', '-')} ({rec.get('false_positives_1_2_voxels', '-')} of 1-2 voxels); train "
                   f"{fmt(rec.get('train_s'), 1)} s, eval {fmt(rec.get('eval_s'), 1)} s"
                   + (f" ({rec['error']})" if "error" in rec else ""), flush=True)
 
@@ -808,13 +818,15 @@ def main(argv=None) -> int:
     timings["total_s"] = time.perf_counter() - t_start
 
     print()
-    print(f"{'arm':13s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'empty':>5s} "
+    print(f"{'arm':13s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'FP':>6s} {'empty':>5s} "
           f"{'train_s':>8s} {'eval_s':>7s}  status")
     for r in runs:
         empty = f"{r['empty_predictions']}/{len(r['cases'])}" if "cases" in r else "-"
+        fps = f"{r['false_positives']}/{r['false_positives_1_2_voxels']}" if "false_positives" in r else "-"
         print(f"{r['arm']:13s} {r['seed']:4d} {fmt(r.get('median_dice')):>8s} {fmt(r.get('mean_precision')):>8s} "
-              f"{fmt(r.get('mean_recall')):>8s} {empty:>5s} {fmt(r.get('train_s'), 1):>8s} "
+              f"{fmt(r.get('mean_recall')):>8s} {fps:>6s} {empty:>5s} {fmt(r.get('train_s'), 1):>8s} "
               f"{fmt(r.get('eval_s'), 1):>7s}  {r['status']}" + (f" ({r['error']})" if "error" in r else ""))
+    print("(FP: false-positive components over the test cases / those of 1-2 voxels at 2 mm)")
     print("median over seeds:")
     for arm, s in summary.items():
         print(f"  {arm:13s} Dice {fmt(s['median_dice'])}  precision {fmt(s['mean_precision'])}  "

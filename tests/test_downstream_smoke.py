@@ -29,6 +29,11 @@ def test_downstream_unet_smoke(real_data, tmp_path):
         for case in run["cases"]:
             assert 0.0 <= case["dice"] <= 1.0
             assert case["truth_components"] > 0
+            false_positives = len(case["false_positive_sizes"])
+            assert false_positives <= case["pred_components"]
+            if case["pred_components"]:
+                assert case["precision"] == pytest.approx(1 - false_positives / case["pred_components"])
+        assert run["false_positives"] == sum(len(c["false_positive_sizes"]) for c in run["cases"])
     assert res["runs"][1]["n_train_cases"] == 4 + 2
     assert res["generated"]["0"]["cases"] == 2
     assert res["wins"]["median_dice"]["of"] == 1
