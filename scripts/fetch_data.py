@@ -68,7 +68,7 @@ The held-out datasets are for evaluation only; unit tests must not use them.
 
 The script is idempotent: every step skips work whose outputs exist (datasets are built in a
 ``.partial-*`` folder and renamed when complete), and a final ``DIR/.complete-v2`` stamp makes
-later runs exit at once. Any failed download or check exits non-zero with a message.
+later runs exit at once (``DIR/.complete-tests-v2`` once the tests' datasets are all there). Any failed download or check exits non-zero with a message.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP_NAME = ".complete-v2"
+TESTS_STAMP_NAME = ".complete-tests-v2"  # the datasets the tests read are all there (`--tests`, or a full build)
 
 PYRADIOMICS_VERSION = "3.0.1"
 PYRADIOMICS_SDIST = f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
@@ -1318,21 +1319,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = [*(args.only or ()), *(DEMO_DATASETS if args.demo else ()), *(TEST_DATASETS if args.tests else ())] or None
     cache = (args.cache or default_cache()).resolve()
-    stamp = cache / STAMP_NAME
-    if stamp.exists():
+    stamp, tests_stamp = cache / STAMP_NAME, cache / TESTS_STAMP_NAME
+    built, tests_set = with_sources(only or DATASETS), set(with_sources(TEST_DATASETS))
+    covers_tests = tests_set <= set(built)
+    if stamp.exists() or (set(built) <= tests_set and tests_stamp.exists()):
         print(cache)
         return 0
-    step(f"building into {cache}" + (f" (only {', '.join(with_sources(only))})" if only else ""))
+    step(f"building into {cache}" + (f" (only {', '.join(built)})" if only else ""))
     try:
         build_all(cache, only)
     except FetchError as exc:
         print(f"[fetch_data] ERROR: {exc}", file=sys.stderr)
         return 1
+    versions = json.dumps({"pyradiomics": PYRADIOMICS_VERSION, "nilearn": NILEARN_VERSION}) + "\n"
+    if covers_tests:
+        tests_stamp.write_text(versions)
     if only:  # a partial build: the stamp (everything is there) is written by a full one only
-        step("done")
+        step("done" + (f"; stamp {tests_stamp}" if covers_tests else ""))
         return 0
-    stamp.write_text(json.dumps({"pyradiomics": PYRADIOMICS_VERSION,
-                                 "nilearn": NILEARN_VERSION}) + "\n")
+    stamp.write_text(versions)
     step(f"done; stamp {stamp}")
     return 0
 

@@ -113,3 +113,21 @@ def test_make_test_fetches_what_the_tests_read_and_lists_skips():
     sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("*.py") if p.name != "test_docs.py")
     read = {name for name in fetch.DATASETS if re.search(rf"[\"'/]{re.escape(name)}[\"'/]", sources)}
     assert read and read <= fetched, f"datasets the tests read but make test does not fetch: {read - fetched}"
+
+
+def test_fetch_stamps_say_what_is_there(tmp_path, monkeypatch, capsys):
+    """`--tests` stamps the tests' datasets, which then satisfy any request among them (`--demo` too) but not a
+    full build; a full build stamps both."""
+    fetch = load_script("fetch_data")
+    built = []
+    monkeypatch.setattr(fetch, "build_all", lambda cache, only=None: built.append(only))
+    cache = tmp_path / "data"
+    cache.mkdir()
+    assert fetch.main(["--cache", str(cache), "--tests"]) == 0
+    assert (cache / fetch.TESTS_STAMP_NAME).is_file() and not (cache / fetch.STAMP_NAME).exists()
+    assert fetch.main(["--cache", str(cache), "--demo"]) == 0 and fetch.main(["--cache", str(cache), "--tests"]) == 0
+    assert len(built) == 1  # both satisfied by the stamp: nothing built again
+    assert fetch.main(["--cache", str(cache), "--only", "heldout/lung_lps"]) == 0
+    assert len(built) == 2 and not (cache / fetch.STAMP_NAME).exists()
+    assert fetch.main(["--cache", str(cache)]) == 0
+    assert built[-1] is None and (cache / fetch.STAMP_NAME).is_file()
