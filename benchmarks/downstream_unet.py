@@ -81,9 +81,9 @@ Per arm and seed: median Dice over the held-out cases, mean lesion-wise precisio
 cases where they are defined), and the false-positive components (predicted components touching no truth
 lesion: how many, how many of 1-2 voxels; per case their sizes in `false_positive_sizes`). With few truth
 lesions per case one such component moves the mean precision by up to 1 / (cases x predicted lesions of
-that case): the count says what a precision gap is made of. Per arm: the median over seeds; per metric, the number of seeds where each
-augmented arm beats real, and where real+gen beats real+carvemix (JSON `comparisons`, `wins` = real+gen
-against real as before). A run whose predictions are all zero on every held-out case is reported as
+that case): the count says what a precision gap is made of. Per arm: the median over seeds; per metric, the
+number of seeds where each augmented arm beats real, and where real+gen beats real+carvemix (JSON
+`comparisons`, `wins` = real+gen against real as before). A run whose predictions are all zero on every held-out case is reported as
 "collapsed" (Dice 0), a run whose loss became NaN as "diverged"; a failing bank/generate step marks arm
 (b) failed, a failing CarveMix step arm (c), without crashing.
 
