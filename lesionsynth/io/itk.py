@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
-from .nifti import _f_order_blocks, _gzip_writer, _zlib_compressor, file_access_errors
+from .nifti import _f_order_blocks, _gzip_writer, _PieceWriter, _zlib_compressor, file_access_errors
 
 ITK_ENDINGS = (".mha", ".nrrd")
 FORMAT_NAMES = {".mha": "MetaImage", ".nrrd": "NRRD"}
@@ -200,7 +200,8 @@ def write_itk(path: Path, data: np.ndarray, affine: np.ndarray, dtype, compressi
         return
     volume = volume.astype(volume.dtype.newbyteorder("<"), copy=False)
     level = int(compression_level)
-    with open(path, "wb") as fh:
+    with open(path, "wb") as raw:
+        fh = _PieceWriter(raw)  # the file gets pieces of at most WRITE_PIECE bytes, as a NIfTI does
         if level <= 0:
             fh.write(itk_header(ending, volume.shape, volume.dtype, affine, False).encode("ascii"))
             for block in _f_order_blocks(volume):  # x fastest, as ITK stores voxels
@@ -210,7 +211,7 @@ def write_itk(path: Path, data: np.ndarray, affine: np.ndarray, dtype, compressi
             stream = _gzip_writer(fh, level)
             for block in _f_order_blocks(volume):
                 stream.write(block)
-            stream.close()  # the gzip trailer; leaves `fh` open
+            stream.close()  # the gzip trailer; leaves the file open
         else:  # MetaImage states the compressed size in its header: compress first
             compressor = _zlib_compressor(level)
             pieces = [compressor.compress(block) for block in _f_order_blocks(volume)] + [compressor.flush()]
