@@ -78,7 +78,9 @@ detection with connected components (26-connectivity): a predicted component is 
 overlaps a truth component; precision = TP predicted components / predicted components (undefined when
 nothing is predicted), recall = truth components overlapped by the prediction / truth components.
 Per arm and seed: median Dice over the held-out cases, mean lesion-wise precision and recall (over the
-cases where they are defined), and the false-positive components (predicted components touching no truth
+cases where they are defined), pooled lesion-wise precision and recall (over every lesion of the held-out
+cases together: each predicted or truth component counts once, whatever case holds it), and the
+false-positive components (predicted components touching no truth
 lesion: how many, how many of 1-2 voxels; per case their sizes in `false_positive_sizes`). With few truth
 lesions per case one such component moves the mean precision by up to 1 / (cases x predicted lesions of
 that case): the count says what a precision gap is made of. Per arm: the median over seeds; per metric, the
@@ -123,6 +125,8 @@ CACHE_VERSION = "v2"
 ARMS = ("real", "real+carvemix", "real+gen")
 FG_FRACTION = 0.1  # foreground: above the 2nd percentile + 10 % of the 2nd-99th percentile range
 STRUCT26 = np.ones((3, 3, 3), bool)
+#: Per-run metrics summarised over seeds and compared between arms.
+METRICS = ("median_dice", "mean_precision", "mean_recall", "pooled_precision", "pooled_recall")
 
 
 def data_root() -> Path:
@@ -510,6 +514,18 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
             "false_positive_sizes": sorted(int(v) for v in sizes[missed])}  # voxels (2 mm) of each
 
 
+def pooled_detection(per_case: list[dict]) -> dict:
+    """Lesion-wise precision and recall over every lesion of the test cases together (each predicted and each
+    truth component counts once, whichever case holds it); None where nothing is predicted / there is no
+    lesion. The mean over cases weighs a component of a case with few lesions more."""
+    n_pred = sum(c["pred_components"] for c in per_case)
+    false_pos = sum(len(c["false_positive_sizes"]) for c in per_case)
+    n_true = sum(c["truth_components"] for c in per_case)
+    detected = sum(round(c["recall"] * c["truth_components"]) for c in per_case if c["recall"] is not None)
+    return {"pooled_precision": (n_pred - false_pos) / n_pred if n_pred else None,
+            "pooled_recall": detected / n_true if n_true else None}
+
+
 def _mean(values):
     v = [x for x in values if x is not None]
     return float(np.mean(v)) if v else None
@@ -549,6 +565,7 @@ def run_arm(arm: str, seed: int, train_infos: list[dict], test_data: list[dict],
         rec["median_dice"] = _median([c["dice"] for c in per_case])
         rec["mean_precision"] = _mean([c["precision"] for c in per_case])
         rec["mean_recall"] = _mean([c["recall"] for c in per_case])
+        rec.update(pooled_detection(per_case))
         rec["empty_predictions"] = sum(c["pred_voxels"] == 0 for c in per_case)
         false_positives = [v for c in per_case for v in c["false_positive_sizes"]]
         rec["false_positives"] = len(false_positives)
@@ -804,13 +821,13 @@ def main(argv=None) -> int:
     summary = {}
     for arm in args.arms:
         rs = [by.get((arm, s)) for s in args.seeds]
-        summary[arm] = {k: _median([metric(r, k) for r in rs]) for k in ("median_dice", "mean_precision", "mean_recall")}
+        summary[arm] = {k: _median([metric(r, k) for r in rs]) for k in METRICS}
         summary[arm]["statuses"] = [r["status"] if r else "missing" for r in rs]
     comparisons = {}  # "X>Y": per metric, the seeds where arm X beats arm Y (both not failed)
     for better, base in (("real+gen", "real"), ("real+carvemix", "real"), ("real+gen", "real+carvemix")):
         if better in args.arms and base in args.arms:
             comparisons[f"{better}>{base}"] = {}
-            for k in ("median_dice", "mean_precision", "mean_recall"):
+            for k in METRICS:
                 pairs = [(metric(by.get((base, s)), k), metric(by.get((better, s)), k)) for s in args.seeds]
                 pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
                 comparisons[f"{better}>{base}"][k] = {"b_beats_a": sum(b > a for a, b in pairs), "of": len(pairs)}
@@ -818,19 +835,22 @@ def main(argv=None) -> int:
     timings["total_s"] = time.perf_counter() - t_start
 
     print()
-    print(f"{'arm':13s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'FP':>6s} {'empty':>5s} "
-          f"{'train_s':>8s} {'eval_s':>7s}  status")
+    print(f"{'arm':13s} {'seed':>4s} {'medDice':>8s} {'meanPrec':>8s} {'meanRec':>8s} {'poolPrec':>8s} "
+          f"{'poolRec':>8s} {'FP':>6s} {'empty':>5s} {'train_s':>8s} {'eval_s':>7s}  status")
     for r in runs:
         empty = f"{r['empty_predictions']}/{len(r['cases'])}" if "cases" in r else "-"
         fps = f"{r['false_positives']}/{r['false_positives_1_2_voxels']}" if "false_positives" in r else "-"
         print(f"{r['arm']:13s} {r['seed']:4d} {fmt(r.get('median_dice')):>8s} {fmt(r.get('mean_precision')):>8s} "
-              f"{fmt(r.get('mean_recall')):>8s} {fps:>6s} {empty:>5s} {fmt(r.get('train_s'), 1):>8s} "
+              f"{fmt(r.get('mean_recall')):>8s} {fmt(r.get('pooled_precision')):>8s} "
+              f"{fmt(r.get('pooled_recall')):>8s} {fps:>6s} {empty:>5s} {fmt(r.get('train_s'), 1):>8s} "
               f"{fmt(r.get('eval_s'), 1):>7s}  {r['status']}" + (f" ({r['error']})" if "error" in r else ""))
-    print("(FP: false-positive components over the test cases / those of 1-2 voxels at 2 mm)")
+    print("(mean: over the test cases; pooled: over all their lesions together; FP: false-positive components over "
+          "the test cases / those of 1-2 voxels at 2 mm)")
     print("median over seeds:")
     for arm, s in summary.items():
         print(f"  {arm:13s} Dice {fmt(s['median_dice'])}  precision {fmt(s['mean_precision'])}  "
-              f"recall {fmt(s['mean_recall'])}  [{', '.join(s['statuses'])}]")
+              f"recall {fmt(s['mean_recall'])}  pooled precision {fmt(s['pooled_precision'])}  "
+              f"pooled recall {fmt(s['pooled_recall'])}  [{', '.join(s['statuses'])}]")
     for pair, ws in comparisons.items():
         better, base = pair.split(">")
         print(f"  {better} beats {base}: " + ", ".join(f"{k} {w['b_beats_a']}/{w['of']}" for k, w in ws.items())

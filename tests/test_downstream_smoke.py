@@ -34,6 +34,13 @@ def test_downstream_unet_smoke(real_data, tmp_path):
             if case["pred_components"]:
                 assert case["precision"] == pytest.approx(1 - false_positives / case["pred_components"])
         assert run["false_positives"] == sum(len(c["false_positive_sizes"]) for c in run["cases"])
+        predicted = sum(c["pred_components"] for c in run["cases"])
+        if predicted:  # pooled over the cases' lesions: each predicted component counts once
+            assert run["pooled_precision"] == pytest.approx(1 - run["false_positives"] / predicted)
+        else:
+            assert run["pooled_precision"] is None
+        assert 0.0 <= run["pooled_recall"] <= 1.0
     assert res["runs"][1]["n_train_cases"] == 4 + 2
     assert res["generated"]["0"]["cases"] == 2
     assert res["wins"]["median_dice"]["of"] == 1
+    assert set(res["summary"]["real+gen"]) >= {"pooled_precision", "pooled_recall"}
