@@ -237,10 +237,15 @@ def test_a_spawned_worker_ignores_sigint_from_its_first_import():
 
     probe = ("import os, signal, lesionsynth; "
              f"print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, {SPAWNED_WORKER_ENV!r} in os.environ)")
+
+    def default_sigint():  # a shell's background job starts with SIGINT ignored, and exec keeps that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     marked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                            env={**os.environ, SPAWNED_WORKER_ENV: "1"})
+                            env={**os.environ, SPAWNED_WORKER_ENV: "1"}, preexec_fn=default_sigint)
     plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != SPAWNED_WORKER_ENV})
+                           env={k: v for k, v in os.environ.items() if k != SPAWNED_WORKER_ENV},
+                           preexec_fn=default_sigint)
     assert marked.stdout.split() == ["True", "False"]
     assert plain.stdout.split() == ["False", "False"]
     runner = Runner(2, fork=False)
