@@ -80,8 +80,8 @@ nothing is predicted), recall = truth components overlapped by the prediction / 
 Per arm and seed: median Dice over the held-out cases, mean lesion-wise precision and recall (over the
 cases where they are defined), pooled lesion-wise precision and recall (over every lesion of the held-out
 cases together: each predicted or truth component counts once, whatever case holds it), and the
-false-positive components (predicted components touching no truth
-lesion: how many, how many of 1-2 voxels; per case their sizes in `false_positive_sizes`). With few truth
+false-positive components (predicted components touching no truth lesion: how many, how many of 1-2
+voxels; per case their sizes in `false_positive_sizes`). With few truth
 lesions per case one such component moves the mean precision by up to 1 / (cases x predicted lesions of
 that case): the count says what a precision gap is made of. Per arm: the median over seeds; per metric, the
 number of seeds where each augmented arm beats real, and where real+gen beats real+carvemix (JSON
@@ -510,7 +510,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     missed = np.setdiff1d(np.arange(1, n_pred + 1), hits)
     return {"dice": dice, "precision": len(hits) / n_pred if n_pred else None,
             "recall": det_true / n_true if n_true else None, "pred_components": int(n_pred),
-            "truth_components": int(n_true), "pred_voxels": int(pred.sum()), "truth_voxels": int(truth.sum()),
+            "truth_components": int(n_true), "truth_detected": int(det_true), "pred_voxels": int(pred.sum()), "truth_voxels": int(truth.sum()),
             "false_positive_sizes": sorted(int(v) for v in sizes[missed])}  # voxels (2 mm) of each
 
 
@@ -521,7 +521,7 @@ def pooled_detection(per_case: list[dict]) -> dict:
     n_pred = sum(c["pred_components"] for c in per_case)
     false_pos = sum(len(c["false_positive_sizes"]) for c in per_case)
     n_true = sum(c["truth_components"] for c in per_case)
-    detected = sum(round(c["recall"] * c["truth_components"]) for c in per_case if c["recall"] is not None)
+    detected = sum(c["truth_detected"] for c in per_case)
     return {"pooled_precision": (n_pred - false_pos) / n_pred if n_pred else None,
             "pooled_recall": detected / n_true if n_true else None}
 

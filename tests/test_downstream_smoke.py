@@ -40,6 +40,8 @@ def test_downstream_unet_smoke(real_data, tmp_path):
         else:
             assert run["pooled_precision"] is None
         assert 0.0 <= run["pooled_recall"] <= 1.0
+        assert run["pooled_recall"] == pytest.approx(sum(c["truth_detected"] for c in run["cases"])
+                                                     / sum(c["truth_components"] for c in run["cases"]))
     assert res["runs"][1]["n_train_cases"] == 4 + 2
     assert res["generated"]["0"]["cases"] == 2
     assert res["wins"]["median_dice"]["of"] == 1
