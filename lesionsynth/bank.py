@@ -60,6 +60,9 @@ class BankConfig:
     template: str | None = None     # a template image to register to (else the case closest to the others)
     template_region: str | None = None  # tissue prior (probability map) in the template's space
     exclude_cases: tuple[str, ...] = ()  # cases left out (e.g. one whose registration is poor)
+    # foreground overlap (Dice) below which a registration is poor; a brain-only template against images that
+    # show the head overlaps about 0.75-0.8 even when aligned
+    min_overlap: float = POOR_OVERLAP
 
     def __post_init__(self) -> None:  # a bad config fails where it is made, naming its field
         check_field(self, "lesion_labels", len(self.lesion_labels) > 0 and 0 not in self.lesion_labels,
@@ -67,6 +70,7 @@ class BankConfig:
         check_choice(self, "connectivity", (6, 18, 26))
         check_field(self, "min_volume_mm3", self.min_volume_mm3 >= 0, "must be ≥ 0")
         check_choice(self, "space", SPACES)
+        check_field(self, "min_overlap", 0.0 < self.min_overlap <= 1.0, "must be in (0, 1]")
 
 
 def lesion_mask(label: np.ndarray, lesion_labels) -> np.ndarray:
@@ -389,7 +393,7 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
                                  foreground_overlap(reference, img, np.linalg.inv(best_from_first @ r.ref_from_case)),
                                  r.metric, r.seconds) for r, img in zip(regs, images)]
         ref_name = f"case {results[best]['case']['case_id']}"
-    poor = [(r["case"]["case_id"], reg.overlap) for r, reg in zip(results, regs) if reg.poor]
+    poor = [(r["case"]["case_id"], reg.overlap) for r, reg in zip(results, regs) if reg.poor_below(config.min_overlap)]
     if poor and config.space == "auto" and template is None:
         named = ", ".join(f"{cid} ({ov:.2f})" for cid, ov in poor)
         return {"mode": "world", "reference_name": "world space",
@@ -399,12 +403,16 @@ def common_space(results: list[dict], config: BankConfig, template: dict | None,
     if poor:
         named = ", ".join(f"{cid} (overlap {ov:.2f})" for cid, ov in poor)
         raise InputError(f"{dataset}: registration to the reference {ref_name} is poor for {named}"
-                         f" (foreground overlap < {POOR_OVERLAP}): check those cases, leave them out with "
-                         f"--exclude-case ID, or build with --space world")
+                         f" (foreground overlap < {config.min_overlap:g}): check those cases, leave them out with "
+                         f"--exclude-case ID, or build with --space world"
+                         + (f"; a brain-only template against images that show the head (or the other way round) "
+                            f"overlaps about 0.75-0.8 even when aligned: --min-overlap 0.7 accepts that"
+                            if template is not None else ""))
     for r, reg in zip(results, regs):
-        r["case"]["registration"] = reg.as_json()
+        r["case"]["registration"] = reg.as_json(config.min_overlap)
     record = {"mode": "register", "why": why, "reference_name": ref_name, "transform": "affine",
-              "registration_mm": float(spacing_of(images[0].affine).mean().round(2)), "poor_overlap": POOR_OVERLAP,
+              "registration_mm": float(spacing_of(images[0].affine).mean().round(2)),
+              "poor_overlap": config.min_overlap,
               "_reference_image": reference}
     if template is None:
         record["reference"] = {"kind": "case", "case_id": results[best]["case"]["case_id"]}

@@ -175,6 +175,10 @@ def build_bank_cmd(
     exclude_case: Optional[List[str]] = typer.Option(None, "--exclude-case", metavar="CASE",
                                                      help="Leave this case out (e.g. one "
                                                      "whose registration is poor); repeatable."),
+    min_overlap: Optional[float] = typer.Option(None, "--min-overlap", metavar="DICE",
+                                                help="Foreground overlap (Dice) with the reference below which a "
+                                                "registration is poor [default: 0.8]; a brain-only template "
+                                                "against images that show the head reaches about 0.75-0.8."),
 ) -> None:
     """Cut every lesion out of DATASET into a bank and build the lesion likelihood map."""
     from .bank import Bank, BankConfig, build_bank
@@ -187,7 +191,7 @@ def build_bank_cmd(
         "connectivity": connectivity, "min_volume_mm3": min_volume, "space": space,
         "template": str(template) if template else None,
         "template_region": str(template_region) if template_region else None,
-        "exclude_cases": tuple(exclude_case) if exclude_case else None})
+        "exclude_cases": tuple(exclude_case) if exclude_case else None, "min_overlap": min_overlap})
     overlap = set(config.lesion_labels) & set(config.region_labels)
     if overlap:
         raise InputError(f"label(s) {sorted(overlap)} cannot be both --lesion-label and --region-label")

@@ -187,12 +187,16 @@ class Registration:
 
     @property
     def poor(self) -> bool:
-        return self.overlap < POOR_OVERLAP
+        return self.poor_below(POOR_OVERLAP)
 
-    def as_json(self) -> dict:
+    def poor_below(self, min_overlap: float) -> bool:
+        """Whether the foreground overlap is below `min_overlap` (the bank's `min_overlap`)."""
+        return self.overlap < min_overlap
+
+    def as_json(self, min_overlap: float = POOR_OVERLAP) -> dict:
         return {"ref_from_case": np.round(self.ref_from_case, 6).tolist(), "foreground_overlap": round(self.overlap, 4),
                 "metric": round(self.metric, 5), "seconds": round(self.seconds, 2),
-                "status": "poor" if self.poor else "ok"}
+                "status": "poor" if self.poor_below(min_overlap) else "ok"}
 
 
 def register_case(reference: RegImage, case: RegImage) -> Registration:

@@ -81,3 +81,45 @@ def test_realism_audit_of_the_run(run):
     assert audit["n_pasted"] >= 50 and audit["n_real"] >= 50
     # 1.00 before context matching, resolution-aware donors and cubic resampling (see docs/method.md)
     assert audit["auc"] < 0.8
+
+
+def test_a_brain_only_template_needs_min_overlap_and_then_bounds_the_pastes(real_data, tmp_path):
+    """nilearn's MNI152 T1 is brain-masked while these cases show the head: aligned, their foregrounds overlap
+    about 0.78. The default threshold refuses them in one line that names the way out; --min-overlap 0.7
+    accepts them, and the template's white-matter prior keeps the pastes in white matter (truth kept apart)."""
+    import subprocess
+    import sys
+
+    from lesionsynth.errors import InputError
+
+    data, truth = real_data / "native_brains", real_data / "truth" / "native_brains"
+    mni = real_data / "raw" / "mni152"
+    template = mni / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    prior = mni / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+    with pytest.raises(InputError, match=r"is poor for .*--min-overlap 0\.7 accepts that"):
+        build_bank(data, tmp_path / "refused", BankConfig(space="register", template=str(template),
+                                                          template_region=str(prior)), progress=False)
+    assert not (tmp_path / "refused").exists()
+
+    res = subprocess.run([sys.executable, "-m", "lesionsynth.cli", "build-bank", str(data), "--out",
+                          str(tmp_path / "bank"), "--recipe", "ms_flair", "--template", str(template),
+                          "--template-region", str(prior), "--min-overlap", "0.7", "--jobs", "2"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    index = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert index["config"]["min_overlap"] == 0.7 and index["space"]["poor_overlap"] == 0.7
+    overlaps = [c["registration"]["foreground_overlap"] for c in index["cases"]]
+    assert all(0.7 <= o < 0.8 for o in overlaps) and all(c["registration"]["status"] == "ok" for c in index["cases"])
+
+    recipe = load_recipe("ms_flair")
+    cfg = GenerateConfig(n=4, load="high", mode="populate", seed=0, folds=1, include_originals=False,
+                         augment=make_config(AugmentConfig, recipe, "augment", {}))
+    out = generate(tmp_path / "bank", tmp_path / "out", cfg, jobs=2, progress=False)
+    counts = np.zeros(4, dtype=np.int64)
+    for rec in out.records:
+        syn = _array(tmp_path / "out" / "labelsTr" / f"{rec['case_id']}.nii.gz") > 0
+        base = _array(data / "labelsTr" / f"{rec['base_case']}.nii.gz") > 0
+        counts += np.bincount(_array(truth / f"{rec['base_case']}_tissue.nii.gz")[syn & ~base], minlength=4)[:4]
+    assert counts.sum() > 2000
+    shares = counts / counts.sum()
+    assert shares[WM] >= 0.98, shares  # without the prior (test above): >= 0.95
