@@ -406,6 +406,8 @@ def space_lines(index: dict) -> list[str]:
     lines = [f"space: {space['mode']} ({space.get('why', '')})"]
     if space["mode"] == "register":
         lines[0] += f"; reference: {space.get('reference_name')}"
+        if space.get("poor_overlap") is not None:
+            lines[0] += f"; poor below a foreground overlap of {space['poor_overlap']:g}"
         for case in index["cases"]:
             reg = case["registration"]
             lines.append(f"  {case['case_id']}: foreground overlap {reg['foreground_overlap']:.3f}, "

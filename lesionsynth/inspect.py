@@ -277,7 +277,8 @@ def _space_lines(index: dict) -> list[str]:
     regs = [(c["case_id"], c["registration"]) for c in index.get("cases", []) if c.get("registration")]
     overlaps = [r["foreground_overlap"] for _, r in regs]
     seconds = _range([r["seconds"] for _, r in regs], "s")
-    lines.append(f"  registration foreground overlap {_range(overlaps)}; time {seconds} per case")
+    threshold = f" (poor below {space['poor_overlap']:g})" if space.get("poor_overlap") is not None else ""
+    lines.append(f"  registration foreground overlap {_range(overlaps)}{threshold}; time {seconds} per case")
     poor = [f"{cid} ({r['foreground_overlap']:.2f})" for cid, r in regs if r.get("status") == "poor"]
     if poor:
         lines.append(f"  ! poor registration: {', '.join(poor)}")

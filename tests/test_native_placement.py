@@ -106,6 +106,7 @@ def test_a_brain_only_template_needs_min_overlap_and_then_bounds_the_pastes(real
                           "--template-region", str(prior), "--min-overlap", "0.7", "--jobs", "2"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert "poor below a foreground overlap of 0.7" in res.stdout.splitlines()[0]
     index = json.loads((tmp_path / "bank" / "bank.json").read_text())
     assert index["config"]["min_overlap"] == 0.7 and index["space"]["poor_overlap"] == 0.7
     overlaps = [c["registration"]["foreground_overlap"] for c in index["cases"]]
