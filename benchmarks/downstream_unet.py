@@ -510,7 +510,8 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     missed = np.setdiff1d(np.arange(1, n_pred + 1), hits)
     return {"dice": dice, "precision": len(hits) / n_pred if n_pred else None,
             "recall": det_true / n_true if n_true else None, "pred_components": int(n_pred),
-            "truth_components": int(n_true), "truth_detected": int(det_true), "pred_voxels": int(pred.sum()), "truth_voxels": int(truth.sum()),
+            "truth_components": int(n_true), "truth_detected": int(det_true), "pred_voxels": int(pred.sum()),
+            "truth_voxels": int(truth.sum()),
             "false_positive_sizes": sorted(int(v) for v in sizes[missed])}  # voxels (2 mm) of each
 
 

@@ -185,15 +185,11 @@ class Registration:
     metric: float              # final Mattes MI (lower is better)
     seconds: float
 
-    @property
-    def poor(self) -> bool:
-        return self.poor_below(POOR_OVERLAP)
-
     def poor_below(self, min_overlap: float) -> bool:
         """Whether the foreground overlap is below `min_overlap` (the bank's `min_overlap`)."""
         return self.overlap < min_overlap
 
-    def as_json(self, min_overlap: float = POOR_OVERLAP) -> dict:
+    def as_json(self, min_overlap: float) -> dict:
         return {"ref_from_case": np.round(self.ref_from_case, 6).tolist(), "foreground_overlap": round(self.overlap, 4),
                 "metric": round(self.metric, 5), "seconds": round(self.seconds, 2),
                 "status": "poor" if self.poor_below(min_overlap) else "ok"}

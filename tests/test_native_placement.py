@@ -5,12 +5,15 @@ the real ones (the report's realism audit)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from lesionsynth.bank import BankConfig, build_bank
+from lesionsynth.errors import InputError
 from lesionsynth.pipeline import GenerateConfig, generate
 from lesionsynth.plan import AugmentConfig
 from lesionsynth.recipes import load_recipe, make_config
@@ -87,11 +90,6 @@ def test_a_brain_only_template_needs_min_overlap_and_then_bounds_the_pastes(real
     """nilearn's MNI152 T1 is brain-masked while these cases show the head: aligned, their foregrounds overlap
     about 0.78. The default threshold refuses them in one line that names the way out; --min-overlap 0.7
     accepts them, and the template's white-matter prior keeps the pastes in white matter (truth kept apart)."""
-    import subprocess
-    import sys
-
-    from lesionsynth.errors import InputError
-
     data, truth = real_data / "native_brains", real_data / "truth" / "native_brains"
     mni = real_data / "raw" / "mni152"
     template = mni / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
